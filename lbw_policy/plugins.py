@@ -1,0 +1,204 @@
+"""The plugin manager and the registry of detector and actuator classes.
+
+Built-ins (``lbw_policy.detectors``, ``lbw_policy.actuators``) are registered as default plugins
+through the same pluggy manager as third-party ones. Third-party plugins load from the
+``lbw_policy`` entry-point group unless the environment variable ``LBW_POLICY_LOAD_PLUGINS``
+says otherwise: unset loads every entry point, an empty value loads none (the test suite sets
+this), a comma-separated list loads only those entry-point names.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pluggy
+
+from lbw_policy import hookspecs
+from lbw_policy.base import Actuator, Detector
+from lbw_policy.errors import PluginError
+
+__all__ = [
+    "Registration",
+    "Registry",
+    "get_plugin_manager",
+    "get_registry",
+    "register_plugin",
+    "unregister_plugin",
+    "reset",
+]
+
+ENTRY_POINT_GROUP = "lbw_policy"
+DEFAULT_PLUGINS = ("lbw_policy.detectors", "lbw_policy.actuators")
+
+_lock = threading.RLock()
+_pm: Optional[pluggy.PluginManager] = None
+_registry: Optional["Registry"] = None
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One registered class: its ``name``, ``kind`` (detector | actuator), the class, and the
+    plugin (pluggy name) and version that provided it."""
+
+    name: str
+    kind: str
+    cls: type
+    plugin: str
+    version: str
+
+
+@dataclass
+class Registry:
+    """Every detector and actuator class known to the plugin manager, by name."""
+
+    detectors: dict
+    actuators: dict
+
+    def detector(self, name: str) -> Registration:
+        return self.detectors[name]
+
+    def actuator(self, name: str) -> Registration:
+        return self.actuators[name]
+
+    def versions(self) -> dict:
+        """``{plugin_name: version}`` for every plugin that registered something."""
+        out = {}
+        for reg in list(self.detectors.values()) + list(self.actuators.values()):
+            out[reg.plugin] = reg.version
+        return dict(sorted(out.items()))
+
+
+def _package_version() -> str:
+    from lbw_policy import __version__
+
+    return __version__
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide :class:`pluggy.PluginManager`, built on first use."""
+    global _pm
+    with _lock:
+        if _pm is None:
+            pm = pluggy.PluginManager("lbw_policy")
+            pm.add_hookspecs(hookspecs)
+            for modname in DEFAULT_PLUGINS:
+                mod = importlib.import_module(modname)
+                pm.register(mod, name=modname)
+            setting = os.environ.get("LBW_POLICY_LOAD_PLUGINS")
+            if setting is None:
+                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            elif setting.strip():
+                for name in (n.strip() for n in setting.split(",")):
+                    if name:
+                        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+            _pm = pm
+        return _pm
+
+
+def register_plugin(plugin: Any, name: Optional[str] = None) -> str:
+    """Register a plugin object (module or instance with ``@hookimpl`` functions) in code.
+
+    :param plugin: the plugin object.
+    :param name: its name in the decision log (default: pluggy's, the module name or object id).
+    :return: the name it was registered under.
+    :raises PluginError: when a class it registers clashes with one already registered
+        (the plugin is unregistered again, nothing changes).
+    """
+    pm = get_plugin_manager()
+    with _lock:
+        registered = pm.register(plugin, name=name)
+        if registered is None:
+            raise PluginError(f"plugin {name or plugin!r} is already registered or blocked", plugin=name)
+        try:
+            _build_registry(pm)
+        except PluginError:
+            pm.unregister(plugin)
+            raise
+        global _registry
+        _registry = None
+        return registered
+
+
+def unregister_plugin(plugin_or_name: Any) -> None:
+    """Remove a plugin registered with :func:`register_plugin`."""
+    pm = get_plugin_manager()
+    with _lock:
+        if isinstance(plugin_or_name, str):
+            pm.unregister(name=plugin_or_name)
+        else:
+            pm.unregister(plugin_or_name)
+        global _registry
+        _registry = None
+
+
+def reset() -> None:
+    """Forget the plugin manager and registry (tests; after changing LBW_POLICY_LOAD_PLUGINS)."""
+    global _pm, _registry
+    with _lock:
+        _pm = None
+        _registry = None
+
+
+def get_registry() -> Registry:
+    """The registry of every loaded plugin's classes (built once, cached).
+
+    :raises PluginError: duplicate names, or a registered object that is not a proper
+        :class:`~lbw_policy.base.Detector` / :class:`~lbw_policy.base.Actuator` subclass.
+    """
+    global _registry
+    with _lock:
+        if _registry is None:
+            _registry = _build_registry(get_plugin_manager())
+        return _registry
+
+
+def _plugin_versions(pm: pluggy.PluginManager) -> dict:
+    versions = {}
+    for plugin, dist in pm.list_plugin_distinfo():
+        versions[pm.get_name(plugin)] = dist.version
+    return versions
+
+
+def _build_registry(pm: pluggy.PluginManager) -> Registry:
+    dist_versions = _plugin_versions(pm)
+    registry = Registry(detectors={}, actuators={})
+    for hook_name, kind, base, table in (
+        ("register_detectors", "detector", Detector, registry.detectors),
+        ("register_actuators", "actuator", Actuator, registry.actuators),
+    ):
+        caller = getattr(pm.hook, hook_name)
+        for impl in caller.get_hookimpls():
+            plugin_name = impl.plugin_name
+            if plugin_name in DEFAULT_PLUGINS:
+                default_version = _package_version()
+            else:
+                default_version = dist_versions.get(plugin_name) or str(
+                    getattr(impl.plugin, "__version__", "unknown"))
+
+            def register(cls: type, _plugin: str = plugin_name, _version: str = default_version,
+                         _kind: str = kind, _base: type = base, _table: dict = table) -> None:
+                if not (isinstance(cls, type) and issubclass(cls, _base)):
+                    raise PluginError(
+                        f"plugin {_plugin!r} registered {cls!r} as a {_kind}; expected a subclass "
+                        f"of lbw_policy.{_base.__name__}", plugin=_plugin)
+                name = getattr(cls, "name", "")
+                if not isinstance(name, str) or not name:
+                    raise PluginError(
+                        f"plugin {_plugin!r} registered {_kind} class {cls.__qualname__} with no "
+                        f"`name`; set the class attribute `name = \"...\"`", plugin=_plugin)
+                if name in _table:
+                    other = _table[name]
+                    raise PluginError(
+                        f"{_kind} name {name!r} registered twice: by plugin {other.plugin!r} "
+                        f"({other.cls.__module__}.{other.cls.__qualname__}) and by plugin "
+                        f"{_plugin!r} ({cls.__module__}.{cls.__qualname__}); rename one",
+                        plugin=_plugin)
+                _table[name] = Registration(name=name, kind=_kind, cls=cls, plugin=_plugin,
+                                            version=str(cls.version or _version))
+
+            impl.function(register=register)
+    return registry
