@@ -1,0 +1,31 @@
+"""``nonfinite``: the loss or the gradients contain NaN or Inf.
+
+Signals (0-dim tensors, 1.0 for true, 0.0 for false):
+
+- ``loss``: the loss is NaN or +/-Inf.
+- ``grads``: the global gradient norm is non-finite, i.e. some gradient entry is NaN or Inf
+  (or the sum of squares overflowed float32). Reuses the step's shared grad-norm reduction:
+  no extra pass over the gradients.
+- ``any``: ``loss`` or ``grads``.
+
+No params, no warm-up, no state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lbw_policy.base import Detector
+
+
+class NonFinite(Detector):
+    name = "nonfinite"
+    signals = ("loss", "grads", "any")
+
+    def compute(self, telemetry):
+        bad_loss = ~torch.isfinite(telemetry.loss)
+        bad_grads = ~torch.isfinite(telemetry.grad_norm)
+        if bad_grads.device != bad_loss.device:
+            bad_grads = bad_grads.to(bad_loss.device)
+        return {"loss": bad_loss.float(), "grads": bad_grads.float(),
+                "any": (bad_loss | bad_grads).float()}
