@@ -1,0 +1,721 @@
+"""YAML policy -> validated, immutable :class:`Policy`.
+
+A bad policy never half-applies: :func:`load_policy` returns a :class:`Policy` or raises a
+:class:`~lbw_policy.errors.PolicyError` listing every problem of the first layer that failed, each
+with file, line, YAML path (``rules[0].when.any[1].signal``, ``detectors["my key"]``), expected,
+found and a fix. The layers, and the subclass each raises:
+
+1. syntax (``PolicySyntaxError``): UTF-8 text; one YAML document composed with ``yaml.SafeLoader``
+   (nothing is ever constructed from a tag); plain tags only; string keys, none duplicated; at most
+   :data:`MAX_NODES` nodes with aliases expanded (counted, never expanded: no anchors bomb);
+   finite numbers, integers within +-:data:`MAX_INT`;
+2. shape (``PolicySchemaError``): ``lbw_policy/schema/policy.schema.json``;
+3. references (``PolicyReferenceError``) and values (``PolicyBoundsError``), against the plugin
+   registry: detector types and params, actuators and bounds, signals, verbs and command values.
+
+Problems of several kinds raise one exception that is an instance of each of their classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import jsonschema
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from lbw_policy.errors import (PolicyBoundsError, PolicyError, PolicyReferenceError,
+                               PolicySchemaError, PolicySyntaxError, Problem)
+from lbw_policy.spec import ActuatorSpec, Command, DetectorSpec, RuleSpec
+
+__all__ = ["Policy", "load_policy", "loads_policy", "policy_schema", "canonical_json",
+           "resolve_policy_path"]
+
+#: Largest policy file read, in bytes.
+MAX_BYTES = 4 << 20
+#: Most YAML nodes a document may hold once its aliases are expanded.
+MAX_NODES = 10_000
+#: Deepest nesting of mappings and lists.
+MAX_DEPTH = 64
+#: Largest integer magnitude accepted (beyond it floats lose integer precision).
+MAX_INT = 10**15
+
+_TAG = "tag:yaml.org,2002:"
+_PLAIN_TAGS = {_TAG + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KINDS = (PolicySyntaxError, PolicySchemaError, PolicyReferenceError, PolicyBoundsError)
+_CONDITION_TEXT = "a condition must be exactly one of all/any/not or a {signal, op, value} leaf"
+_TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string",
+               "integer": "an integer", "number": "a number", "boolean": "a boolean",
+               "null": "null"}
+
+PathT = tuple  # of str (mapping keys) and int (list indices)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. Build one with :func:`load_policy` / :func:`loads_policy`.
+
+    :param data: the document as written (plain data, defaults not filled in).
+    :param source: the file path, or ``"<string>"``.
+    :param revision: sha256 hex digest of :func:`canonical_json` of ``data``: unchanged by
+        comments, formatting and key order; changed by any value.
+    :param name: ``metadata.name``; ``description`` and ``owner`` default to ``""``.
+    :param mode: ``"enforce"`` or ``"audit"``.
+    :param on_error: ``"continue"``, ``"skip_step"`` or ``"halt"``.
+    :param detectors: ``{id: DetectorSpec}`` in file order.
+    :param actuators: ``{name: ActuatorSpec}`` in file order.
+    :param rules: the rules in file order (``RuleSpec.index`` is the position).
+    :param lines: ``{yaml_path: 1-based line}`` for every node (a mapping value: its key's line).
+    :param text: the original text.
+    """
+
+    data: dict = field(repr=False)
+    source: str
+    revision: str
+    name: str
+    description: str
+    owner: str
+    mode: str
+    on_error: str
+    detectors: dict
+    actuators: dict
+    rules: tuple
+    lines: dict = field(repr=False, compare=False)
+    text: str = field(repr=False, compare=False)
+    _signals: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        return hash((self.source, self.revision))
+
+    def line_of(self, path: Union[str, Sequence]) -> Optional[int]:
+        """Line of a YAML path (a string like ``rules[0].when`` or a sequence of keys and
+        indices), or ``None`` when the document has no such node."""
+        return self.lines.get(path if isinstance(path, str) else _format_path(path))
+
+    def signals(self) -> dict:
+        """Every declared signal ``"<detector id>.<signal>"`` -> the detector id."""
+        return dict(self._signals)
+
+
+def load_policy(source: Union[str, os.PathLike, Policy], *, registry: Any = None) -> Policy:
+    """Read and validate a policy file; a :class:`Policy` passes through unchanged.
+
+    :param source: path of a YAML policy file (see :func:`resolve_policy_path` for built-ins).
+    :param registry: object with ``detectors`` and ``actuators`` mappings of name ->
+        registration (``.cls``, ``.plugin``, ``.version``); default
+        :func:`lbw_policy.plugins.get_registry`.
+    :raises PolicyError: the file cannot be read (its path named) or the policy is invalid
+        (a subclass per kind; ``err.problems`` lists every problem).
+    """
+    if isinstance(source, Policy):
+        return source
+    path = Path(source)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        hint = "this looks like policy text: use loads_policy(text)" if "\n" in str(source) \
+            else f"check the path; built-in policies: {sorted(_builtin_policies())}"
+        raise PolicyError(f"policy file not found: {str(path)!r}", file=str(path),
+                          hint=hint) from None
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file: {exc.strerror or exc}",
+                          file=str(path)) from None
+    return _load(_decode(raw, str(path)), str(path), registry)
+
+
+def loads_policy(text: Union[str, bytes], *, source: str = "<string>",
+                 registry: Any = None) -> Policy:
+    """Validate policy text (``source`` names it in error messages). See :func:`load_policy`."""
+    text = _decode(bytes(text), source) if isinstance(text, (bytes, bytearray)) else text
+    return _load(text, source, registry)
+
+
+def policy_schema() -> dict:
+    """The policy JSON Schema (draft 2020-12), as a fresh dict."""
+    return copy.deepcopy(_schema())
+
+
+def canonical_json(data: Any) -> bytes:
+    """UTF-8 JSON with sorted keys and no whitespace: the bytes a revision hashes."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def resolve_policy_path(name_or_path: Union[str, os.PathLike]) -> Path:
+    """An existing path as given, or the built-in policy of that name (``"default"`` or
+    ``"default.yaml"``) from the ``lbw_policy.policies`` package.
+
+    :raises FileNotFoundError: neither exists; the message lists the built-in names.
+    """
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    builtins = _builtin_policies()
+    stem = name[:-5] if name.endswith(".yaml") else name[:-4] if name.endswith(".yml") else name
+    if os.sep not in name and "/" not in name and stem in builtins:
+        return builtins[stem]
+    raise FileNotFoundError(
+        f"no policy file {name!r} and no built-in policy of that name; "
+        f"built-in policies: {', '.join(sorted(builtins)) or '(none)'}")
+
+
+def _load(text: str, source: str, registry: Any) -> Policy:
+    col = _Collector(source, {})
+    data = _parse(text, col)
+    col.raise_if_any()
+    if not isinstance(data, dict):
+        col.add(PolicySchemaError, (), "a policy must be a mapping", expected="a mapping with "
+                "apiVersion, kind, metadata, rules", found=_found(data), line=1)
+        col.raise_if_any()
+    _check_plain(data, (), col)
+    col.raise_if_any()
+    _schema_problems(col, PolicySchemaError, _schema(), data, ())
+    col.raise_if_any(sort=True)
+    if registry is None:
+        from lbw_policy.plugins import get_registry
+
+        registry = get_registry()
+    signals = _check_references(data, col, registry)
+    col.raise_if_any()
+    return _build(data, text, source, col.lines, signals)
+
+
+def _decode(raw: bytes, source: str) -> str:
+    if len(raw) > MAX_BYTES:
+        raise PolicySyntaxError(f"policy file too large: {len(raw)} bytes", file=source,
+                                expected=f"at most {MAX_BYTES} bytes")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PolicySyntaxError(f"not UTF-8 text at byte {exc.start}", file=source,
+                                line=raw.count(b"\n", 0, exc.start) + 1,
+                                hint="save the policy as UTF-8 YAML text") from None
+
+
+def _parse(text: str, col: "_Collector") -> Any:
+    """Text -> plain data; fills ``col.lines``; syntax problems go to ``col`` (returns None)."""
+    at = text.find("\x00")
+    if at >= 0:
+        col.add(PolicySyntaxError, (), f"not a text file: NUL character at offset {at}",
+                line=text.count("\n", 0, at) + 1)
+    elif not text.strip():
+        col.add(PolicySyntaxError, (), "empty policy file", line=None)
+    if col.items:
+        return None
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            col.add(PolicySyntaxError, (), "empty policy file", hint="it holds only comments")
+            return None
+        size = _count_nodes(node, col)
+        if size is not None and size > MAX_NODES:
+            col.add(PolicySyntaxError, (), "document too large once its aliases are expanded",
+                    expected=f"at most {MAX_NODES} nodes", found=f"{size} nodes" if size < 10**12
+                    else f"more than 1e{len(str(size)) - 1} nodes",
+                    hint="a policy needs no deep alias chains (this looks like an anchors "
+                    "bomb)", line=_line(node))
+        if not col.items:
+            _walk(node, (), _line(node), 0, col)
+        return None if col.items else loader.construct_document(node)
+    except yaml.reader.ReaderError as exc:
+        col.add(PolicySyntaxError, (), f"invalid character: {exc.reason} (#x{exc.character:04x})"
+                if isinstance(exc.character, int) else f"invalid character: {exc.reason}",
+                line=text.count("\n", 0, exc.position) + 1)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        if "single document" in (exc.context or ""):  # ComposerError: a second document
+            message = "a policy file holds exactly one YAML document; found a second one"
+        else:
+            message = "invalid YAML: " + "; ".join(t for t in (exc.context, exc.problem) if t)
+        col.add(PolicySyntaxError, (), message, line=mark.line + 1 if mark else None)
+    except yaml.YAMLError as exc:
+        col.add(PolicySyntaxError, (), f"invalid YAML: {exc}")
+    except RecursionError:
+        col.add(PolicySyntaxError, (), "nesting too deep", expected=f"at most {MAX_DEPTH} levels")
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return None
+
+
+def _count_nodes(root: Node, col: "_Collector") -> Optional[int]:
+    """Node count with aliases expanded, computed without expanding (memoized per node)."""
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Node) -> int:
+        if id(node) in active:
+            col.add(PolicySyntaxError, (), "recursive alias: a node contains itself",
+                    line=_line(node), hint="a policy is a tree; remove the self-reference")
+            raise RecursionError
+        if id(node) not in memo:
+            active.add(id(node))
+            children = node.value if isinstance(node, SequenceNode) else \
+                [n for pair in node.value for n in pair] if isinstance(node, MappingNode) else ()
+            memo[id(node)] = 1 + sum(size(child) for child in children)
+            active.discard(id(node))
+        return memo[id(node)]
+
+    try:
+        return size(root)
+    except RecursionError:
+        if not col.items:
+            col.add(PolicySyntaxError, (), "nesting too deep",
+                    expected=f"at most {MAX_DEPTH} levels")
+        return None
+
+
+def _walk(node: Node, path: PathT, line: int, depth: int, col: "_Collector") -> None:
+    """Record lines; refuse non-plain tags, non-string and duplicate keys, deep nesting."""
+    col.lines.setdefault(_format_path(path), line)
+    if depth > MAX_DEPTH:
+        col.add(PolicySyntaxError, path, "nesting too deep", expected=f"at most {MAX_DEPTH} levels",
+                line=_line(node))
+    elif node.tag not in _PLAIN_TAGS:
+        if node.tag == _TAG + "timestamp":
+            col.add(PolicySyntaxError, path, "a date or time is not plain data",
+                    found=repr(node.value),
+                    hint="quote it to make it a string", line=_line(node))
+        else:
+            tag = node.tag.replace(_TAG, "!!")
+            col.add(PolicySyntaxError, path, f"YAML tag {tag!r} is not allowed",
+                    expected="plain data (mappings, lists, strings, numbers, booleans, null)",
+                    hint="remove the tag; a policy never constructs objects", line=_line(node))
+    elif isinstance(node, SequenceNode):
+        for i, child in enumerate(node.value):
+            _walk(child, path + (i,), _line(child), depth + 1, col)
+    elif isinstance(node, MappingNode):
+        for key, (knode, vnode) in _mapping_pairs(node, path, col, depth).items():
+            _walk(vnode, path + (key,), _line(knode), depth + 1, col)
+
+
+def _mapping_pairs(node: MappingNode, path: PathT, col: "_Collector", depth: int) -> dict:
+    """``{key: (key_node, value_node)}``; merge keys (``<<``) expanded, explicit keys winning."""
+    explicit: dict = {}
+    merged: dict = {}
+    for knode, vnode in node.value:
+        if knode.tag == _TAG + "merge":
+            sources = vnode.value if isinstance(vnode, SequenceNode) else [vnode]
+            for src in sources:
+                if not isinstance(src, MappingNode) or depth > MAX_DEPTH:
+                    col.add(PolicySyntaxError, path, "a merge key `<<` takes a mapping or a list "
+                            "of mappings", line=_line(knode))
+                    continue
+                for k, pair in _mapping_pairs(src, path, col, depth + 1).items():
+                    merged.setdefault(k, pair)
+            continue
+        if not isinstance(knode, ScalarNode) or knode.tag != _TAG + "str":
+            scalar = isinstance(knode, ScalarNode)
+            col.add(PolicySyntaxError, path, "mapping keys must be strings",
+                    found=repr(knode.value) if scalar else "a " + knode.id, line=_line(knode),
+                    hint="quote the key (YAML reads unquoted yes/no/on/off as booleans)"
+                    if scalar else None)
+            continue
+        key = knode.value
+        if key in explicit:
+            col.add(PolicySyntaxError, path + (key,), f"duplicate key {key!r}",
+                    hint=f"it is already on line {_line(explicit[key][0])}; YAML would silently "
+                    "keep the last one, remove one of them", line=_line(knode))
+            continue
+        explicit[key] = (knode, vnode)
+    for key, pair in merged.items():
+        explicit.setdefault(key, pair)
+    return explicit
+
+
+def _check_plain(value: Any, path: PathT, col: "_Collector") -> None:
+    """Finite numbers, integers within +-MAX_INT (tags and keys were checked on the nodes)."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            col.add(PolicySyntaxError, path, "non-finite number", expected="a finite number",
+                    found=repr(value))
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > MAX_INT:
+            col.add(PolicySyntaxError, path, "number too large", expected="an integer within "
+                    "+-1e15", found=_found(value))
+    elif isinstance(value, (dict, list)):
+        for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+            _check_plain(item, path + (key,), col)
+
+
+# ------------------------------------------------------------------------------ JSON Schema
+
+
+@functools.lru_cache(maxsize=None)
+def _schema() -> dict:
+    text = resources.files("lbw_policy.schema").joinpath("policy.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def _schema_problems(col: "_Collector", kind: type, schema: Mapping, instance: Any,
+                     prefix: PathT) -> None:
+    """Validate ``instance`` against ``schema``; one problem per error, paths under ``prefix``."""
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(instance)
+    for err in sorted(errors, key=lambda e: _path_key(tuple(e.absolute_path))):
+        _explain(col, kind, err, prefix)
+
+
+def _explain(col: "_Collector", kind: type, err: jsonschema.ValidationError, prefix: PathT) -> None:
+    path = prefix + tuple(err.absolute_path)
+    schema, inst, keyword = err.schema, err.instance, err.validator
+    if not isinstance(schema, dict):
+        col.add(kind, path, err.message)
+    elif keyword == "oneOf" and schema == _schema()["$defs"]["condition"]:
+        _explain_condition(col, kind, err, prefix, path)
+    elif "propertyNames" in err.absolute_schema_path:
+        col.add(kind, path + (inst,), f"invalid name {inst!r}", expected=_describe(schema))
+    elif keyword == "additionalProperties" and isinstance(inst, dict):
+        allowed = sorted(schema.get("properties", {}))
+        patterns = list(schema.get("patternProperties", {}))
+        for key in inst:
+            if key in allowed or any(re.search(p, key) for p in patterns):
+                continue
+            col.add(kind, path + (key,), f"unknown key {key!r}",
+                    expected=f"one of {allowed}" if allowed else "no keys",
+                    hint=_suggest(key, allowed))
+    elif keyword == "required" and isinstance(inst, dict):
+        for key in err.validator_value:
+            if key not in inst:
+                sub = schema.get("properties", {}).get(key, {})
+                col.add(kind, path, f"missing required key {key!r}",
+                        expected=f"{key}: {_describe(sub)}" if _describe(sub) else None)
+    elif keyword == "maxProperties" and isinstance(inst, dict) and "actuator" in inst:
+        col.add(kind, path, "a command names one actuator and at most one verb",
+                expected="{actuator: NAME} or {actuator: NAME, VERB: VALUE}",
+                found=f"keys {list(inst)}", hint="split it into one command per verb")
+    elif keyword in ("type", "enum", "const", "minimum", "maximum", "exclusiveMinimum",
+                     "exclusiveMaximum", "pattern", "minLength", "maxLength", "minItems",
+                     "maxItems", "multipleOf"):
+        message = {"type": "wrong type", "enum": "invalid value", "const": "invalid value",
+                   "pattern": "invalid string", "minLength": "string too short",
+                   "maxLength": "string too long", "minItems": "too few items",
+                   "maxItems": "too many items"}.get(keyword, "value out of range")
+        hint = "write {} for none" if keyword == "type" and inst is None and \
+            schema.get("type") == "object" else None
+        if keyword == "type" and isinstance(inst, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+",
+                                                                         inst):
+            dotted = re.sub(r"([eE])", r".0\1", inst, count=1)
+            hint = f"YAML reads {inst} as a string; write it with a dot: {dotted}"
+        if keyword == "enum" and isinstance(inst, str):
+            hint = _suggest(inst, [v for v in schema["enum"] if isinstance(v, str)])
+        col.add(kind, path, message, expected=_describe(schema), found=_found(inst), hint=hint)
+    else:
+        col.add(kind, path, err.message, found=_found(inst))
+
+
+def _explain_condition(col, kind, err, prefix, path) -> None:
+    inst = err.instance
+    if not isinstance(inst, dict):
+        col.add(kind, path, _CONDITION_TEXT, expected="a mapping", found=_found(inst))
+        return
+    keys = set(inst)
+    branch = keys & {"all", "any", "not"}
+    leaf = keys & {"signal", "op", "value"}
+    if len(branch) == 1 and not leaf:
+        wanted = next(iter(branch))
+    elif leaf and not branch:
+        wanted = "signal"
+    else:
+        col.add(kind, path, _CONDITION_TEXT, found=f"keys {sorted(keys)}" if keys else "{}",
+                hint="nest the parts: {all: [{signal: a.x, op: '>', value: 1}, {not: ...}]}")
+        return
+    index = next(i for i, sub in enumerate(err.validator_value)
+                 if wanted in sub.get("required", ()))
+    for sub_err in err.context:
+        if sub_err.relative_schema_path and sub_err.relative_schema_path[0] == index:
+            _explain(col, kind, sub_err, prefix)
+
+
+def _describe(schema: Mapping) -> Optional[str]:
+    """A subschema in words: ``"an integer >= 1"``, ``"one of ['enforce', 'audit']"``."""
+    if "const" in schema:
+        return repr(schema["const"])
+    if "enum" in schema:
+        return f"one of {list(schema['enum'])}"
+    types = schema.get("type", "string" if "pattern" in schema else None)
+    if types is None:
+        return None
+    types = [types] if isinstance(types, str) else list(types)
+    text = " or ".join(_TYPE_NAMES.get(t, t) for t in types)
+    if schema.get("minItems") == 1 or schema.get("minLength") == 1:
+        text = "a non-empty " + text.split(" ", 1)[1]
+    for key, sym in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
+                     ("exclusiveMaximum", "<")):
+        if key in schema:
+            text += f" {sym} {schema[key]}"
+    if "pattern" in schema:
+        text += f" matching {schema['pattern']}"
+    return text
+
+
+# -------------------------------------------------------------------------- cross-field checks
+
+
+def _check_references(data: dict, col: "_Collector", registry: Any) -> dict:
+    """Check names and values against the registry; returns the declared signals."""
+    det_regs, act_regs = registry.detectors, registry.actuators
+    detectors, actuators = data.get("detectors", {}), data.get("actuators", {})
+    declared: dict = {}
+    broken: set = set()  # detector ids whose signals cannot be known
+    for did, det in detectors.items():
+        base = ("detectors", did)
+        reg = det_regs.get(det["type"])
+        if reg is None:
+            col.add(PolicyReferenceError, base + ("type",),
+                    f"unknown detector type {det['type']!r}",
+                    expected=_one_of(det_regs, "registered detector types"),
+                    found=repr(det["type"]), hint=_suggest(det["type"], det_regs)
+                    or "install the plugin that provides it (`lbw-policy plugins` lists them)")
+            broken.add(did)
+            continue
+        params = det.get("params", {})
+        if not _plugin_checks(col, reg, reg.cls.params_schema, reg.cls.validate_params, params,
+                              base + ("params",)):
+            broken.add(did)
+            continue
+        try:
+            names = tuple(reg.cls.signals_for(params))
+        except Exception as exc:  # a plugin bug: report it, don't crash the loader
+            col.add(PolicyBoundsError, base + ("params",), f"detector type {det['type']!r} "
+                    f"(plugin {_plugin(reg)}) failed to list its signals: {exc!r}")
+            broken.add(did)
+            continue
+        for sig in names:
+            declared[f"{did}.{sig}"] = did
+    for name, bounds in actuators.items():
+        reg = act_regs.get(name)
+        if reg is None:
+            col.add(PolicyReferenceError, ("actuators", name), f"unknown actuator {name!r}",
+                    expected=_one_of(act_regs, "registered actuators"),
+                    hint=_suggest(name, act_regs) or "install the plugin that provides it")
+        else:
+            _plugin_checks(col, reg, reg.cls.bounds_schema, reg.cls.validate_bounds, bounds,
+                           ("actuators", name))
+    first_of: dict = {}
+    for i, rule in enumerate(data["rules"]):
+        rpath = ("rules", i)
+        if rule["name"] in first_of:
+            j = first_of[rule["name"]]
+            col.add(PolicyReferenceError, rpath + ("name",),
+                    f"duplicate rule name {rule['name']!r}",
+                    hint=f"rule names are unique; rules[{j}] (line "
+                    f"{col.line_near(('rules', j))}) already has it")
+        else:
+            first_of[rule["name"]] = i
+        for lpath, leaf in _leaves(rule["when"], rpath + ("when",)):
+            sig = leaf["signal"]
+            did = sig.split(".", 1)[0]
+            if sig in declared or did in broken:
+                continue
+            hint = _suggest(sig, declared)
+            if hint is None and did not in detectors:
+                hint = f"configure a detector {did!r} under `detectors:`"
+            col.add(PolicyReferenceError, lpath + ("signal",), f"unknown signal {sig!r}",
+                    expected=_one_of(declared, "declared signals"), hint=hint)
+        used: dict = {}
+        for k, cmd in enumerate(rule["then"]):
+            _check_command(col, cmd, rpath + ("then", k), used, k, actuators, act_regs)
+    return declared
+
+
+def _check_command(col, cmd, cpath, used, k, actuators, act_regs) -> None:
+    name = cmd["actuator"]
+    verbs = [key for key in cmd if key != "actuator"]
+    if name in used:
+        col.add(PolicyReferenceError, cpath + ("actuator",),
+                f"actuator {name!r} is commanded twice in one rule",
+                hint=f"keep one command per actuator (the other is then[{used[name]}])")
+        return
+    used[name] = k
+    reg = act_regs.get(name)
+    if name not in actuators:
+        if reg is None:
+            col.add(PolicyReferenceError, cpath + ("actuator",), f"unknown actuator {name!r}",
+                    expected=_one_of(actuators, "configured actuators"),
+                    hint=_suggest(name, list(actuators) + list(act_regs)))
+        else:
+            col.add(PolicyReferenceError, cpath + ("actuator",), f"actuator {name!r} is not "
+                    "configured", hint=f"add `actuators: {{{name}: {{...}}}}` with its bounds")
+        return
+    if reg is None:
+        return  # reported under actuators:
+    commands = reg.cls.commands
+    verb = verbs[0] if verbs else "apply"
+    vpath = cpath + ((verb,) if verbs else ())
+    if verb not in commands:
+        if not verbs:
+            col.add(PolicyReferenceError, cpath, f"actuator {name!r} needs a verb",
+                    expected=_one_of(commands, "verbs"),
+                    hint=f"e.g. {{actuator: {name}, {next(iter(commands), 'VERB')}: VALUE}}")
+        else:
+            col.add(PolicyReferenceError, vpath, f"unknown verb {verb!r} for actuator {name!r}",
+                    expected=_one_of(commands, "verbs"), hint=_suggest(verb, commands))
+        return
+    _plugin_checks(col, reg, commands[verb], None, cmd.get(verb), vpath)
+
+
+def _plugin_checks(col, reg, schema, validate, value, path) -> bool:
+    """Check ``value`` against a plugin's JSON Schema, then its ``validate`` hook."""
+    before = len(col.items)
+    try:
+        _schema_problems(col, PolicyBoundsError, schema, value, path)
+    except Exception as exc:  # an unusable schema is the plugin's bug
+        col.add(PolicyBoundsError, path, f"plugin {_plugin(reg)} has an unusable schema: {exc!r}")
+    if len(col.items) == before and validate is not None:
+        try:
+            validate(value)
+        except ValueError as exc:
+            col.add(PolicyBoundsError, path, str(exc), found=_found(value))
+        except Exception as exc:
+            col.add(PolicyBoundsError, path, f"plugin {_plugin(reg)} failed checking it: {exc!r}")
+    return len(col.items) == before
+
+
+def _leaves(node: Mapping, path: PathT) -> Iterator[tuple]:
+    if "signal" in node:
+        yield path, node
+    for key in ("all", "any"):
+        for i, child in enumerate(node.get(key, ())):
+            yield from _leaves(child, path + (key, i))
+    if "not" in node:
+        yield from _leaves(node["not"], path + ("not",))
+
+
+# ------------------------------------------------------------------------------------ build
+
+
+def _build(data: dict, text: str, source: str, lines: dict, signals: dict) -> Policy:
+    meta = data["metadata"]
+    detectors = {
+        did: DetectorSpec(id=did, type=d["type"], params=copy.deepcopy(d.get("params", {})),
+                          every=int(d.get("every", 1)))
+        for did, d in data.get("detectors", {}).items()}
+    actuators = {name: ActuatorSpec(name=name, bounds=copy.deepcopy(bounds))
+                 for name, bounds in data.get("actuators", {}).items()}
+    rules = []
+    for i, r in enumerate(data["rules"]):
+        then = []
+        for cmd in r["then"]:
+            verbs = [key for key in cmd if key != "actuator"]
+            then.append(Command(cmd["actuator"], verbs[0], copy.deepcopy(cmd[verbs[0]]))
+                        if verbs else Command(cmd["actuator"], "apply", None))
+        rules.append(RuleSpec(name=r["name"], when=copy.deepcopy(r["when"]), then=tuple(then),
+                              priority=int(r.get("priority", 0)), for_=int(r.get("for", 1)),
+                              keep_firing_for=int(r.get("keep_firing_for", 0)),
+                              cooldown=int(r.get("cooldown", 0)), index=i, path=f"rules[{i}]"))
+    revision = hashlib.sha256(canonical_json(data)).hexdigest()
+    return Policy(data=data, source=source, revision=revision,
+                  name=meta["name"], description=meta.get("description", ""),
+                  owner=meta.get("owner", ""), mode=data.get("mode", "enforce"),
+                  on_error=data.get("on_error", "halt"), detectors=detectors, actuators=actuators,
+                  rules=tuple(rules), lines=lines, text=text, _signals=signals)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+class _Collector:
+    """Problems found so far (with their kind and path) and the path -> line map."""
+
+    def __init__(self, file: str, lines: dict) -> None:
+        self.file = file
+        self.lines = lines
+        self.items: list[tuple[type, PathT, Problem]] = []
+
+    def line_near(self, path: PathT) -> Optional[int]:
+        """Line of the node at ``path``, or of its nearest ancestor in the document."""
+        while path and _format_path(path) not in self.lines:
+            path = path[:-1]
+        return self.lines.get(_format_path(path))
+
+    def add(self, kind: type, path: PathT, message: str, *, line: Any = "near", **kw: Any) -> None:
+        if line == "near":
+            line = self.line_near(path)
+        self.items.append((kind, path, Problem(message, file=self.file, line=line,
+                                               path=_format_path(path), **kw)))
+
+    def raise_if_any(self, sort: bool = False) -> None:
+        if not self.items:
+            return
+        unique = {(kind, str(problem)): (kind, path, problem) for kind, path, problem in self.items}
+        items = list(unique.values())
+        if sort:
+            items.sort(key=lambda it: _path_key(it[1]))
+        kinds = tuple(k for k in _KINDS if any(it[0] is k for it in items))
+        raise _error_class(kinds)([it[2] for it in items])
+
+
+@functools.lru_cache(maxsize=None)
+def _error_class(kinds: tuple) -> type:
+    """One kind: its class. Several: a class deriving from each, so any ``except`` matches."""
+    if len(kinds) == 1:
+        return kinds[0]
+    return type("+".join(k.__name__ for k in kinds), kinds,
+                {"__module__": __name__, "__doc__": "Problems of several kinds."})
+
+
+def _format_path(parts: Sequence) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENT.match(str(part)):
+            out += ("." if out else "") + str(part)
+        else:
+            out += "[" + json.dumps(str(part), ensure_ascii=False) + "]"
+    return out
+
+
+def _path_key(path: PathT) -> tuple:
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in path)
+
+
+def _line(node: Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _found(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _suggest(word: str, candidates: Any) -> Optional[str]:
+    close = difflib.get_close_matches(word, [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+def _one_of(names: Any, what: str, limit: int = 20) -> str:
+    names = sorted(str(n) for n in names)
+    if not names:
+        return f"one of the {what} (there are none)"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"one of the {what} {names[:limit]}{more}"
+
+
+def _plugin(reg: Any) -> str:
+    return repr(getattr(reg, "plugin", "?"))
+
+
+def _builtin_policies() -> dict:
+    """``{name: Path}`` of the YAML files shipped in ``lbw_policy.policies``."""
+    try:
+        entries = list(resources.files("lbw_policy.policies").iterdir())
+    except ModuleNotFoundError:
+        return {}
+    return {e.name.rsplit(".", 1)[0]: Path(os.fspath(e)) for e in entries
+            if e.name.endswith((".yaml", ".yml")) and isinstance(e, os.PathLike)}
