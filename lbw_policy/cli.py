@@ -1,0 +1,178 @@
+"""``lbw-policy`` command line: run | validate | verify | plugins | schema.
+
+Exit codes: 0 success; 1 a check failed (invalid policy, log that does not verify); 2 usage or
+input error (missing file); 3 training was halted by the policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from lbw_policy.demo.train import TrainConfig, train
+
+    config = TrainConfig(data=args.data, policy=args.policy, steps=args.steps, lr=args.lr, seed=args.seed,
+                         device=args.device, out=args.out, batch_size=args.batch_size,
+                         block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                         n_embd=args.n_embd, warmup_steps=args.warmup_steps, progress=not args.no_progress)
+    summary = train(config)
+    _print_run_summary(summary)
+    return 3 if summary["halted"] else 0
+
+
+def _print_run_summary(s: dict) -> None:
+    print(f"run directory     {s['run_dir']}")
+    print(f"policy            {s['policy']['name']} ({s['policy']['mode']}, revision {s['policy']['revision'][:12]})")
+    print(f"steps             {s['steps_run']} run, {s['skipped_steps']} skipped, "
+          f"{s['steps_per_second']:.1f} steps/s")
+    print(f"final train loss  {s['final_train_loss']:.4f} nats")
+    print(f"final val loss    {s['final_val_loss']:.4f} nats")
+    if s["halted"]:
+        print(f"HALTED            {s['halted']['message']}")
+    for title, key in (("decisions by rule", "decisions_by_rule"),
+                       ("decisions by actuator", "decisions_by_actuator"),
+                       ("decisions by event", "decisions_by_event")):
+        table = s.get(key) or {}
+        print(f"{title}:" + ("" if table else " none"))
+        for name, n in sorted(table.items(), key=lambda kv: (-kv[1], kv[0])):
+            print(f"  {name:<28} {n}")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from lbw_policy.errors import PolicyError
+    from lbw_policy.policy import load_policy
+
+    failed = 0
+    for path in args.files:
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            failed += 1
+            n = len(exc.problems)
+            print(f"INVALID {path}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  {problem}", file=sys.stderr)
+        except FileNotFoundError as exc:
+            failed += 1
+            print(f"INVALID {path}: {exc}", file=sys.stderr)
+        else:
+            print(f"ok {path}: {policy.name} (revision {policy.revision[:12]}, {len(policy.rules)} rules)")
+    return 1 if failed else 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from lbw_policy.decision_log import verify_log
+
+    path = Path(args.log)
+    expected_count = expected_head = None
+    if path.is_dir():
+        path = path / "decisions.jsonl"
+    summary_file = path.parent / "summary.json"
+    if not args.no_summary and summary_file.exists():
+        try:
+            log = json.loads(summary_file.read_text(encoding="utf-8")).get("log", {})
+            expected_count, expected_head = log.get("records"), log.get("head")
+        except (json.JSONDecodeError, OSError) as exc:
+            print(f"warning: cannot read {summary_file}: {exc}", file=sys.stderr)
+    if not path.exists():
+        print(f"error: no decision log at {path}", file=sys.stderr)
+        return 2
+    report = verify_log(path, expected_count=expected_count, expected_head=expected_head)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from lbw_policy.plugins import get_registry
+
+    registry = get_registry()
+    rows = []
+    for kind, table in (("detector", registry.detectors), ("actuator", registry.actuators)):
+        for name, reg in sorted(table.items()):
+            extra = ", ".join(reg.cls.signals) if kind == "detector" else ", ".join(reg.cls.commands)
+            rows.append({"kind": kind, "name": name, "plugin": reg.plugin, "version": reg.version,
+                         "class": f"{reg.cls.__module__}.{reg.cls.__qualname__}",
+                         ("signals" if kind == "detector" else "commands"): extra})
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'kind':<9} {'name':<18} {'plugin':<24} {'version':<9} signals / commands")
+    for r in rows:
+        print(f"{r['kind']:<9} {r['name']:<18} {r['plugin']:<24} {r['version']:<9} "
+              f"{r.get('signals', r.get('commands'))}")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from lbw_policy.policy import policy_schema
+
+    print(json.dumps(policy_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lbw-policy", description=(
+        "Declarative, auditable training-control governance for PyTorch."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train the demo GPT under a policy and log every decision")
+    run.add_argument("--data", default=None, help="text file to train on (default: the Python standard library's sources)")
+    run.add_argument("--policy", default="default", help="policy file or built-in name (default: default)")
+    run.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
+    run.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    run.add_argument("--seed", type=int, default=0, help="seed for init and batch order (default: 0)")
+    run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    run.add_argument("--out", default=None, help="run directory (default: runs/<time>-lr<lr>-s<seed>)")
+    run.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
+    run.add_argument("--block-size", type=int, default=64, help="context length in characters (default: 64)")
+    run.add_argument("--n-layer", type=int, default=2, help="transformer blocks (default: 2)")
+    run.add_argument("--n-head", type=int, default=4, help="attention heads (default: 4)")
+    run.add_argument("--n-embd", type=int, default=128, help="model width (default: 128)")
+    run.add_argument("--warmup-steps", type=int, default=15, help="linear LR warm-up steps (default: 15)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=_cmd_run)
+
+    val = sub.add_parser("validate", help="validate policy files; non-zero exit on any error")
+    val.add_argument("files", nargs="+", metavar="FILE")
+    val.set_defaults(func=_cmd_validate)
+
+    ver = sub.add_parser("verify", help="verify a decision log's hash chain; non-zero exit on any edit, insertion or deletion")
+    ver.add_argument("log", metavar="FILE_OR_RUN_DIR")
+    ver.add_argument("--no-summary", action="store_true", help="ignore the run's summary.json (record count and head hash)")
+    ver.set_defaults(func=_cmd_verify)
+
+    plug = sub.add_parser("plugins", help="list every detector and actuator with its plugin and version")
+    plug.add_argument("--format", choices=("table", "json"), default="table")
+    plug.set_defaults(func=_cmd_plugins)
+
+    sch = sub.add_parser("schema", help="print the policy JSON Schema (for editors)")
+    sch.set_defaults(func=_cmd_schema)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from lbw_policy.errors import PluginError, PolicyError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PolicyError as exc:
+        print(f"error: invalid policy\n{exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, PluginError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
