@@ -12,7 +12,9 @@ Signals (all 0-dim tensors):
   warm-up never fires; ``NaN`` when the loss is non-finite (the engine treats NaN as false;
   use the ``nonfinite`` detector for NaN/Inf).
 - ``ema``: ``mean_t`` after folding in this step's loss (nats).
-- ``delta``: ``loss_t - mean_{t-1}`` (nats); ``0.0`` during warm-up.
+- ``delta``: ``loss_t - mean_{t-1}`` (nats), emitted from the second finite loss on (the mean
+  needs no warm-up, only the variance does), so an absolute threshold such as ``delta > 0.5``
+  sees a blow-up during the first steps of training; ``0.0`` for the first loss.
 
 Params: ``alpha`` (EMA decay in (0, 1), default 0.97, an effective window of about
 1/(1-alpha) = 33 steps), ``warmup`` (finite losses before z-scores are emitted, default 25,
@@ -68,7 +70,7 @@ class LossSpike(Detector):
         zero = torch.zeros_like(z)
         nan = torch.full_like(z, math.nan)
         zscore = torch.where(finite, torch.where(warm, z, zero), nan)
-        delta_out = torch.where(finite, torch.where(warm, delta, zero), nan)
+        delta_out = torch.where(finite, torch.where(stat.count >= 1, delta, zero), nan)
         stat.update(x)
         return {"zscore": zscore, "ema": stat.mean, "delta": delta_out}
 

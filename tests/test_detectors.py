@@ -58,6 +58,11 @@ def test_loss_spike_matches_hand_computed_series():
             assert g == pytest.approx(e, rel=1e-9, abs=1e-9)
     # The spike at index 8 is far above 4 sigma; nothing during warm-up fires.
     assert got[8] > 4 and got[:3] == [0.0, 0.0, 0.0]
+    # delta = loss - EMA of the earlier finite losses, from the second loss on (no warm-up).
+    det = LossSpike(alpha=0.5, warmup=10)
+    deltas = [float(det.compute(_tel(i, x))["delta"]) for i, x in enumerate([2.0, 3.0, 2.0, float("nan"), 4.0])]
+    # means before each step: -, 2.0, 2.5, 2.25, 2.25 (the NaN is skipped)
+    assert deltas[:3] == [0.0, 1.0, -0.5] and math.isnan(deltas[3]) and deltas[4] == 1.75
 
 
 def test_loss_spike_nonfinite_never_poisons_statistics():
