@@ -454,10 +454,11 @@ def _describe(schema: Mapping) -> Optional[str]:
     text = " or ".join(_TYPE_NAMES.get(t, t) for t in types)
     if schema.get("minItems") == 1 or schema.get("minLength") == 1:
         text = "a non-empty " + text.split(" ", 1)[1]
-    for key, sym in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
-                     ("exclusiveMaximum", "<")):
-        if key in schema:
-            text += f" {sym} {schema[key]}"
+    limits = [f"{sym} {schema[key]}" for key, sym in (
+        ("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+        if key in schema]
+    if limits:
+        text += " " + " and ".join(limits)
     if "pattern" in schema:
         text += f" matching {schema['pattern']}"
     return text
