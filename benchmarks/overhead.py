@@ -1,0 +1,121 @@
+"""Overhead benchmark: steps per second of the governed loop vs the plain AdamW loop (issue 6).
+
+Both loops train the demo GPT (same shapes as the stress benchmark) in the same process. They
+alternate in blocks of ``--block`` steps (plain, governed, plain, governed, ...) so that machine
+noise hits both alike; each round gives one ratio governed/plain of steps per second, and the
+report is the median over rounds. A warm-up block of each runs first and is not counted.
+
+Usage::
+
+    python benchmarks/overhead.py                        # default policy, CPU
+    python benchmarks/overhead.py --policy early-warning --device cuda
+
+Prints the figures and appends a JSON line to ``benchmarks/results/overhead.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--policy", action="append", default=None,
+                        help="policy file or built-in name; repeat for several (default: default)")
+    parser.add_argument("--rounds", type=int, default=8, help="plain/governed rounds (default 8)")
+    parser.add_argument("--block", type=int, default=25, help="steps per block (default 25)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.jsonl"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from lbw_policy import Guard
+    from lbw_policy.demo.data import CharCorpus, load_text
+    from lbw_policy.demo.gpt import GPT, GPTConfig
+
+    if args.device == "cpu":
+        torch.set_flush_denormal(True)
+    corpus = CharCorpus(load_text(args.data))
+    config = GPTConfig(vocab_size=corpus.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd)
+
+    def make():
+        torch.manual_seed(0)
+        model = GPT(config).to(args.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+        return model, opt
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def block(model, opt, guard, gen, n):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x, y = corpus.get_batch("train", args.batch_size, args.block_size, gen)
+            x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+            with torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
+                _, loss = model(x, y)
+            loss.backward()
+            if guard is None:
+                opt.step()
+            else:
+                guard.step(loss)
+            opt.zero_grad(set_to_none=True)
+        sync()
+        return n / (time.perf_counter() - t0)
+
+    results = []
+    for policy in args.policy or ["default"]:
+        plain_model, plain_opt = make()
+        gov_model, gov_opt = make()
+        with tempfile.TemporaryDirectory() as tmp:
+            guard = Guard(gov_opt, policy, model=gov_model, log_dir=tmp)
+            g_plain = torch.Generator().manual_seed(1)
+            g_gov = torch.Generator().manual_seed(1)
+            block(plain_model, plain_opt, None, g_plain, args.block)  # warm-up, not counted
+            block(gov_model, gov_opt, guard, g_gov, args.block)
+            plain, governed = [], []
+            for _ in range(args.rounds):
+                plain.append(block(plain_model, plain_opt, None, g_plain, args.block))
+                governed.append(block(gov_model, gov_opt, guard, g_gov, args.block))
+            guard.close()
+        ratios = [g / p for g, p in zip(governed, plain)]
+        row = {"policy": policy, "device": args.device, "bf16": args.bf16,
+               "params": sum(p.numel() for p in plain_model.parameters()),
+               "plain_steps_per_s": statistics.median(plain), "governed_steps_per_s": statistics.median(governed),
+               "median_ratio": statistics.median(ratios), "ratios": [round(r, 4) for r in ratios],
+               "rounds": args.rounds, "block": args.block, "torch": torch.__version__,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        results.append(row)
+        print(f"{policy:<16} plain {row['plain_steps_per_s']:.2f} steps/s, governed "
+              f"{row['governed_steps_per_s']:.2f} steps/s, median ratio {row['median_ratio']:.3f} "
+              f"(rounds: {', '.join(f'{r:.3f}' for r in ratios)})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", encoding="utf-8") as fh:
+        for row in results:
+            fh.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
