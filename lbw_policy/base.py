@@ -30,7 +30,7 @@ class Detector:
 
     Lifecycle: ``__init__(**params)`` (raise ``ValueError`` for params the schema cannot express,
     such as ``min > max``) -> :meth:`setup` once the model and optimizer are known -> :meth:`compute`
-    on every due step -> :meth:`close`.
+    on every due step, :meth:`after_step` after every optimizer step (or skip) -> :meth:`close`.
     """
 
     name: ClassVar[str] = ""
@@ -62,6 +62,17 @@ class Detector:
         """
         raise NotImplementedError
 
+    def after_step(self, telemetry: Any, stepped: bool) -> None:
+        """Optional: called on every step, due or not, right after ``optimizer.step()`` (or the
+        skip), with the step's telemetry, so a detector can measure what the step changed (e.g.
+        ``update_ratio`` compares the weights with a copy taken in :meth:`compute`). It returns
+        nothing; values it measures are emitted by a later :meth:`compute`. Keep it cheap on
+        steps where the detector has nothing to do.
+
+        :param telemetry: the same :class:`~lbw_policy.telemetry.Telemetry` :meth:`compute` saw.
+        :param stepped: ``False`` when the optimizer step was skipped (the weights did not move).
+        """
+
     def state_dict(self) -> dict:
         """Statistics needed to resume, as plain data (no tensors)."""
         return {}
@@ -86,6 +97,11 @@ class Action:
     :param before: the actuator's controlled value before the action.
     :param after: the controlled value after the action.
     :param note: free text, e.g. why a request was refused.
+    :param extra: more fields for the decision record (merged into the logged action; the key
+        ``"step"`` is dropped). ``extra["halt"] = True`` on an action asks the guard to stop
+        training once the action is committed (enforce mode): the ``halt`` actuator sets it, and
+        so does ``rollback`` when its anti-thrash budget is spent; ``extra["checkpoint"]`` names
+        the checkpoint file such an action saved, and the guard's ``halt`` record repeats it.
     """
 
     actuator: str
@@ -115,17 +131,28 @@ class Actuator:
     :cvar commands: ``{verb: JSON Schema of the value}``; a bare ``{actuator: NAME}`` is the verb
         ``"apply"`` with value ``None`` (declare ``"apply": {"type": "null"}`` to accept it).
     :cvar version: plugin version written to the decision log.
+    :cvar signals: names of the signals the actuator publishes about its own state (e.g.
+        ``"exhausted"``); rules read them as ``<actuator name>.<signal>`` (``skip_step.exhausted``),
+        which is how a policy writes escalation declaratively. See :meth:`signals_for`.
 
     Every change goes through :meth:`plan` (pure: computes the clamped change) and then
     :meth:`commit` (applies exactly what was planned), so the guard can write the decision record
     *before* anything changes. :meth:`before_step` / :meth:`after_step` run around
-    ``optimizer.step()``; :meth:`before_step` returning ``False`` vetoes the step.
+    ``optimizer.step()``; :meth:`before_step` returning ``False`` vetoes the step. The guard calls
+    :meth:`after_step` in the reverse order of :meth:`before_step`, so actuators that change a
+    param-group value around the step (``lr_scale``, ``momentum_reset``'s warm-up) unwind in turn.
+
+    Lifecycle: ``__init__(**bounds)`` -> :meth:`bind` (the model and the guard) -> :meth:`attach`
+    (the optimizer; raise :class:`~lbw_policy.errors.ActuatorError` here) -> per step:
+    :meth:`observe`, :meth:`signal_values`, :meth:`plan` / :meth:`commit` or :meth:`recover`,
+    :meth:`before_step`, :meth:`after_step`.
     """
 
     name: ClassVar[str] = ""
     bounds_schema: ClassVar[dict] = {"type": "object", "properties": {}, "additionalProperties": False}
     commands: ClassVar[dict] = {}
     version: ClassVar[Optional[str]] = None
+    signals: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **bounds: Any) -> None:
         self.bounds = dict(bounds)
@@ -133,6 +160,30 @@ class Actuator:
     @classmethod
     def validate_bounds(cls, bounds: Mapping[str, Any]) -> None:
         """Cross-field checks beyond the JSON Schema (e.g. ``min <= max``); raise ``ValueError``."""
+
+    @classmethod
+    def signals_for(cls, bounds: Mapping[str, Any]) -> tuple[str, ...]:
+        """Signals published with these bounds (default: :attr:`signals`). The policy loader
+        accepts ``<actuator name>.<signal>`` in rules for every configured actuator."""
+        return tuple(cls.signals)
+
+    def signal_values(self) -> Mapping[str, Any]:
+        """``{signal: value}`` of :meth:`signals_for`'s signals, read by the guard at the start
+        of every step, before the rules are evaluated (so a rule sees the state the previous
+        steps left). Values are plain numbers or bools from host state: no device sync."""
+        return {}
+
+    def bind(self, *, model: Any = None, guard: Any = None) -> None:
+        """Called by the guard before :meth:`attach` with the model (``None`` when the guard was
+        built without one) and the guard itself (``guard.log_dir``, ``guard.step_count``,
+        ``guard.state_dict()``). The default keeps both as ``self.model`` / ``self.guard``."""
+        self.model = model
+        self.guard = guard
+
+    def observe(self, telemetry: Any) -> None:
+        """Called every step after the detectors ran, before the rules are evaluated, with the
+        step's :class:`~lbw_policy.telemetry.Telemetry` (its cached grad norm is shared, so an
+        actuator that needs it adds no reduction). Must not sync with the device."""
 
     def attach(self, optimizer: Any) -> None:
         """Bind to the optimizer. Raise :class:`~lbw_policy.errors.ActuatorError` if this
@@ -160,7 +211,9 @@ class Actuator:
         """Called right after ``optimizer.step()`` (or the skip)."""
 
     def state_dict(self) -> dict:
+        """What a resumed run needs, as plain data where possible (``rollback`` keeps its
+        snapshot tensors here: save the guard's state with ``torch.save``)."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        """Restore what :meth:`state_dict` returned (after :meth:`attach`)."""

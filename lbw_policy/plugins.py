@@ -106,11 +106,17 @@ def register_plugin(plugin: Any, name: Optional[str] = None) -> str:
     :param name: its name in the decision log (default: pluggy's, the module name or object id).
     :return: the name it was registered under.
     :raises PluginError: when a class it registers clashes with one already registered
-        (the plugin is unregistered again, nothing changes).
+        (the plugin is unregistered again, nothing changes), or when the plugin name or object
+        is already registered.
     """
     pm = get_plugin_manager()
     with _lock:
-        registered = pm.register(plugin, name=name)
+        try:
+            registered = pm.register(plugin, name=name)
+        except ValueError:  # pluggy: that name or that object is already registered
+            raise PluginError(f"plugin {name or plugin!r}: that name or that object is already "
+                              "registered; unregister it first or choose another name",
+                              plugin=name) from None
         if registered is None:
             raise PluginError(f"plugin {name or plugin!r} is already registered or blocked", plugin=name)
         try:

@@ -196,7 +196,7 @@ def _load(text: str, source: str, registry: Any) -> Policy:
 def _decode(raw: bytes, source: str) -> str:
     if len(raw) > MAX_BYTES:
         raise PolicySyntaxError(f"policy file too large: {len(raw)} bytes", file=source,
-                                expected=f"at most {MAX_BYTES} bytes")
+                                line=1, expected=f"at most {MAX_BYTES} bytes")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -472,7 +472,8 @@ def _check_references(data: dict, col: "_Collector", registry: Any) -> dict:
     det_regs, act_regs = registry.detectors, registry.actuators
     detectors, actuators = data.get("detectors", {}), data.get("actuators", {})
     declared: dict = {}
-    broken: set = set()  # detector ids whose signals cannot be known
+    published: dict = {}  # actuator signals "<actuator>.<signal>" -> actuator name
+    broken: set = set()  # detector ids / actuator names whose signals cannot be known
     for did, det in detectors.items():
         base = ("detectors", did)
         reg = det_regs.get(det["type"])
@@ -504,9 +505,11 @@ def _check_references(data: dict, col: "_Collector", registry: Any) -> dict:
             col.add(PolicyReferenceError, ("actuators", name), f"unknown actuator {name!r}",
                     expected=_one_of(act_regs, "registered actuators"),
                     hint=_suggest(name, act_regs) or "install the plugin that provides it")
+        elif not _plugin_checks(col, reg, reg.cls.bounds_schema, reg.cls.validate_bounds,
+                                bounds, ("actuators", name)):
+            broken.add(name)
         else:
-            _plugin_checks(col, reg, reg.cls.bounds_schema, reg.cls.validate_bounds, bounds,
-                           ("actuators", name))
+            _actuator_signals(col, reg, name, bounds, detectors, published, broken)
     first_of: dict = {}
     for i, rule in enumerate(data["rules"]):
         rpath = ("rules", i)
@@ -521,17 +524,36 @@ def _check_references(data: dict, col: "_Collector", registry: Any) -> dict:
         for lpath, leaf in _leaves(rule["when"], rpath + ("when",)):
             sig = leaf["signal"]
             did = sig.split(".", 1)[0]
-            if sig in declared or did in broken:
+            if sig in declared or sig in published or did in broken:
                 continue
-            hint = _suggest(sig, declared)
-            if hint is None and did not in detectors:
+            hint = _suggest(sig, list(declared) + list(published))
+            if hint is None and did not in detectors and did not in actuators:
                 hint = f"configure a detector {did!r} under `detectors:`"
             col.add(PolicyReferenceError, lpath + ("signal",), f"unknown signal {sig!r}",
-                    expected=_one_of(declared, "declared signals"), hint=hint)
+                    expected=_one_of(list(declared) + list(published), "declared signals"),
+                    hint=hint)
         used: dict = {}
         for k, cmd in enumerate(rule["then"]):
             _check_command(col, cmd, rpath + ("then", k), used, k, actuators, act_regs)
     return declared
+
+
+def _actuator_signals(col, reg, name, bounds, detectors, published, broken) -> None:
+    """Add the signals a configured actuator publishes (``<name>.<signal>``) to ``published``."""
+    try:
+        names = tuple(reg.cls.signals_for(bounds)) if hasattr(reg.cls, "signals_for") else ()
+    except Exception as exc:  # a plugin bug: report it, don't crash the loader
+        col.add(PolicyBoundsError, ("actuators", name), f"actuator {name!r} (plugin "
+                f"{_plugin(reg)}) failed to list its signals: {exc!r}")
+        broken.add(name)
+        return
+    if names and name in detectors:
+        col.add(PolicyReferenceError, ("detectors", name), f"detector id {name!r} is also the "
+                f"name of a configured actuator that publishes signals ({name}.{names[0]}, ...)",
+                hint=f"rename the detector, e.g. {name + '_det'!r}")
+        return
+    for sig in names:
+        published[f"{name}.{sig}"] = name
 
 
 def _check_command(col, cmd, cpath, used, k, actuators, act_regs) -> None:
@@ -647,6 +669,8 @@ class _Collector:
     def add(self, kind: type, path: PathT, message: str, *, line: Any = "near", **kw: Any) -> None:
         if line == "near":
             line = self.line_near(path)
+        if line is None:  # a whole-file problem (empty, too deep): report it at line 1
+            line = 1
         self.items.append((kind, path, Problem(message, file=self.file, line=line,
                                                path=_format_path(path), **kw)))
 

@@ -258,7 +258,7 @@ def test_missing_file_names_the_path(tmp_path):
 
 def test_empty_file(tmp_path):
     err = load_bad(tmp_path, "", PolicySyntaxError, match="empty policy file")
-    assert str(err).startswith(f"{err.file}: <root>: empty policy file")
+    assert str(err).startswith(f"{err.file}:1: <root>: empty policy file")
     load_bad(tmp_path, "# only a comment\n\n", PolicySyntaxError, match="empty policy file")
 
 

@@ -14,13 +14,17 @@ One call per training step, after ``loss.backward()``::
    record is flushed to ``decisions.jsonl`` *before* anything changes (write-ahead).
 5. **actuate**: in ``enforce`` mode the planned actions are committed; in ``audit`` mode nothing
    changes. Actuators not held by a firing rule may recover (logged the same way).
-6. ``optimizer.step()`` runs unless an actuator vetoes it (``skip_step``).
+6. ``optimizer.step()`` runs unless an actuator vetoes it (``skip_step``); then every detector's
+   ``after_step(telemetry, stepped)`` runs (due or not).
 
 Errors raised by a detector or actuator plugin are contained: an ``error`` record is written
 and the policy's ``on_error`` decides (``continue``: go on without that plugin's output this
 step; ``skip_step``: skip this optimizer step; ``halt``: raise :class:`TrainingHalted`).
 An actuator's commit that raises leaves earlier commits of the step in place and is reported
-the same way.
+the same way. A detector value that is not a scalar counts as the detector raising (none of its
+signals is used that step). ``before_step`` / ``after_step`` that raise are contained too, and
+every actuator that entered ``before_step`` is unwound by ``after_step`` even when another one
+raises, so no param-group change (``lr_scale``) is left half-undone, halted or not.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ class Guard:
             self.actuators[name] = reg.cls(**dict(spec.bounds))
             self._plugin_versions[f"actuator:{name}"] = {"plugin": reg.plugin, "version": reg.version}
         for name, actuator in self.actuators.items():
+            actuator.bind(model=model, guard=self)  # rollback needs the model, halt the log_dir
             actuator.attach(optimizer)  # ActuatorError if it cannot act on this optimizer
         for det in self.detectors.values():
             det.setup(model, optimizer)
@@ -137,10 +142,12 @@ class Guard:
         run_labels.update(labels or {})
         self.log = DecisionLog(self.log_dir / "decisions.jsonl", run=run_labels, fsync=fsync)
         (self.log_dir / "policy.yaml").write_text(policy.text, encoding="utf-8")
-        self._telemetry_file = open(self.log_dir / "telemetry.jsonl", "a", encoding="utf-8")
+        self._telemetry_file = _open_telemetry(self.log_dir / "telemetry.jsonl")
+        self._step_telemetry: Optional[dict] = None  # the step in progress's telemetry line
 
         self._step = 0
         self._latest: dict = {}
+        self._written: list = []          # records of the step in progress (StepResult.decisions)
         self._halted = False
         self._closed = False
         self.counts = Counter()           # decisions by "event", "rule:<name>", "actuator:<name>"
@@ -150,6 +157,10 @@ class Guard:
                                    for k, v in policy.detectors.items()},
                      "actuators": {k: dict(v.bounds) for k, v in policy.actuators.items()},
                      "optimizer": type(optimizer).__name__,
+                     # hyperparameters of param group 0 (betas, weight_decay, ...): replay builds
+                     # its stand-in optimizer with them (beta2 recovers toward the run's own)
+                     "optimizer_hyperparameters": {k: v for k, v in optimizer.param_groups[0].items()
+                                                   if k != "params"},
                      "recovered_torn_bytes": self.log.recovered_torn_bytes})
 
     # ------------------------------------------------------------------ helpers
@@ -168,42 +179,62 @@ class Guard:
 
     def _error(self, step: int, where: str, exc: BaseException) -> dict:
         self.counts["event:error"] += 1
-        return self._write({"step": step, "event": "error", "rule": None, "where": where,
-                            "error": f"{type(exc).__name__}: {exc}", "on_error": self.policy.on_error})
+        record = self._write({"step": step, "event": "error", "rule": None, "where": where,
+                              "error": f"{type(exc).__name__}: {exc}", "on_error": self.policy.on_error})
+        self._written.append(record)  # reported in StepResult.decisions with the step's others
+        return record
 
-    def _halt(self, step: int, rule: Optional[str], signals: dict, reason: str) -> None:
+    def _halt(self, step: int, rule: Optional[str], signals: dict, reason: str,
+              checkpoint: Optional[str] = None) -> None:
         message = f"training halted at step {step} by {reason}"
         if signals:
             message += "; signals: " + ", ".join(f"{k}={_fmt(v)}" for k, v in signals.items())
-        self._write({"step": step, "event": "halt", "rule": rule, "signals": signals, "message": message})
+        record = {"step": step, "event": "halt", "rule": rule, "signals": signals, "message": message}
+        if checkpoint is not None:
+            record["checkpoint"] = checkpoint  # written by the halting action (halt, rollback)
+        self._write(record)
         self._halted = True
+        if self._step_telemetry is not None:  # the halted step's signals, for replay
+            self._write_telemetry(halted=True)
         self._finish(None)
         raise TrainingHalted(message, rule=rule or "", step=step, signals=signals)
 
+    def _write_telemetry(self, **extra: Any) -> None:
+        self._telemetry_file.write(json.dumps(sanitize(dict(self._step_telemetry, **extra)),
+                                              separators=(",", ":")) + "\n")
+        self._step_telemetry = None
+
     # ------------------------------------------------------------------ the step
-    def _detect(self, tel: Telemetry, step: int) -> tuple[float, dict, bool]:
-        """Run due detectors; return (loss, {signal: float}, skip_requested_by_error)."""
+    def _detect(self, tel: Telemetry, step: int) -> tuple[float, dict, bool, set]:
+        """Run due detectors; return (loss, {signal: float}, skip_requested_by_error,
+        {id of each detector that raised})."""
+        failed: set = set()
         names: list[str] = []
-        values: list = [tel.loss]
+        device = tel.loss.device
+        dtype = torch.float64 if device.type != "mps" else torch.float32
+        flat: list = [tel.loss.detach().reshape(()).to(device=device, dtype=dtype)]
         skip = False
         for det_id, det in self.detectors.items():
             spec = self.policy.detectors[det_id]
             if step % spec.every:
                 continue
             try:
-                out = det.compute(tel)
-                for sig, val in out.items():
-                    names.append(f"{det_id}.{sig}")
-                    values.append(val)
+                # Each value becomes a 0-dim tensor here, inside the try: a detector returning
+                # something that is not a scalar is contained like one that raises, and a
+                # failed detector contributes no signal at all (no partial output).
+                mine = [(f"{det_id}.{sig}", val.detach().reshape(()).to(device=device, dtype=dtype)
+                         if isinstance(val, torch.Tensor) else torch.tensor(float(val), dtype=dtype, device=device))
+                        for sig, val in det.compute(tel).items()]
             except Exception as exc:  # a plugin that raises is contained, never silent
+                failed.add(det_id)
                 self._error(step, f"detector {det_id} ({spec.type})", exc)
                 skip |= self._on_error(step, f"detector {det_id!r} raised {type(exc).__name__}: {exc}")
+                continue
+            names += [name for name, _ in mine]
+            flat += [value for _, value in mine]
         # One host transfer for the loss and every signal of the step.
-        device = tel.loss.device
-        flat = [v.detach().reshape(()).to(device=device, dtype=torch.float64 if device.type != "mps" else torch.float32)
-                if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=device) for v in values]
         host = torch.stack(flat).cpu().tolist()  # host-device sync point (one per step)
-        return host[0], dict(zip(names, host[1:])), skip
+        return host[0], dict(zip(names, host[1:])), skip, failed
 
     def _on_error(self, step: int, reason: str) -> bool:
         """Apply on_error; return True when the step must be skipped."""
@@ -221,18 +252,40 @@ class Guard:
         :raises RuntimeError: the guard was closed or has halted.
         """
         if self._closed or self._halted:
-            raise RuntimeError("Guard is closed" if self._closed else "Guard has halted training; build a new one to continue")
+            raise RuntimeError("Guard has halted training; build a new one to continue" if self._halted
+                               else "Guard is closed")
         step = self._step
-        tel = Telemetry(step, loss, self.optimizer, self.model)
-        loss_value, values, skip = self._detect(tel, step)
-        self._latest.update(values)
         written: list = []
+        self._written = written
+        tel = Telemetry(step, loss, self.optimizer, self.model)
+        self._step_telemetry = None
+        loss_value, values, skip, failed = self._detect(tel, step)
+        # Until the optimizer step is taken, the step counts as skipped (a halt skips it).
+        self._step_telemetry = {"step": step, "loss": loss_value,
+                                "lr": float(self.optimizer.param_groups[0]["lr"]),
+                                "skipped": True, "signals": values}
+        if failed:  # no stale values from a detector that raised: its signals are absent
+            self._latest = {k: v for k, v in self._latest.items() if k.split(".", 1)[0] not in failed}
+        self._latest.update(values)
+        # Actuators see the step's telemetry (shared grad norm), then publish their own state
+        # as signals "<actuator>.<signal>" (host values: no sync) for escalation rules. They are
+        # read by the rules (and logged with a decision) but not kept in `_latest`.
+        readable = dict(self._latest)
+        for name, actuator in self.actuators.items():
+            try:
+                actuator.observe(tel)
+                for sig, val in actuator.signal_values().items():
+                    readable[f"{name}.{sig}"] = val
+            except Exception as exc:  # contained like a detector's error; its signals are absent
+                self._error(step, f"actuator {name} signals", exc)
+                skip |= self._on_error(step, f"actuator {name!r} signals raised {type(exc).__name__}: {exc}")
 
-        decisions = self.engine.evaluate(step, self._latest)
+        decisions = self.engine.evaluate(step, readable)
         commanded = set()
         halt_by: Optional[tuple] = None
         for d in decisions:
             actions: list[Action] = []
+            planned: list = []  # (action, command) pairs; a command whose plan raised has none
             for cmd in d.commands:
                 commanded.add(cmd.actuator)
                 try:
@@ -242,10 +295,11 @@ class Guard:
                     skip |= self._on_error(step, f"actuator {cmd.actuator!r} raised {type(exc).__name__}: {exc}")
                     continue
                 actions.append(act)
+                planned.append((act, cmd))
             record = {"step": step, "event": d.event, "rule": d.rule, "priority": d.priority,
                       "signals": d.signals, "enforced": self.enforce,
                       "actions": [dict(_action_dict(a), command={"verb": c.verb, "value": c.value})
-                                  for a, c in zip(actions, [c for c in d.commands])],
+                                  for a, c in planned],
                       "overridden": [{"actuator": c.actuator, "verb": c.verb, "value": c.value,
                                       "overridden_by": winner} for c, winner in d.overridden]}
             written.append(self._write(record))  # write-ahead: on disk before anything changes
@@ -255,15 +309,19 @@ class Guard:
                 self.counts[f"actuator:{a.actuator}"] += 1
             if self.enforce:
                 for a in actions:
+                    committed = False
                     try:
                         self.actuators[a.actuator].commit(a)
+                        committed = True
                     except Exception as exc:
                         self._error(step, f"actuator {a.actuator} commit", exc)
                         skip |= self._on_error(step, f"actuator {a.actuator!r} raised {type(exc).__name__}: {exc}")
-                    if a.actuator == "halt" and a.applied and halt_by is None:
-                        halt_by = (d.rule, d.signals)
+                    # An action marked extra["halt"] (halt; rollback past its anti-thrash
+                    # budget) stops training, even if its commit (the checkpoint) failed.
+                    if (a.extra.get("halt") or (a.actuator == "halt" and a.applied)) and halt_by is None:
+                        halt_by = (d.rule, d.signals, a.extra.get("checkpoint") if committed else None)
         if halt_by is not None:
-            self._halt(step, halt_by[0], halt_by[1], f"rule {halt_by[0]!r}")
+            self._halt(step, halt_by[0], halt_by[1], f"rule {halt_by[0]!r}", checkpoint=halt_by[2])
 
         # Recovery of actuators no firing rule holds.
         held = self.engine.held_actuators() | commanded
@@ -282,30 +340,54 @@ class Guard:
                                         "enforced": self.enforce, "actions": [_action_dict(act)]}))
             self.counts["event:recover"] += 1
             if self.enforce:
-                actuator.commit(act)
+                try:
+                    actuator.commit(act)
+                except Exception as exc:
+                    self._error(step, f"actuator {name} recover commit", exc)
+                    skip |= self._on_error(step, f"actuator {name!r} recover commit raised {type(exc).__name__}: {exc}")
 
         # The optimizer step, or the skip. Every actuator sees before/after, even on a veto.
+        # A before_step that raises is contained (on_error: continue ignores it, skip_step
+        # skips, halt halts after the unwinding below); every entered actuator is unwound,
+        # even when another's after_step raises, so no param-group change is left half-undone.
         proceed = not skip
         entered = []
+        unwind_errors: list = []
         try:
             if self.enforce:
-                for actuator in self.actuators.values():
-                    entered.append(actuator)
-                    proceed = actuator.before_step(self.optimizer) and proceed
+                for name, actuator in self.actuators.items():
+                    entered.append((name, actuator))
+                    try:
+                        ok = actuator.before_step(self.optimizer)
+                    except Exception as exc:
+                        self._error(step, f"actuator {name} before_step", exc)
+                        ok = not self._on_error(step, f"actuator {name!r} before_step raised {type(exc).__name__}: {exc}")
+                    proceed = ok and proceed
             lr = float(self.optimizer.param_groups[0]["lr"])
             if proceed:
                 self.optimizer.step()
         finally:
-            for actuator in entered:
-                actuator.after_step(self.optimizer, proceed)
+            for name, actuator in reversed(entered):  # unwind param-group changes in reverse order
+                try:
+                    actuator.after_step(self.optimizer, proceed)
+                except Exception as exc:
+                    unwind_errors.append((name, exc))
+        for name, exc in unwind_errors:
+            self._error(step, f"actuator {name} after_step", exc)
+            self._on_error(step, f"actuator {name!r} after_step raised {type(exc).__name__}: {exc}")
+        self._step_telemetry.update(lr=lr, skipped=not proceed)
         if not proceed:
             self.skipped_steps += 1
+        for det_id, det in self.detectors.items():  # detectors that measure what the step changed
+            try:
+                det.after_step(tel, proceed)
+            except Exception as exc:
+                self._error(step, f"detector {det_id} after_step", exc)
+                self._on_error(step, f"detector {det_id!r} after_step raised {type(exc).__name__}: {exc}")
 
         result = StepResult(step=step, loss=loss_value, skipped=not proceed, lr=lr,
                             decisions=written, signals=dict(self._latest))
-        self._telemetry_file.write(json.dumps(sanitize(
-            {"step": step, "loss": loss_value, "lr": lr, "skipped": not proceed, "signals": values}),
-            separators=(",", ":")) + "\n")
+        self._write_telemetry()
         self._step += 1
         return result
 
@@ -313,7 +395,9 @@ class Guard:
     def state_dict(self) -> dict:
         """Everything needed for a resumed run to make the same decisions, as plain data:
         detector statistics, rule timers, actuator states, latest signals and the log
-        position. Save it next to the optimizer's ``state_dict``."""
+        position. Save it next to the optimizer's ``state_dict``. Exception: a ``rollback``
+        actuator (``save_snapshots: true``, its default) keeps its snapshot tensors here, so
+        save it with ``torch.save`` rather than JSON."""
         return {
             "version": 1,
             "policy_revision": self.policy.revision,
@@ -392,6 +476,28 @@ class Guard:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _open_telemetry(path: Path):
+    """Open ``telemetry.jsonl`` for appending, line-buffered (a killed run loses at most the
+    line being written); a torn last line left by a crash is cut off first, so the next line
+    does not glue onto it."""
+    if path.exists():
+        with open(path, "r+b") as fh:
+            pos = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, pos - 1))
+            if pos and fh.read(1) != b"\n":
+                while pos > 0:  # find the last newline, reading backwards in chunks
+                    start = max(0, pos - 65536)
+                    fh.seek(start)
+                    cut = fh.read(pos - start).rfind(b"\n")
+                    if cut >= 0:
+                        fh.truncate(start + cut + 1)
+                        break
+                    pos = start
+                else:
+                    fh.truncate(0)
+    return open(path, "a", encoding="utf-8", buffering=1)
 
 
 def _action_dict(action: Action) -> dict:

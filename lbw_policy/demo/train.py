@@ -71,10 +71,19 @@ def train(config: TrainConfig) -> dict:
     :raises FileNotFoundError: the data or policy file does not exist.
     :raises PolicyError: the policy is invalid (before any training).
     """
-    if config.device == "cpu":
-        torch.set_flush_denormal(True)  # denormals in Adam state make CPU steps ~5x slower
-    elif config.device.startswith("cuda") and not torch.cuda.is_available():
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was given but torch.cuda.is_available() is False")
+    # Denormals in Adam state make CPU steps ~5x slower; the setting is process-wide, so it is
+    # put back when training ends.
+    flush = config.device == "cpu" and torch.set_flush_denormal(True)
+    try:
+        return _train(config)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+def _train(config: TrainConfig) -> dict:
     policy = load_policy(resolve_policy_path(config.policy))
     torch.manual_seed(config.seed)
     corpus = CharCorpus(load_text(config.data, max_bytes=config.max_corpus_bytes if config.data is None else None))
