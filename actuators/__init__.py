@@ -1,20 +1,26 @@
 """Built-in actuators, registered as a default plugin through ``register_actuators``.
 
-Each actuator is one module; see ``docs/actuators.md`` for what each changes, its bounds and its
-recovery.
+Each actuator is one module; see ``docs/actuators.md`` for what each changes in the optimizer,
+its bounds, its signals and its recovery.
 """
 
 from lbw_policy.hookspecs import hookimpl
 
+from .beta2 import Beta2
+from .grad_clip import GradClip
 from .halt import Halt
 from .lr_scale import LRScale
+from .momentum_reset import MomentumReset
+from .rollback import Rollback
 from .skip_step import SkipStep
+from .weight_decay_scale import WeightDecayScale
 
-__all__ = ["Halt", "LRScale", "SkipStep"]
+__all__ = ["Beta2", "GradClip", "Halt", "LRScale", "MomentumReset", "Rollback", "SkipStep",
+           "WeightDecayScale"]
 
 
 @hookimpl
 def register_actuators(register):
-    register(LRScale)
-    register(SkipStep)
-    register(Halt)
+    for cls in (LRScale, SkipStep, MomentumReset, GradClip, WeightDecayScale, Beta2, Rollback,
+                Halt):
+        register(cls)

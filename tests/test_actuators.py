@@ -145,8 +145,9 @@ def test_skip_step_refuses_beyond_max_consecutive():
         results.append((act.applied, act.clamped, _run_step(opt, [skip])))
     # skip, skip, refused (step taken), skip again
     assert results == [(True, False, False), (True, False, False), (False, True, True), (True, False, False)]
-    state = skip.state_dict()
-    assert state == {"consecutive": 1}
+    # consecutive: skips in a row; refused: refusals since the last step with no skip request
+    assert skip.state_dict() == {"consecutive": 1, "refused": 1, "device_consecutive": 0}
+    assert skip.signal_values() == {"consecutive": 1, "exhausted": 0, "refused": 1}
 
 
 def test_lr_scale_attach_rejects_non_optimizer():
