@@ -1,13 +1,22 @@
-"""``lbw-policy`` command line: run | validate | verify | plugins | schema.
+"""``lbw-policy`` command line: run | validate | verify | test | replay | audit | plot | plugins |
+schema.
 
-Exit codes: 0 success; 1 a check failed (invalid policy, log that does not verify); 2 usage or
-input error (missing file); 3 training was halted by the policy.
+Each command parses its arguments and calls one module (the tools live in
+:mod:`lbw_policy.policytest`, :mod:`lbw_policy.replay`, :mod:`lbw_policy.audit`,
+:mod:`lbw_policy.plot`). No traceback reaches the user: every error a user can cause is printed
+as ``error: ...`` (policy problems one per line, ``FILE:LINE: PATH: message``); an unexpected
+one is printed the same way, with its traceback only when ``LBW_POLICY_DEBUG=1``.
+
+Exit codes: 0 success; 1 a check failed (invalid policy, log that does not verify, a failing
+policy test); 2 usage or input error (missing file, bad argument); 3 training was halted by the
+policy; 4 an internal error (a bug: please report it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -117,6 +126,78 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_test(args: argparse.Namespace) -> int:
+    from lbw_policy.policytest import format_actual, format_results, run_test_file
+
+    files = []
+    for target in args.files:
+        path = Path(target)
+        found = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml")) if path.is_dir() else [path]
+        if path.is_dir() and not found:
+            print(f"error: no *.yaml test files in {target}", file=sys.stderr)
+            return 2
+        files += found
+    results = [run_test_file(f) for f in files]
+    print(format_actual(results) if args.show else format_results(results))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from lbw_policy.policy import resolve_policy_path
+    from lbw_policy.replay import format_replay, replay, replay_json
+
+    result = replay(args.run_dir, resolve_policy_path(args.policy))
+    if args.format == "json":
+        print(json.dumps(replay_json(result), indent=2, default=str))
+    else:
+        print(format_replay(result, all_steps=args.all, limit=args.limit))
+    return 0
+
+
+def _split(values) -> list:
+    return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from lbw_policy import audit
+
+    log = audit.load_audit(args.target)
+    if args.explain is not None:
+        try:
+            ex = audit.explain(log, args.explain, policy_file=args.policy)
+        except KeyError as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 2
+        if args.format == "text":
+            print(audit.format_explanation(ex))
+        else:
+            print(json.dumps(ex, indent=2 if args.format == "json" else None, default=str))
+        return 0
+    filters = {"rule": _split(args.rule), "steps": args.steps, "event": _split(args.event),
+               "actuator": _split(args.actuator)}
+    records = audit.filter_records(log.records, rules=filters["rule"],
+                                   steps=audit.parse_steps(args.steps), events=filters["event"],
+                                   actuators=filters["actuator"])
+    if args.format == "json":
+        print(json.dumps(audit.audit_json(log, records, filters), indent=2))
+    elif args.format == "jsonl":
+        for row in audit.flat_rows(records):
+            print(json.dumps(row, separators=(",", ":")))
+    else:
+        print(audit.format_audit(log, records, limit=args.limit, filters=filters,
+                                 list_meta=bool(filters["event"])))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from lbw_policy.plot import plot_run
+
+    signals = _split(args.signals) if args.signals else None
+    plot_run(args.run_dir, args.output, signals=signals, title=args.title)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lbw-policy", description=(
         "Declarative, auditable training-control governance for PyTorch."))
@@ -148,6 +229,48 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--no-summary", action="store_true", help="ignore the run's summary.json (record count and head hash)")
     ver.set_defaults(func=_cmd_verify)
 
+    tst = sub.add_parser("test", help="run policy unit tests (YAML); non-zero exit on any failure",
+                         description="Run policy unit tests: each test file names a policy and "
+                         "cases of signal series with the decisions expected (docs/policy-testing.md).")
+    tst.add_argument("files", nargs="+", metavar="TESTFILE", help="test files, or directories of them")
+    tst.add_argument("--show", action="store_true",
+                     help="print the decisions each case actually produces, as YAML to review and paste")
+    tst.set_defaults(func=_cmd_test)
+
+    rep = sub.add_parser("replay", help="evaluate another policy over a run's telemetry and show how its decisions differ",
+                         description="Shadow evaluation: feed a run's recorded signals to another "
+                         "policy (nothing trains) and compare its decisions with the ones taken.")
+    rep.add_argument("run_dir", metavar="RUN_DIR")
+    rep.add_argument("--policy", required=True, metavar="OTHER.yaml", help="the policy to replay (file or built-in name)")
+    rep.add_argument("--all", action="store_true", help="show every step with a decision, not only the differing ones")
+    rep.add_argument("--limit", type=int, default=200, help="most steps listed (0: all; default 200)")
+    rep.add_argument("--format", choices=("text", "json"), default="text")
+    rep.set_defaults(func=_cmd_replay)
+
+    aud = sub.add_parser("audit", help="summarize, filter and explain a run's decisions",
+                         description="Read a decision log: summary tables by rule, actuator and "
+                         "event; filtered decision lists; one decision explained in full.")
+    aud.add_argument("target", metavar="RUN_DIR|decisions.jsonl")
+    aud.add_argument("--rule", action="append", metavar="NAME", help="only this rule (repeat or comma-separate)")
+    aud.add_argument("--steps", metavar="A:B", help="only steps A to B inclusive (A:, :B and A work too)")
+    aud.add_argument("--event", action="append", metavar="EVENT",
+                     help="only these events: fired, action, resolved, recover, halt, error, run_start, run_end, resume")
+    aud.add_argument("--actuator", action="append", metavar="NAME", help="only decisions acting on this actuator")
+    aud.add_argument("--explain", metavar="DECISION_ID", help="explain one decision (its id, e.g. run1.42, or seq)")
+    aud.add_argument("--policy", metavar="FILE", help="policy file for --explain (default: the run's policy.yaml)")
+    aud.add_argument("--limit", type=int, default=50, help="most decisions listed (0: all; default 50)")
+    aud.add_argument("--format", choices=("text", "json", "jsonl"), default="text",
+                     help="text (default), json (one document) or jsonl (one flat row per action)")
+    aud.set_defaults(func=_cmd_audit)
+
+    plo = sub.add_parser("plot", help="plot loss, learning rate and signals over steps, with decisions marked")
+    plo.add_argument("run_dir", metavar="RUN_DIR")
+    plo.add_argument("-o", "--output", default="timeline.png", metavar="FILE.png", help="image file (default timeline.png)")
+    plo.add_argument("--signals", action="append", metavar="NAME",
+                     help="signals to plot (repeat or comma-separate; default: those the rules read)")
+    plo.add_argument("--title", default=None)
+    plo.set_defaults(func=_cmd_plot)
+
     plug = sub.add_parser("plugins", help="list every detector and actuator with its plugin and version")
     plug.add_argument("--format", choices=("table", "json"), default="table")
     plug.set_defaults(func=_cmd_plugins)
@@ -158,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from lbw_policy.errors import PluginError, PolicyError
+    """Run the command line; return the exit code (see the module docstring)."""
+    from lbw_policy.errors import DecisionLogError, PluginError, PolicyError
 
     args = build_parser().parse_args(argv)
     try:
@@ -166,12 +290,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except PolicyError as exc:
         print(f"error: invalid policy\n{exc}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, PluginError, ValueError) as exc:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `lbw-policy audit RUN | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (PluginError, DecisionLogError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: say so in one line, traceback only on request
+        if os.environ.get("LBW_POLICY_DEBUG"):
+            raise
+        print(f"error: internal error: {type(exc).__name__}: {exc} (set LBW_POLICY_DEBUG=1 "
+              "for the traceback, and please report it)", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":  # pragma: no cover
