@@ -1,15 +1,24 @@
 """Built-in detectors, registered as a default plugin through ``register_detectors``.
 
-Each detector is one module; see ``docs/detectors.md`` for the catalogue.
+Each detector is one module; see ``docs/detectors.md`` for the catalogue (formulas, signals,
+params, cost).
 """
 
 from lbw_policy.hookspecs import hookimpl
 
+from .adam_update_stats import AdamUpdateStats
+from .attention_logits import AttentionLogits
 from .grad_norm import GradNorm
+from .grad_norm_trend import GradNormTrend
+from .logit_divergence import LogitDivergence
 from .loss_spike import LossSpike
+from .moe_router import MoERouter
 from .nonfinite import NonFinite
+from .spectral_entropy import SpectralEntropy
+from .update_ratio import UpdateRatio
 
-__all__ = ["GradNorm", "LossSpike", "NonFinite"]
+__all__ = ["AdamUpdateStats", "AttentionLogits", "GradNorm", "GradNormTrend", "LogitDivergence",
+           "LossSpike", "MoERouter", "NonFinite", "SpectralEntropy", "UpdateRatio"]
 
 
 @hookimpl
@@ -17,3 +26,10 @@ def register_detectors(register):
     register(LossSpike)
     register(GradNorm)
     register(NonFinite)
+    register(GradNormTrend)
+    register(UpdateRatio)
+    register(AdamUpdateStats)
+    register(SpectralEntropy)
+    register(AttentionLogits)
+    register(LogitDivergence)
+    register(MoERouter)

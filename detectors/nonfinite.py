@@ -8,7 +8,9 @@ Signals (0-dim tensors, 1.0 for true, 0.0 for false):
   no extra pass over the gradients.
 - ``any``: ``loss`` or ``grads``.
 
-No params, no warm-up, no state.
+No params, no warm-up, no state. Source: the non-finite check of
+``torch.nn.utils.clip_grad_norm_(error_if_nonfinite=True)``, kept as a tensor here so skipping
+the step needs no host sync (OLMo-core ``SkipStepOptimizer``).
 """
 
 from __future__ import annotations

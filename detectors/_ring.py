@@ -1,0 +1,113 @@
+"""Fixed-size ring buffers and masked order statistics kept on the device (shared by detectors).
+
+A :class:`Ring` holds the last ``size`` observations of a scalar series as two device tensors,
+``values`` (float64 on CPU/CUDA, float32 elsewhere) and ``valid`` (bool), plus the step of each
+observation. Pushing never reads a value back to the host: a non-finite observation is not
+stored and does not advance the write position (it never poisons the statistics and never
+evicts a finite one); slots not yet written are invalid.
+
+:func:`masked_median` and :func:`masked_quantile_pair` compute order statistics over the valid
+entries only, with fixed-size tensor ops (sort with invalid entries pushed to +inf, then a gather
+at a count-dependent index), so nothing synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["Ring", "masked_median", "stat_dtype"]
+
+
+def stat_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the backend has it (CPU, CUDA), float32 otherwise (MPS)."""
+    return torch.float64 if torch.device(device).type in ("cpu", "cuda") else torch.float32
+
+
+def masked_median(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Median of ``x[valid]`` along the last dim, as numpy's (mean of the two middle values for
+    an even count). ``x`` and ``valid`` have the same shape ``(..., n)``; the result has shape
+    ``(...)`` and is NaN where no entry is valid. No host synchronisation."""
+    inf = torch.full_like(x, float("inf"))
+    s, _ = torch.sort(torch.where(valid, x, inf), dim=-1)
+    m = valid.sum(dim=-1, keepdim=True)                       # (..., 1) valid count
+    lo = torch.clamp((m - 1) // 2, min=0)
+    hi = torch.clamp(m // 2, min=0)
+    hi = torch.minimum(hi, torch.full_like(hi, x.shape[-1] - 1))
+    med = 0.5 * (s.gather(-1, lo) + s.gather(-1, hi))
+    nan = torch.full_like(med, float("nan"))
+    return torch.where(m > 0, med, nan).squeeze(-1)
+
+
+class Ring:
+    """The last ``size`` observations of a scalar series, on one device.
+
+    :param size: capacity (number of observations kept), >= 1.
+
+    Attributes (tensors created on the first :meth:`push`, on that observation's device):
+    ``values`` ``(size,)``, ``valid`` ``(size,)`` bool, ``steps`` ``(size,)`` (the step index
+    given with each observation), ``pos`` (0-dim long: slot of the next push) and ``count``
+    (0-dim long: valid observations held). Slots never written are invalid.
+    """
+
+    def __init__(self, size: int) -> None:
+        if int(size) < 1:
+            raise ValueError(f"ring size must be >= 1, got {size}")
+        self.size = int(size)
+        self.values: Optional[torch.Tensor] = None
+        self.valid: Optional[torch.Tensor] = None
+        self.steps: Optional[torch.Tensor] = None
+        self.pos: Optional[torch.Tensor] = None
+
+    def _init(self, device: torch.device) -> None:
+        dtype = stat_dtype(device)
+        self.values = torch.zeros(self.size, dtype=dtype, device=device)
+        self.valid = torch.zeros(self.size, dtype=torch.bool, device=device)
+        self.steps = torch.zeros(self.size, dtype=dtype, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+
+    @property
+    def count(self) -> torch.Tensor:
+        """Valid observations held, a 0-dim long tensor (0 before the first push)."""
+        if self.valid is None:
+            return torch.zeros((), dtype=torch.long)
+        return self.valid.sum()
+
+    def ensure(self, device: torch.device) -> None:
+        """Create the buffers on ``device``, or move them there."""
+        if self.values is None:
+            self._init(device)
+        elif self.values.device != torch.device(device):
+            self.values, self.valid = self.values.to(device), self.valid.to(device)
+            self.steps, self.pos = self.steps.to(device), self.pos.to(device)
+
+    def push(self, x: torch.Tensor, step: int) -> None:
+        """Store the 0-dim tensor ``x`` observed at ``step`` if it is finite (else nothing
+        changes). Overwrites the oldest slot once full. No host synchronisation."""
+        self.ensure(x.device)
+        x = x.detach().reshape(()).to(self.values.dtype)
+        finite = torch.isfinite(x)
+        slot = (torch.arange(self.size, device=self.pos.device) == self.pos) & finite  # (size,), no sync
+        self.values = torch.where(slot, x, self.values)
+        self.valid = self.valid | slot
+        self.steps = torch.where(slot, torch.full_like(self.steps, float(step)), self.steps)
+        self.pos = (self.pos + finite.long()) % self.size
+
+    def state_dict(self) -> dict:
+        if self.values is None:
+            return {}
+        return {"values": self.values.tolist(), "valid": self.valid.tolist(),
+                "steps": self.steps.tolist(), "pos": int(self.pos)}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        if not state:
+            self.values = self.valid = self.steps = self.pos = None
+            return
+        if len(state["values"]) != self.size:
+            raise ValueError(f"ring state holds {len(state['values'])} slots, this ring has {self.size}")
+        self._init(torch.device(device))
+        self.values = torch.tensor(state["values"], dtype=self.values.dtype, device=device)
+        self.valid = torch.tensor(state["valid"], dtype=torch.bool, device=device)
+        self.steps = torch.tensor(state["steps"], dtype=self.steps.dtype, device=device)
+        self.pos = torch.tensor(int(state["pos"]), dtype=torch.long, device=device)

@@ -1,0 +1,221 @@
+"""``attention_logits``: the largest pre-softmax attention logit and the lowest per-head
+attention entropy, from the queries and keys of the latest training forward pass.
+
+For layer ``l``, head ``h``, query position ``i`` and key position ``j`` (``j <= i`` when
+``causal``), with ``q``, ``k`` the head's projected queries and keys::
+
+    z_{ij}   = scale * q_i . k_j                      # scale = 1/sqrt(hs) unless set
+    a_{ij}   = softmax_j(z_{ij})
+    E_{l,h}  = mean over sequences b and queries i of  -sum_j a_{ij} ln a_{ij}     # nats
+
+Signals (0-dim tensors):
+
+- ``max_logit``: ``max z`` over layers, heads, sequences, queries and (unmasked) keys.
+  Uncontrolled growth of this logit precedes loss divergence (Dehghani et al. 2302.05442;
+  Wortsman et al. 2309.14322, "attention logit growth").
+- ``min_entropy``: ``min_{l,h} E_{l,h}`` in nats. Entropy collapse precedes instability
+  (Zhai et al. 2303.06296). With ``causal``, query ``i`` sees ``i + 1`` keys, so the largest
+  possible value is the mean of ``ln(i + 1)``, not ``ln T``.
+- ``worst_layer`` / ``worst_head``: where ``min_entropy`` is attained (layer index in module
+  order, from 0).
+
+Capture and cost: forward hooks on the query/key ``nn.Linear`` projections (outputs
+``(B, T, n_head * hs)``) or on ``nn.MultiheadAttention`` (inputs ``query``, ``key``; projected
+here with ``in_proj_weight``), found as in ``detectors/_attention.py``. On every forward in
+training mode a hook copies a bounded slice, the first ``max_batch`` sequences and the last
+``max_queries`` query positions (all key positions), so the per-step cost is one small copy per
+projection and the memory held is ``2 * layers * max_batch * T * d`` numbers. The logits are
+formed only when the detector is due (``every:``), from the latest capture, at a cost of
+``max_batch * n_head * max_queries * T * (2 hs + 8)`` flops per layer. Eval-mode forwards are not
+captured. With gradient accumulation the last micro-batch is the one measured. A due step with
+no capture since the previous evaluation emits nothing (the signals keep their values).
+
+Masks: ``causal`` (default true) masks ``j > i``. For ``nn.MultiheadAttention`` an ``is_causal``
+argument or a 2-D ``attn_mask`` (bool: ``True`` = not allowed; float: added to the logits) given
+to the forward is applied too; other masks (``key_padding_mask``, 3-D) are ignored.
+
+Params: ``q_pattern``, ``k_pattern``, ``mha_pattern``, ``n_head`` (as ``spectral_entropy``),
+``causal`` (default true), ``scale`` (default ``1/sqrt(hs)``), ``max_batch`` (default 4),
+``max_queries`` (default 256). No warm-up: both signals are meaningful from the first step.
+
+:raises ValueError: (in :meth:`setup`) as ``spectral_entropy``'s layer discovery;
+    (in :meth:`compute`) a projection output that is not ``(B, T, features)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from lbw_policy.base import Detector
+
+from ._attention import find_attention_sites
+
+__all__ = ["AttentionLogits", "logit_stats"]
+
+
+def logit_stats(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q_offset: int,
+                mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max logit and mean row entropy per head.
+
+    :param q: ``(B, nh, Tq, hs)`` queries (the last ``Tq`` positions of the sequence).
+    :param k: ``(B, nh, T, hs)`` keys.
+    :param q_offset: position of ``q``'s first query in the sequence (``T - Tq``).
+    :param mask: optional ``(Tq, T)`` float mask added to the logits (``-inf`` = not allowed).
+    :return: ``(max_logit, entropy)``: 0-dim, and ``(nh,)`` in nats.
+    """
+    z = (q @ k.transpose(-1, -2)) * scale                       # (B, nh, Tq, T)
+    tq, t = z.shape[-2], z.shape[-1]
+    add = torch.zeros(tq, t, dtype=z.dtype, device=z.device)
+    if causal:
+        i = torch.arange(tq, device=z.device).unsqueeze(1) + q_offset
+        j = torch.arange(t, device=z.device).unsqueeze(0)
+        add = add.masked_fill(j > i, -math.inf)
+    if mask is not None:
+        add = add + mask.to(z.dtype)
+    z = z + add
+    mx = z.amax()
+    logp = torch.log_softmax(z, dim=-1)
+    ent = -(torch.special.xlogy(logp.exp(), logp.exp())).sum(-1)  # (B, nh, Tq); 0 ln 0 = 0
+    return mx, ent.mean(dim=(0, 2))
+
+
+class AttentionLogits(Detector):
+    name = "attention_logits"
+    signals = ("max_logit", "min_entropy", "worst_layer", "worst_head")
+    params_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "q_pattern": {"type": "string", "minLength": 1,
+                          "description": "fnmatch pattern of the query nn.Linear modules; default '*.attn.q_proj'"},
+            "k_pattern": {"type": "string", "minLength": 1,
+                          "description": "fnmatch pattern of the key nn.Linear modules; default '*.attn.k_proj'"},
+            "mha_pattern": {"type": "string",
+                            "description": "fnmatch pattern of nn.MultiheadAttention modules; default '*', '' for none"},
+            "n_head": {"type": "integer", "minimum": 1,
+                       "description": "attention heads; default: the parent module's n_head/num_heads"},
+            "causal": {"type": "boolean", "description": "mask keys after the query; default true"},
+            "scale": {"type": "number", "exclusiveMinimum": 0,
+                      "description": "logit scale; default 1/sqrt(head size)"},
+            "max_batch": {"type": "integer", "minimum": 1,
+                          "description": "sequences captured per forward; default 4"},
+            "max_queries": {"type": "integer", "minimum": 1,
+                            "description": "query positions captured (the last ones); default 256"},
+        },
+    }
+
+    def __init__(self, q_pattern: str = "*.attn.q_proj", k_pattern: str = "*.attn.k_proj",
+                 mha_pattern: str = "*", n_head: Optional[int] = None, causal: bool = True,
+                 scale: Optional[float] = None, max_batch: int = 4, max_queries: int = 256) -> None:
+        super().__init__(q_pattern=q_pattern, k_pattern=k_pattern, mha_pattern=mha_pattern, n_head=n_head,
+                         causal=causal, scale=scale, max_batch=max_batch, max_queries=max_queries)
+        self.causal = bool(causal)
+        self.scale = scale
+        self.max_batch = int(max_batch)
+        self.max_queries = int(max_queries)
+        self.sites: list = []
+        self._handles: list = []
+        self._cap: list = []       # per site: {"q": ..., "k": ..., "mask": ..., "causal": ...}
+
+    def setup(self, model, optimizer) -> None:
+        p = self.params
+        self.sites = find_attention_sites(model, p["q_pattern"], p["k_pattern"], p["mha_pattern"] or None,
+                                          p["n_head"], who="attention_logits")
+        self._cap = [dict() for _ in self.sites]
+        for i, site in enumerate(self.sites):
+            if site.mha is not None:
+                self._handles.append(site.mha.register_forward_hook(self._mha_hook(i), with_kwargs=True))
+            else:
+                self._handles.append(site.q.register_forward_hook(self._linear_hook(i, "q")))
+                self._handles.append(site.k.register_forward_hook(self._linear_hook(i, "k")))
+
+    # -- capture (runs inside the model's forward: cheap, no host sync) ----------------------
+    def _slice(self, x: torch.Tensor, queries: bool) -> torch.Tensor:
+        x = x.detach()[: self.max_batch]
+        if queries:
+            x = x[:, -self.max_queries:]
+        return x.clone()
+
+    def _linear_hook(self, i: int, which: str):
+        def hook(module, args, output):
+            if not module.training or not torch.is_grad_enabled():
+                return
+            if output.dim() != 3:
+                self._cap[i]["error"] = (f"attention_logits: {which}-projection of layer {self.sites[i].name!r} "
+                                         f"returned shape {tuple(output.shape)}, expected (B, T, features)")
+                return
+            self._cap[i][which] = self._slice(output, which == "q")
+            self._cap[i]["T"] = output.shape[1]
+        return hook
+
+    def _mha_hook(self, i: int):
+        def hook(module, args, kwargs, output):
+            if not module.training or not torch.is_grad_enabled():
+                return
+            query = args[0] if len(args) > 0 else kwargs["query"]
+            key = args[1] if len(args) > 1 else kwargs["key"]
+            if not module.batch_first:
+                query, key = query.transpose(0, 1), key.transpose(0, 1)  # (B, T, E)
+            if query.dim() != 3:
+                self._cap[i]["error"] = (f"attention_logits: nn.MultiheadAttention {self.sites[i].name!r} got an "
+                                         f"unbatched query of shape {tuple(query.shape)}; only batched input is measured")
+                return
+            cap = self._cap[i]
+            cap["q"], cap["k"], cap["T"] = self._slice(query, True), self._slice(key, False), key.shape[1]
+            mask = kwargs.get("attn_mask", args[5] if len(args) > 5 else None)
+            cap["mask"] = mask.detach().clone() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            cap["is_causal"] = bool(kwargs.get("is_causal", args[7] if len(args) > 7 else False))
+        return hook
+
+    # -- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute(self, telemetry) -> dict:
+        maxes, ents = [], []
+        for i, (site, cap) in enumerate(zip(self.sites, self._cap)):
+            if "error" in cap:
+                raise ValueError(cap.pop("error"))
+            if "q" not in cap or "k" not in cap:
+                return {}  # no training forward captured since the last evaluation
+            q, k = cap["q"], cap["k"]
+            mask = None
+            causal = self.causal
+            if site.mha is not None:
+                wq, wk = site.weights()
+                bq, bk = site.biases()
+                q = torch.nn.functional.linear(q.to(wq.dtype), wq, bq)
+                k = torch.nn.functional.linear(k.to(wk.dtype), wk, bk)
+                causal = causal or cap.get("is_causal", False)
+                if cap.get("mask") is not None:
+                    m = cap["mask"][-q.shape[1]:]
+                    mask = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(m, -math.inf) \
+                        if m.dtype == torch.bool else m
+            b, tq, t = q.shape[0], q.shape[1], k.shape[1]
+            nh, nkv, hs = site.n_head, site.n_kv_head, site.head_dim
+            qh = q.float().reshape(b, tq, nh, hs).transpose(1, 2)     # (B, nh, Tq, hs)
+            kh = k.float().reshape(b, t, nkv, hs).transpose(1, 2)     # (B, nkv, T, hs)
+            if nkv != nh:
+                kh = kh.repeat_interleave(nh // nkv, dim=1)
+            scale = self.scale if self.scale is not None else 1.0 / math.sqrt(hs)
+            mx, ent = logit_stats(qh, kh, scale, causal, t - tq, mask)
+            maxes.append(mx)
+            ents.append(ent)
+        for cap in self._cap:   # measured: the next evaluation needs a new forward
+            cap.pop("q", None)
+            cap.pop("k", None)
+        max_logit = torch.stack(maxes).max().to(torch.float64)
+        per_layer = [e.min() for e in ents]
+        heads = [e.argmin() for e in ents]
+        lay = torch.stack(per_layer)
+        worst = lay.argmin()
+        return {"max_logit": max_logit, "min_entropy": lay.min().to(torch.float64),
+                "worst_layer": worst.to(torch.float64),
+                "worst_head": torch.take(torch.stack(heads), worst).to(torch.float64)}  # take: no sync
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._cap = [dict() for _ in self.sites]

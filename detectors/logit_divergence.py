@@ -1,0 +1,139 @@
+"""``logit_divergence``: drift of the mean log-partition ``log Z`` of the output logits.
+
+For output logits ``z`` ``(..., V)`` at each position::
+
+    log Z      = logsumexp_v z_v                                 # nats
+    logz_t     = mean of log Z over the positions captured since the previous evaluation
+    drift_t    = logz_t - baseline                               # nats
+
+where ``baseline`` is the mean of ``logz`` over the first ``warmup`` evaluations (default 3);
+``drift`` is ``0.0`` during warm-up (never fires). Softmax cross-entropy is invariant to a shift
+of the logits, so nothing in the loss holds ``log Z`` in place: its drift far from its early
+value is the "output logit divergence" that precedes loss divergence; PaLM's z-loss
+``1e-4 * (log Z)^2`` exists to hold it near 0 (Wortsman et al. 2309.14322, sec. 3.4;
+Chowdhery et al. 2204.02311).
+
+Signals (0-dim tensors): ``logz`` (nats), ``drift`` (nats), ``max_logz`` (largest ``log Z`` of a
+single captured position, nats).
+
+Capture and cost: a forward hook on the module named by ``module`` (``fnmatch`` pattern matching
+exactly one module; default ``"lm_head"``; ``""`` is the model itself). Its output must be the
+logits tensor ``(B, ..., V)``, or a tuple/list whose first element is (the demo GPT returns
+``(logits, loss)``). On every forward in training mode the hook reduces the first ``max_batch``
+sequences (default 8) to per-position ``log Z`` and adds them to device accumulators: about
+``3 * max_batch * T * V`` flops per forward, no host sync, no tensor kept. A due step with no
+capture since the previous evaluation emits nothing.
+
+:raises ValueError: (in :meth:`setup`) the pattern matches no module or several; (in
+    :meth:`compute`) the hooked module's output is not a tensor of logits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Optional
+
+import torch
+
+from lbw_policy.base import Detector
+
+from ._ring import stat_dtype
+
+__all__ = ["LogitDivergence"]
+
+
+class LogitDivergence(Detector):
+    name = "logit_divergence"
+    signals = ("logz", "drift", "max_logz")
+    params_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "module": {"type": "string",
+                       "description": "fnmatch pattern naming the module that outputs the logits; default 'lm_head'"},
+            "warmup": {"type": "integer", "minimum": 1,
+                       "description": "evaluations averaged into the baseline; default 3"},
+            "max_batch": {"type": "integer", "minimum": 1,
+                          "description": "sequences reduced per forward; default 8"},
+        },
+    }
+
+    def __init__(self, module: str = "lm_head", warmup: int = 3, max_batch: int = 8) -> None:
+        super().__init__(module=module, warmup=warmup, max_batch=max_batch)
+        self.pattern = module
+        self.warmup = int(warmup)
+        self.max_batch = int(max_batch)
+        self._handle = None
+        self._error: Optional[str] = None
+        self._sum: Optional[torch.Tensor] = None     # sum of log Z since the last evaluation
+        self._max: Optional[torch.Tensor] = None
+        self._n = 0                                  # positions captured (host int: from shapes)
+        self.evals = 0
+        self._base_sum: Optional[torch.Tensor] = None
+
+    def setup(self, model, optimizer) -> None:
+        if model is None:
+            raise ValueError("logit_divergence needs the model: Guard(optimizer, policy, model=model)")
+        names = [n for n, _ in model.named_modules() if fnmatch.fnmatchcase(n, self.pattern)]
+        if len(names) != 1:
+            raise ValueError(f"logit_divergence: params.module {self.pattern!r} must match exactly one module, "
+                             f"matched {len(names)}: {names[:5]}")
+        self.module_name = names[0]
+        self._handle = model.get_submodule(names[0]).register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if not module.training or not torch.is_grad_enabled():
+            return
+        with torch.no_grad():
+            self._capture(output)
+
+    def _capture(self, output) -> None:
+        z = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(z, torch.Tensor) or z.dim() < 2:
+            self._error = (f"logit_divergence: module {self.module_name!r} returned {type(z).__name__}"
+                           f"{tuple(z.shape) if isinstance(z, torch.Tensor) else ''}, expected logits (B, ..., V)")
+            return
+        z = z.detach()[: self.max_batch]
+        lz = torch.logsumexp(z.float(), dim=-1).reshape(-1)        # (positions,)
+        dtype = stat_dtype(lz.device)
+        s, m = lz.to(dtype).sum(), lz.max().to(dtype)
+        if self._sum is None or self._n == 0:
+            self._sum, self._max = s, m
+        else:
+            self._sum, self._max = self._sum.to(s.device) + s, torch.maximum(self._max.to(m.device), m)
+        self._n += lz.numel()
+
+    def compute(self, telemetry) -> dict:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise ValueError(err)
+        if self._n == 0:
+            return {}
+        logz = self._sum / self._n
+        out = {"logz": logz, "max_logz": self._max}
+        if self.evals < self.warmup:
+            self._base_sum = logz if self._base_sum is None else self._base_sum.to(logz.device) + logz
+            out["drift"] = torch.zeros_like(logz)
+        else:
+            out["drift"] = logz - self._base_sum.to(logz.device) / self.warmup
+        self.evals += 1
+        self._n = 0
+        self._sum = self._max = None
+        return out
+
+    def state_dict(self) -> dict:
+        return {"evals": self.evals, "base_sum": None if self._base_sum is None else float(self._base_sum),
+                "n": self._n, "sum": None if self._sum is None else float(self._sum),
+                "max": None if self._max is None else float(self._max)}
+
+    def load_state_dict(self, state) -> None:
+        self.evals = int(state.get("evals", 0))
+        t = lambda v: None if v is None else torch.tensor(float(v), dtype=torch.float64)  # noqa: E731
+        self._base_sum = t(state.get("base_sum"))
+        self._n = int(state.get("n", 0))
+        self._sum, self._max = t(state.get("sum")), t(state.get("max"))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

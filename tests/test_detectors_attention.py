@@ -1,0 +1,366 @@
+"""Model-structure detectors (spectral_entropy, attention_logits, logit_divergence, moe_router)
+against references computed independently with numpy / scipy on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+import torch
+from torch import nn
+
+from lbw_policy.demo.gpt import GPT, GPTConfig
+from lbw_policy.detectors import AttentionLogits, LogitDivergence, MoERouter, SpectralEntropy
+from lbw_policy.telemetry import Telemetry
+
+
+class _Opt:
+    def __init__(self, params=()):
+        self.param_groups = [{"params": list(params), "lr": 0.1}]
+
+
+def _tel(step=0):
+    return Telemetry(step, torch.tensor(1.0), _Opt())
+
+
+def _gpt(seed=0, n_embd=32, n_head=4, n_layer=2):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+
+
+def _np(t):
+    return t.detach().double().numpy()
+
+
+def _entropy_np(s, r):
+    s = np.asarray(s, dtype=float)[:r]
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum() / math.log(r))
+
+
+def _ref_heads(wq, wk, n_head, n_kv=None):
+    """H per head from the full d x d bilinear form, by numpy's SVD."""
+    n_kv = n_kv or n_head
+    hs = wq.shape[0] // n_head
+    out = []
+    for h in range(n_head):
+        kh = h // (n_head // n_kv)
+        a = wq[h * hs:(h + 1) * hs].T @ wk[kh * hs:(kh + 1) * hs]       # (d, d)
+        out.append(_entropy_np(np.linalg.svd(a, compute_uv=False), hs))
+    return np.array(out)
+
+
+def _ref_update(wq0, wk0, wq1, wk1, n_head):
+    hs = wq0.shape[0] // n_head
+    r = min(wq0.shape[1], 2 * hs)
+    out = []
+    for h in range(n_head):
+        sl = slice(h * hs, (h + 1) * hs)
+        da = (wq1[sl] - wq0[sl]).T @ wk0[sl] + wq0[sl].T @ (wk1[sl] - wk0[sl])
+        out.append(_entropy_np(np.linalg.svd(da, compute_uv=False), r))
+    return np.array(out)
+
+
+def _layer_weights(model, i):
+    attn = model.blocks[i].attn
+    return _np(attn.q_proj.weight), _np(attn.k_proj.weight)
+
+
+# ----------------------------------------------------------------------------- spectral_entropy
+
+def test_spectral_entropy_matches_full_svd_and_tracks_updates():
+    model = _gpt()
+    det = SpectralEntropy(warmup=1, layers=2)
+    det.setup(model, None)
+    assert [s.name for s in det.sites] == ["blocks.0.attn", "blocks.1.attn"]
+    w0 = [_layer_weights(model, i) for i in range(2)]
+    ref0 = [_ref_heads(q, k, 4) for q, k in w0]
+    out = det.compute(_tel(0))
+    assert float(out["min"]) == pytest.approx(min(r.min() for r in ref0), abs=1e-5)
+    assert float(out["layer1.min"]) == pytest.approx(ref0[1].min(), abs=1e-5)
+    assert math.isnan(float(out["update_min"]))                   # no previous weights yet
+    assert float(out["drop"]) == 0.0 and float(out["worst_layer"]) == -1.0   # warm-up
+    assert isinstance(out["cost_ms"], float) and out["cost_ms"] > 0
+
+    # an "optimizer step": small random changes, plus head 2 of layer 1 collapsing to rank one
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for blk in model.blocks:
+            for lin in (blk.attn.q_proj, blk.attn.k_proj):
+                lin.weight.add_(0.01 * torch.randn(lin.weight.shape, generator=gen))
+        q = model.blocks[1].attn.q_proj.weight
+        q[16:24] = torch.outer(torch.randn(8, generator=gen), torch.randn(32, generator=gen)) * 0.05
+    w1 = [_layer_weights(model, i) for i in range(2)]
+    ref1 = [_ref_heads(q, k, 4) for q, k in w1]
+    upd = [_ref_update(*w0[i], *w1[i], 4) for i in range(2)]
+    out = det.compute(_tel(1))
+    assert float(out["update_min"]) == pytest.approx(min(u.min() for u in upd), abs=1e-5)
+    assert float(out["layer0.min"]) == pytest.approx(ref1[0].min(), abs=1e-5)
+    assert float(out["min"]) == pytest.approx(ref1[1][2], abs=1e-5) and float(out["min"]) < 0.05
+    base_min = [r.min() for r in ref0]
+    assert float(out["drop"]) == pytest.approx(max(b - r.min() for b, r in zip(base_min, ref1)), abs=1e-5)
+    assert (float(out["worst_layer"]), float(out["worst_head"])) == (1.0, 2.0)
+
+
+def test_spectral_entropy_state_round_trip_continues_identically():
+    model = _gpt(seed=3)
+    a = SpectralEntropy(warmup=2)
+    a.setup(model, None)
+    a.compute(_tel(0))
+    with torch.no_grad():
+        model.blocks[0].attn.k_proj.weight.mul_(1.1)
+    a.compute(_tel(1))
+    b = SpectralEntropy(warmup=2)
+    b.setup(model, None)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        model.blocks[1].attn.q_proj.weight.add_(0.02)
+    oa, ob = a.compute(_tel(2)), b.compute(_tel(2))
+    for key in ("min", "drop", "worst_layer", "worst_head", "update_min"):
+        assert float(oa[key]) == float(ob[key]), key
+
+
+class _MHANet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.other = nn.Linear(16, 16)
+
+    def forward(self, x, mask=None):
+        return self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+def test_spectral_entropy_multihead_attention_and_grouped_query():
+    torch.manual_seed(0)
+    net = _MHANet()
+    det = SpectralEntropy(q_pattern="none", k_pattern="none")
+    det.setup(net, None)
+    w = _np(net.attn.in_proj_weight)
+    ref = _ref_heads(w[:16], w[16:32], 2)
+    assert float(det.compute(_tel())["min"]) == pytest.approx(ref.min(), abs=1e-5)
+
+    class GQA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(16, 16)   # 4 query heads of 4
+            self.k = nn.Linear(16, 8)    # 2 key heads
+    net = nn.Sequential(GQA())
+    det = SpectralEntropy(q_pattern="*.q", k_pattern="*.k", n_head=4)
+    det.setup(net, None)
+    ref = _ref_heads(_np(net[0].q.weight), _np(net[0].k.weight), 4, n_kv=2)
+    assert float(det.compute(_tel())["min"]) == pytest.approx(ref.min(), abs=1e-5)
+
+
+def test_spectral_entropy_setup_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"no attention layer found: q_pattern '\*\.attn\.q_proj'"):
+        SpectralEntropy().setup(nn.Sequential(nn.Linear(4, 4)), None)
+    with pytest.raises(ValueError, match=r"params\.layers is 3 but the model has 2 attention layers"):
+        SpectralEntropy(layers=3).setup(_gpt(), None)
+    with pytest.raises(ValueError, match=r"needs the model"):
+        SpectralEntropy().setup(None, None)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"cannot tell the number of heads of '0'.*set the detector's `n_head`"):
+        SpectralEntropy(q_pattern="0", k_pattern="1").setup(net, None)
+
+
+# ----------------------------------------------------------------------------- attention_logits
+
+def _capture_linear(model):
+    seen = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if name.endswith("attn.q_proj") or name.endswith("attn.k_proj"):
+            handles.append(mod.register_forward_hook(
+                lambda m, a, o, name=name: seen.__setitem__(name, o.detach().double().numpy())))
+    return seen, handles
+
+
+def _ref_logits(q, k, n_head, causal=True, mask=None):
+    """q (B, Tq, C) last Tq positions, k (B, T, C): max logit and per-head mean entropy."""
+    b, tq, c = q.shape
+    t = k.shape[1]
+    hs = c // n_head
+    qh = q.reshape(b, tq, n_head, hs).transpose(0, 2, 1, 3)
+    kh = k.reshape(b, t, n_head, hs).transpose(0, 2, 1, 3)
+    z = qh @ kh.transpose(0, 1, 3, 2) / math.sqrt(hs)            # (B, nh, Tq, T)
+    add = np.zeros((tq, t))
+    if causal:
+        i = np.arange(tq)[:, None] + (t - tq)
+        add[np.arange(t)[None, :] > i] = -np.inf
+    if mask is not None:
+        add = add + mask
+    z = z + add
+    a = np.exp(z - scipy.special.logsumexp(z, axis=-1, keepdims=True))
+    ent = -np.where(a > 0, a * np.log(np.where(a > 0, a, 1)), 0).sum(-1)
+    return z.max(), ent.mean(axis=(0, 2))
+
+
+def test_attention_logits_matches_numpy_on_the_captured_slice():
+    model = _gpt(seed=2).train()
+    det = AttentionLogits(max_batch=2, max_queries=5)
+    det.setup(model, None)
+    seen, handles = _capture_linear(model)
+    x = torch.randint(0, 11, (3, 12), generator=torch.Generator().manual_seed(0))
+    _, loss = model(x, x)
+    loss.backward()
+    out = det.compute(_tel())
+    maxes, ents = [], []
+    for i in range(2):
+        q, k = seen[f"blocks.{i}.attn.q_proj"][:2, -5:], seen[f"blocks.{i}.attn.k_proj"][:2]
+        mx, ent = _ref_logits(q, k, 4)
+        maxes.append(mx)
+        ents.append(ent)
+    ents = np.array(ents)
+    assert float(out["max_logit"]) == pytest.approx(max(maxes), rel=1e-5)
+    assert float(out["min_entropy"]) == pytest.approx(ents.min(), rel=1e-5)
+    layer, head = np.unravel_index(ents.argmin(), ents.shape)
+    assert (float(out["worst_layer"]), float(out["worst_head"])) == (layer, head)
+    # measured once: without a new training forward the next evaluation emits nothing
+    assert det.compute(_tel(1)) == {}
+    model.eval()
+    model(x)
+    assert det.compute(_tel(2)) == {}                 # eval-mode forwards are not captured
+    det.close()
+    model.train()
+    model(x)
+    assert det.compute(_tel(3)) == {}                 # hooks removed
+    for h in handles:
+        h.remove()
+
+
+def test_attention_logits_multihead_attention_entropy_is_that_of_the_returned_weights():
+    torch.manual_seed(1)
+    net = _MHANet().train()
+    det = AttentionLogits(q_pattern="none", k_pattern="none", max_batch=8, max_queries=64)
+    det.setup(net, None)
+    x = torch.randn(2, 6, 16) * 3
+    causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), diagonal=1)
+    with torch.enable_grad():
+        net(x, causal)
+    out = det.compute(_tel())
+    # independent: MultiheadAttention's own attention weights
+    with torch.no_grad():
+        _, w = net.attn(x, x, x, attn_mask=causal, need_weights=True, average_attn_weights=False)
+    w = w.double().numpy()                                        # (B, nh, T, T)
+    ent = -np.where(w > 0, w * np.log(np.where(w > 0, w, 1)), 0).sum(-1).mean(axis=(0, 2))
+    assert float(out["min_entropy"]) == pytest.approx(ent.min(), rel=1e-5)
+    wi = _np(net.attn.in_proj_weight)
+    bi = _np(net.attn.in_proj_bias)
+    xn = x.double().numpy()
+    mx, _ = _ref_logits(xn @ wi[:16].T + bi[:16], xn @ wi[16:32].T + bi[16:32], 2)
+    assert float(out["max_logit"]) == pytest.approx(mx, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- logit_divergence
+
+def test_logit_divergence_mean_log_partition_and_drift():
+    model = _gpt(seed=4).train()
+    det = LogitDivergence(warmup=2, max_batch=2)
+    det.setup(model, None)
+    gen = torch.Generator().manual_seed(0)
+    refs = []
+    outs = []
+    for step in range(4):
+        lz = []
+        for _ in range(2 if step == 1 else 1):         # step 1: two micro-batches, both counted
+            x = torch.randint(0, 11, (3, 10), generator=gen)
+            logits, _ = model(x)
+            lz.append(scipy.special.logsumexp(_np(logits)[:2], axis=-1).reshape(-1))
+        lz = np.concatenate(lz)
+        refs.append((lz.mean(), lz.max()))
+        outs.append(det.compute(_tel(step)))
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.5)              # logits grow: log Z drifts up
+    for (mean, mx), out in zip(refs, outs):
+        assert float(out["logz"]) == pytest.approx(mean, rel=1e-6)
+        assert float(out["max_logz"]) == pytest.approx(mx, rel=1e-6)
+    base = (refs[0][0] + refs[1][0]) / 2
+    assert [float(o["drift"]) for o in outs[:2]] == [0.0, 0.0]
+    assert float(outs[3]["drift"]) == pytest.approx(refs[3][0] - base, rel=1e-6) and float(outs[3]["drift"]) > 0
+    assert det.compute(_tel(9)) == {}
+    with pytest.raises(ValueError, match=r"params\.module 'head' must match exactly one module, matched 0"):
+        LogitDivergence(module="head").setup(model, None)
+    det.close()
+
+
+# ----------------------------------------------------------------------------- moe_router
+
+class TinyMoE(nn.Module):
+    """Top-k mixture of experts: a linear router over E expert MLPs."""
+
+    def __init__(self, d=8, experts=4, top_k=2):
+        super().__init__()
+        self.router = nn.Linear(d, experts)
+        self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(experts))
+        self.top_k = top_k
+
+    def forward(self, x):                                  # (B, T, d)
+        logits = self.router(x)                            # (B, T, E)
+        w, idx = logits.softmax(-1).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            gate = (w * (idx == e)).sum(-1, keepdim=True)  # (B, T, 1), 0 when not routed
+            out = out + gate * expert(x)
+        return out
+
+
+class MoENet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([TinyMoE(), TinyMoE()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def _ref_router(logits, top_k):
+    e = logits.shape[-1]
+    r = logits.reshape(-1, e)
+    p = scipy.special.softmax(r, axis=-1)
+    ent = (-(p * np.log(p)).sum(-1) / math.log(e)).mean()
+    idx = np.argsort(-r, axis=-1)[:, :top_k]
+    f = np.bincount(idx.reshape(-1), minlength=e) / (r.shape[0] * top_k)
+    return ent, e * f.max(), e * (f * p.mean(0)).sum()
+
+
+def test_moe_router_entropy_imbalance_and_aux_match_numpy():
+    torch.manual_seed(0)
+    net = MoENet().train()
+    det = MoERouter(top_k=2)
+    det.setup(net, None)
+    assert det.routers == ["layers.0.router", "layers.1.router"]
+    seen = {}
+    for i, layer in enumerate(net.layers):
+        layer.router.register_forward_hook(lambda m, a, o, i=i: seen.setdefault(i, []).append(_np(o)))
+    for _ in range(2):                                      # two forwards accumulate
+        net(torch.randn(3, 5, 8)).sum().backward()
+    refs = [_ref_router(np.concatenate(seen[i]), 2) for i in range(2)]
+    out = det.compute(_tel())
+    assert float(out["entropy"]) == pytest.approx(min(r[0] for r in refs), rel=1e-6)
+    assert float(out["imbalance"]) == pytest.approx(max(r[1] for r in refs), rel=1e-9)
+    assert float(out["aux"]) == pytest.approx(max(r[2] for r in refs), rel=1e-6)
+    assert float(out["worst_layer"]) == float(np.argmax([r[1] for r in refs]))
+    # collapse: layer 1 sends every token to expert 3 first
+    with torch.no_grad():
+        net.layers[1].router.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 50.0]))
+    net(torch.randn(4, 5, 8))
+    out = det.compute(_tel(1))
+    assert float(out["worst_layer"]) == 1.0
+    assert float(out["imbalance"]) == pytest.approx(4 * 0.5)   # top-2: expert 3 takes half the slots
+    assert float(out["entropy"]) < 0.01
+    # resume mid-accumulation continues identically
+    net(torch.randn(2, 5, 8))
+    other = MoERouter(top_k=2)
+    other.setup(net, None)
+    other.load_state_dict(det.state_dict())
+    assert {k: float(v) for k, v in other.compute(_tel(2)).items()} == \
+        {k: float(v) for k, v in det.compute(_tel(2)).items()}
+    det.close()
+    other.close()
+    with pytest.raises(ValueError, match=r"router_pattern '\*\.gate' matched no module"):
+        MoERouter(router_pattern="*.gate").setup(net, None)

@@ -1,0 +1,230 @@
+"""Optimizer-side detectors (update_ratio, adam_update_stats) against numpy references and the
+optimizer's own step, and the detectors inside a Guard (after_step, resume, early-warning)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lbw_policy.adapters.torch import Guard
+from lbw_policy.demo.gpt import GPT, GPTConfig
+from lbw_policy.detectors import AdamUpdateStats, UpdateRatio
+from lbw_policy.policy import load_policy, resolve_policy_path
+from lbw_policy.telemetry import Telemetry
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    with torch.no_grad():
+        net[0].bias.fill_(0.3)
+        net[2].bias.fill_(-0.2)
+    return net
+
+
+def _backward(net, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+    net.zero_grad()
+    loss = ((net(x) - y) ** 2).mean()
+    loss.backward()
+    return loss
+
+
+def _weights(net):
+    return [p.detach().double().numpy().copy() for p in net.parameters()]
+
+
+# ----------------------------------------------------------------------------- update_ratio
+
+@pytest.mark.parametrize("matrices_only", [True, False])
+def test_update_ratio_matches_numpy_per_group(matrices_only):
+    net = _net()
+    opt = torch.optim.SGD([{"params": [net[0].weight, net[0].bias], "lr": 0.5},
+                           {"params": [net[2].weight, net[2].bias], "lr": 0.05}])
+    det = UpdateRatio(groups=2, matrices_only=matrices_only)
+    det.setup(net, opt)
+    loss = _backward(net, 0)
+    tel = Telemetry(0, loss, opt)
+    assert det.compute(tel) == {}               # first evaluation: nothing measured yet
+    before = _weights(net)
+    opt.step()
+    det.after_step(tel, True)
+    after = _weights(net)
+    loss = _backward(net, 1)
+    out = det.compute(Telemetry(1, loss, opt))
+
+    keep = [i for i, w in enumerate(before) if w.ndim >= 2 or not matrices_only]
+    d = {i: np.linalg.norm(after[i] - before[i]) for i in keep}
+    w = {i: np.linalg.norm(before[i]) for i in keep}
+    per = {i: d[i] / w[i] for i in keep}
+    glob = lambda ids: math.sqrt(sum(d[i] ** 2 for i in ids)) / math.sqrt(sum(w[i] ** 2 for i in ids))  # noqa: E731
+    assert float(out["ratio"]) == pytest.approx(glob(keep), rel=1e-6)
+    assert float(out["max"]) == pytest.approx(max(per.values()), rel=1e-6)
+    assert float(out["worst"]) == max(per, key=per.get)
+    for g, ids in ((0, [0, 1]), (1, [2, 3])):
+        ids = [i for i in ids if i in keep]
+        assert float(out[f"group{g}.ratio"]) == pytest.approx(glob(ids), rel=1e-6)
+        assert float(out[f"group{g}.max"]) == pytest.approx(max(per[i] for i in ids), rel=1e-6)
+
+
+def test_update_ratio_skipped_step_is_zero_and_without_after_step_measures_since_the_copy():
+    net = _net(1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    det = UpdateRatio()
+    tel = Telemetry(0, _backward(net, 0), opt)
+    det.compute(tel)
+    det.after_step(tel, False)                  # skipped: the weights did not move
+    out = det.compute(Telemetry(1, _backward(net, 1), opt))
+    assert float(out["ratio"]) == 0.0 and float(out["group0.ratio"]) == 0.0
+    before = _weights(net)
+    opt.step()
+    opt.step()                                  # two steps, no after_step in between
+    after = _weights(net)
+    out = det.compute(Telemetry(2, _backward(net, 2), opt))
+    ref = math.sqrt(sum(np.linalg.norm(after[i] - before[i]) ** 2 for i in (0, 2))) / \
+        math.sqrt(sum(np.linalg.norm(before[i]) ** 2 for i in (0, 2)))
+    assert float(out["ratio"]) == pytest.approx(ref, rel=1e-6)
+    with pytest.raises(ValueError, match=r"params\.groups is 2 but the optimizer has 1 parameter group"):
+        UpdateRatio(groups=2).setup(net, opt)
+
+
+# ----------------------------------------------------------------------------- adam_update_stats
+
+def _stats_np(u, vhat_sqrt, eps, large=0.9, v_floor=10.0):
+    flat = np.concatenate([x.reshape(-1) for x in u])
+    vs = np.concatenate([x.reshape(-1) for x in vhat_sqrt])
+    return {"rms": math.sqrt(np.mean(flat ** 2)), "frac_large": np.mean(np.abs(flat) > large),
+            "max_frac_large": max(np.mean(np.abs(x) > large) for x in u),
+            "frac_v_small": np.mean(vs < v_floor * eps)}
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_update_stats_predict_the_step_adamw_then_takes(amsgrad):
+    """u from the detector before the step == -(W_after - W_before) / lr from AdamW itself."""
+    net = _net(2)
+    lr, eps = 1e-3, 1e-8
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.8, 0.9), eps=eps, weight_decay=0.0,
+                            amsgrad=amsgrad)
+    det = AdamUpdateStats()
+    det.setup(net, opt)
+    for step in range(4):
+        loss = _backward(net, step)
+        net[2].bias.grad.mul_(1e-9)              # tiny gradients: sqrt(v_hat) below 10 eps
+        out = det.compute(Telemetry(step, loss, opt))
+        before = _weights(net)
+        opt.step()
+        after = _weights(net)
+        u = [(b - a) / lr for a, b in zip(after, before)]
+        bc2 = 1 - 0.9 ** (step + 1)
+        key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
+        vhat_sqrt = [np.sqrt(opt.state[p][key].double().numpy() / bc2) for p in net.parameters()]
+        ref = _stats_np(u, vhat_sqrt, eps)
+        n = sum(x.size for x in u)
+        assert float(out["rms"]) == pytest.approx(ref["rms"], rel=1e-4)
+        # entries within float32 rounding of the 0.9 threshold may fall either side
+        assert abs(float(out["frac_large"]) - ref["frac_large"]) <= 1.5 / n
+        assert float(out["max_frac_large"]) == pytest.approx(ref["max_frac_large"], abs=0.1)
+        assert float(out["frac_v_small"]) == pytest.approx(ref["frac_v_small"], abs=1e-12)
+        if step == 0:    # Adam's first step is sign descent, |u| ~ 1, except where eps dominates
+            assert float(out["frac_large"]) == pytest.approx((n - 3) / n)
+        assert float(out["frac_v_small"]) == pytest.approx(3 / n)   # the 3 bias entries
+
+
+def test_adam_update_stats_refuses_sgd():
+    net = _net()
+    with pytest.raises(ValueError, match=r"needs an Adam-family optimizer.*param_groups\[0\] of SGD has"):
+        AdamUpdateStats().setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+
+
+# ----------------------------------------------------------------------------- inside a Guard
+
+def _demo(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=4, n_embd=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    return model, opt
+
+
+def _batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 11, (4, 16), generator=g) for _ in range(n)]
+
+
+def _run(guard, model, opt, batches):
+    out = []
+    for x in batches:
+        _, loss = model(x, x)
+        loss.backward()
+        out.append(guard.step(loss).signals)
+        opt.zero_grad(set_to_none=True)
+    return out
+
+
+def _same(a, b):
+    a = {k: v for k, v in a.items() if not k.endswith("cost_ms")}
+    b = {k: v for k, v in b.items() if not k.endswith("cost_ms")}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == b[k], k
+
+
+def test_early_warning_policy_runs_and_a_resumed_guard_continues_identically(tmp_path):
+    policy = load_policy(resolve_policy_path("early-warning"))
+    model, opt = _demo()
+    batches = _batches(10)
+    with Guard(opt, policy, model=model, log_dir=tmp_path / "a") as guard:
+        first = _run(guard, model, opt, batches[:6])
+        # after_step ran: the update of step 0 is reported at step 1
+        assert "upd.ratio" not in first[0] and first[1]["upd.ratio"] > 0
+        declared = set(policy.signals())
+        assert set(first[-1]) <= declared
+        state = copy.deepcopy(guard.state_dict())
+        model_state = copy.deepcopy(model.state_dict())
+        opt_state = copy.deepcopy(opt.state_dict())
+        rest = _run(guard, model, opt, batches[6:])
+
+    model2, opt2 = _demo(seed=1)
+    model2.load_state_dict(model_state)
+    opt2.load_state_dict(opt_state)
+    with Guard(opt2, policy, model=model2, log_dir=tmp_path / "b") as guard2:
+        guard2.load_state_dict(state)
+        rest2 = _run(guard2, model2, opt2, batches[6:])
+    for a, b in zip(rest, rest2):
+        _same(a, b)
+
+
+def test_detector_after_step_error_is_contained(tmp_path):
+    from lbw_policy.policy import loads_policy
+
+    policy = loads_policy("""
+apiVersion: lbw-policy/v1
+kind: Policy
+metadata: {name: t}
+on_error: continue
+detectors:
+  upd: {type: update_ratio}
+actuators:
+  skip_step: {max_consecutive: 2}
+rules:
+  - name: r
+    when: {signal: upd.ratio, op: ">", value: 100}
+    then: [{actuator: skip_step}]
+""")
+    model, opt = _demo()
+    guard = Guard(opt, policy, model=model, log_dir=tmp_path)
+
+    def boom(telemetry, stepped):
+        raise RuntimeError("after_step failed")
+    guard.detectors["upd"].after_step = boom
+    _run(guard, model, opt, _batches(2))
+    guard.close()
+    errors = [r for r in map(__import__("json").loads, (tmp_path / "decisions.jsonl").read_text().splitlines())
+              if r["event"] == "error"]
+    assert len(errors) == 2 and errors[0]["where"] == "detector upd after_step"
+    assert "RuntimeError: after_step failed" in errors[0]["error"]
