@@ -95,7 +95,8 @@ def write_report(out: Path) -> str:
     lines += ["", "Steps per second, mean over every run of the method (runs shared the machine; the "
               "overhead benchmark measures the ratio properly): " +
               ", ".join(f"{m} {statistics.fmean(speed[m]):.1f}" for m in methods)]
-    lines += ["", "Goals (default policy, means over seeds):", ""] + [f"- {g}" for g in goal_checks(s, rows)]
+    policy = rows[0].get("policy", "default")
+    lines += ["", f"Goals (lbw with policy `{policy}`, means over seeds):", ""] + [f"- {g}" for g in goal_checks(s, rows)]
     plot_loss_vs_lr(s, out / "loss_vs_lr.png")
     stressed = [r for r in rows if r["method"] == "lbw" and r["fault"] == "lr30" and r["seed"] == 0 and r["run_dir"]]
     if stressed:
@@ -174,7 +175,7 @@ def plot_timeline(run: dict, rows: list, path: Path) -> None:
                  linewidth=0.8, label="AdamW, same fault")
         ax2.plot(steps, ref["lrs"], color="grey", linewidth=0.8, label="AdamW")
     ax1.plot(steps, [v if v is not None else float("nan") for v in run["losses"]], color="C0", linewidth=1,
-             label="lbw-policy (default)")
+             label=f"lbw-policy ({Path(run.get('policy', 'default')).stem})")
     ax2.plot(steps, run["lrs"], color="C0", label="lbw-policy effective LR")
     log = Path(run["run_dir"]) / "decisions.jsonl"
     if log.exists():
