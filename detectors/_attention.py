@@ -28,6 +28,20 @@ __all__ = ["AttentionSite", "find_attention_sites"]
 
 _HEAD_ATTRS = ("n_head", "num_heads", "n_heads", "num_attention_heads")
 
+#: JSON Schema properties shared by the detectors that locate attention layers
+#: (``spectral_entropy``, ``attention_logits``).
+SITE_PARAMS_SCHEMA = {
+    "q_pattern": {"type": "string", "minLength": 1,
+                  "description": "fnmatch pattern of the query nn.Linear modules; default '*.attn.q_proj'"},
+    "k_pattern": {"type": "string", "minLength": 1,
+                  "description": "fnmatch pattern of the key nn.Linear modules; default '*.attn.k_proj'"},
+    "mha_pattern": {"type": "string",
+                    "description": "fnmatch pattern of nn.MultiheadAttention modules; default '*', '' for none"},
+    "n_head": {"type": "integer", "minimum": 1,
+               "description": "attention heads; default: the parent module's n_head/num_heads"},
+}
+
+
 
 @dataclass
 class AttentionSite:

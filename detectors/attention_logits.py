@@ -51,7 +51,7 @@ import torch
 
 from lbw_policy.base import Detector
 
-from ._attention import find_attention_sites
+from ._attention import SITE_PARAMS_SCHEMA, find_attention_sites
 
 __all__ = ["AttentionLogits", "logit_stats"]
 
@@ -89,14 +89,7 @@ class AttentionLogits(Detector):
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "q_pattern": {"type": "string", "minLength": 1,
-                          "description": "fnmatch pattern of the query nn.Linear modules; default '*.attn.q_proj'"},
-            "k_pattern": {"type": "string", "minLength": 1,
-                          "description": "fnmatch pattern of the key nn.Linear modules; default '*.attn.k_proj'"},
-            "mha_pattern": {"type": "string",
-                            "description": "fnmatch pattern of nn.MultiheadAttention modules; default '*', '' for none"},
-            "n_head": {"type": "integer", "minimum": 1,
-                       "description": "attention heads; default: the parent module's n_head/num_heads"},
+            **SITE_PARAMS_SCHEMA,
             "causal": {"type": "boolean", "description": "mask keys after the query; default true"},
             "scale": {"type": "number", "exclusiveMinimum": 0,
                       "description": "logit scale; default 1/sqrt(head size)"},

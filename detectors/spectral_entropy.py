@@ -67,7 +67,7 @@ import torch
 
 from lbw_policy.base import Detector
 
-from ._attention import find_attention_sites
+from ._attention import SITE_PARAMS_SCHEMA, find_attention_sites
 
 __all__ = ["SpectralEntropy", "normalized_spectral_entropy", "factored_entropy"]
 
@@ -97,14 +97,7 @@ class SpectralEntropy(Detector):
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "q_pattern": {"type": "string", "minLength": 1,
-                          "description": "fnmatch pattern of the query nn.Linear modules; default '*.attn.q_proj'"},
-            "k_pattern": {"type": "string", "minLength": 1,
-                          "description": "fnmatch pattern of the key nn.Linear modules; default '*.attn.k_proj'"},
-            "mha_pattern": {"type": "string",
-                            "description": "fnmatch pattern of nn.MultiheadAttention modules; default '*', '' for none"},
-            "n_head": {"type": "integer", "minimum": 1,
-                       "description": "attention heads; default: the parent module's n_head/num_heads"},
+            **SITE_PARAMS_SCHEMA,
             "warmup": {"type": "integer", "minimum": 1,
                        "description": "evaluations averaged into the baseline; default 3"},
             "update": {"type": "boolean", "description": "compute the update-term entropy; default true"},

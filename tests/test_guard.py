@@ -23,6 +23,8 @@ from lbw_policy.errors import ActuatorError, PolicyError
 from lbw_policy.plugins import Registration, Registry, get_registry
 from lbw_policy.policy import load_policy, loads_policy
 
+from actuator_helpers import assert_same as assert_same_tensors, opt_state, params
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "policies" / "default.yaml"
 LR = 0.1
@@ -180,28 +182,6 @@ def plain_run(steps, lr_at=None, take=None, seed=0):
     return model, opt
 
 
-def params(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def opt_state(opt):
-    out = []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p, {})
-            out.append({k: v.detach().clone() for k, v in st.items()})
-    return out
-
-
-def assert_same_tensors(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        if isinstance(x, dict):
-            assert x.keys() == y.keys()
-            for k in x:
-                assert torch.equal(x[k], y[k]), k
-        else:
-            assert torch.equal(x, y)
 
 
 def records(log_dir) -> list[dict]:
