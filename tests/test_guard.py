@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from lbw_policy import TrainingHalted
@@ -23,7 +22,7 @@ from lbw_policy.errors import ActuatorError, PolicyError
 from lbw_policy.plugins import Registration, Registry, get_registry
 from lbw_policy.policy import load_policy, loads_policy
 
-from actuator_helpers import assert_same as assert_same_tensors, opt_state, params
+from actuator_helpers import assert_same as assert_same_tensors, batch, forward_backward, opt_state, params
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "policies" / "default.yaml"
@@ -150,21 +149,6 @@ def make(seed: int = 0, wd: float = 0.1, lr: float = LR):
     return model, opt
 
 
-TEACHER = torch.randn(8, 2, generator=torch.Generator().manual_seed(7)) * 0.3
-
-
-def batch(step: int):
-    """The batch of a step, the same in every run: a noisy linear teacher (MSE ~0.1 at init)."""
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(32, 8, generator=g)
-    return x, torch.tanh(x @ TEACHER) + 0.05 * torch.randn(32, 2, generator=g)
-
-
-def forward_backward(model, step: int, scale: float = 1.0):
-    x, y = batch(step)
-    loss = F.mse_loss(model(x), y) * scale
-    loss.backward()
-    return loss
 
 
 def plain_run(steps, lr_at=None, take=None, seed=0):
