@@ -9,18 +9,19 @@ from lbw_policy.hookspecs import hookimpl
 from .beta2 import Beta2
 from .grad_clip import GradClip
 from .halt import Halt
+from .lr_cap import LRCap
 from .lr_scale import LRScale
 from .momentum_reset import MomentumReset
 from .rollback import Rollback
 from .skip_step import SkipStep
 from .weight_decay_scale import WeightDecayScale
 
-__all__ = ["Beta2", "GradClip", "Halt", "LRScale", "MomentumReset", "Rollback", "SkipStep",
+__all__ = ["Beta2", "GradClip", "Halt", "LRCap", "LRScale", "MomentumReset", "Rollback", "SkipStep",
            "WeightDecayScale"]
 
 
 @hookimpl
 def register_actuators(register):
     for cls in (LRScale, SkipStep, MomentumReset, GradClip, WeightDecayScale, Beta2, Rollback,
-                Halt):
+                Halt, LRCap):
         register(cls)

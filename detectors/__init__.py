@@ -12,13 +12,14 @@ from .grad_norm import GradNorm
 from .grad_norm_trend import GradNormTrend
 from .logit_divergence import LogitDivergence
 from .loss_spike import LossSpike
+from .lr_jump import LRJump
 from .moe_router import MoERouter
 from .nonfinite import NonFinite
 from .spectral_entropy import SpectralEntropy
 from .update_ratio import UpdateRatio
 
 __all__ = ["AdamUpdateStats", "AttentionLogits", "GradNorm", "GradNormTrend", "LogitDivergence",
-           "LossSpike", "MoERouter", "NonFinite", "SpectralEntropy", "UpdateRatio"]
+           "LossSpike", "LRJump", "MoERouter", "NonFinite", "SpectralEntropy", "UpdateRatio"]
 
 
 @hookimpl
@@ -33,3 +34,4 @@ def register_detectors(register):
     register(AttentionLogits)
     register(LogitDivergence)
     register(MoERouter)
+    register(LRJump)

@@ -210,6 +210,7 @@ class Guard:
         {id of each detector that raised})."""
         failed: set = set()
         names: list[str] = []
+        on_host: dict = {}
         device = tel.loss.device
         dtype = torch.float64 if device.type != "mps" else torch.float32
         flat: list = [tel.loss.detach().reshape(()).to(device=device, dtype=dtype)]
@@ -222,19 +223,26 @@ class Guard:
                 # Each value becomes a 0-dim tensor here, inside the try: a detector returning
                 # something that is not a scalar is contained like one that raises, and a
                 # failed detector contributes no signal at all (no partial output).
+                # Python numbers (host values such as lr_jump's) stay on the host.
                 mine = [(f"{det_id}.{sig}", val.detach().reshape(()).to(device=device, dtype=dtype)
-                         if isinstance(val, torch.Tensor) else torch.tensor(float(val), dtype=dtype, device=device))
+                         if isinstance(val, torch.Tensor) else float(val))
                         for sig, val in det.compute(tel).items()]
             except Exception as exc:  # a plugin that raises is contained, never silent
                 failed.add(det_id)
                 self._error(step, f"detector {det_id} ({spec.type})", exc)
                 skip |= self._on_error(step, f"detector {det_id!r} raised {type(exc).__name__}: {exc}")
                 continue
-            names += [name for name, _ in mine]
-            flat += [value for _, value in mine]
-        # One host transfer for the loss and every signal of the step.
+            for name, value in mine:
+                if isinstance(value, float):
+                    on_host[name] = value
+                else:
+                    names.append(name)
+                    flat.append(value)
+        # One host transfer for the loss and every tensor signal of the step.
         host = torch.stack(flat).cpu().tolist()  # host-device sync point (one per step)
-        return host[0], dict(zip(names, host[1:])), skip, failed
+        values = dict(zip(names, host[1:]))
+        values.update(on_host)
+        return host[0], values, skip, failed
 
     def _on_error(self, step: int, reason: str) -> bool:
         """Apply on_error; return True when the step must be skipped."""

@@ -1,0 +1,118 @@
+"""``lr_jump``: the scheduled learning rate jumped far above its recent level.
+
+A learning-rate fault (a scheduler bug, a wrong unit in a config, a resumed run with the wrong
+schedule, a restart that multiplies the rate) does its damage in the very first step that uses
+it: every loss- or update-based signal measures a step *after* it was taken. The scheduled rate
+itself is known before the step, on the host, for free. At a due step, for each param group
+``g`` with scheduled learning rate ``lr_g`` (``group["lr"]`` as the user or their scheduler set
+it, before any actuator scales it)::
+
+    reference_g = median of the last `window` positive scheduled rates of group g (earlier steps)
+    jump_g      = lr_g / reference_g            (1.0 while group g has no history)
+    jump        = max_g jump_g
+
+The median makes the reference robust: a fault shorter than ``window / 2`` steps never becomes
+the reference, while a deliberate change of the rate (a new schedule) becomes the reference
+after ``window / 2`` steps. A linear warm-up gives ``jump <= 2`` (the median of a ramp is about
+half its end), a decaying schedule ``jump <= 1``; a warm restart of a cosine schedule gives up to
+``1 / min_lr_ratio``, so set the rule's threshold above it when you use restarts.
+
+Signals (host floats, no device work): ``jump`` (dimensionless, max over groups), ``lr`` (group
+0's scheduled learning rate) and ``reference`` (group 0's reference; ``lr`` while it has no
+history).
+
+Params: ``window`` (int >= 1, default 100 steps). The ``lr_cap`` actuator keeps the same
+reference (same ``window``) to cap the step's learning rate; see ``docs/actuators.md``.
+
+Source: the median-of-window reference is the robust baseline of Hampel's filter; the check is
+this project's (it complements loss-based detectors, which cannot see a step before it is taken).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from typing import Any, Mapping, Optional
+
+from lbw_policy.base import Detector
+
+__all__ = ["LRHistory", "LRJump"]
+
+
+class LRHistory:
+    """Per-param-group ring of the last ``window`` positive scheduled learning rates.
+
+    :param window: steps kept per group (>= 1).
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = int(window)
+        self.rings: list[deque] = []
+
+    def references(self, lrs: list) -> list:
+        """The median of each group's history (``None`` for a group without history). Groups
+        beyond the first call's count start with an empty history."""
+        while len(self.rings) < len(lrs):
+            self.rings.append(deque(maxlen=self.window))
+        return [statistics.median(ring) if ring else None for ring in self.rings[:len(lrs)]]
+
+    def push(self, lrs: list) -> None:
+        """Record one step's scheduled rates (non-positive ones are not a reference)."""
+        for ring, lr in zip(self.rings, lrs):
+            if lr > 0:
+                ring.append(float(lr))
+
+    def state_dict(self) -> dict:
+        return {"rings": [list(r) for r in self.rings]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rings = [deque(map(float, r), maxlen=self.window) for r in state["rings"]]
+
+
+def scheduled_lrs(optimizer: Any) -> list:
+    """``[float(group["lr"])]`` of every param group."""
+    return [float(group["lr"]) for group in optimizer.param_groups]
+
+
+def jumps(lrs: list, references: list) -> list:
+    """``lr / reference`` per group; 1.0 where the reference is missing."""
+    return [lr / ref if ref else 1.0 for lr, ref in zip(lrs, references)]
+
+
+class LRJump(Detector):
+    """Scheduled learning rate over the median of its recent history (module docstring).
+
+    :param window: history length in due steps (default 100).
+    """
+
+    name = "lr_jump"
+    signals = ("jump", "lr", "reference")
+    params_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "window": {"type": "integer", "minimum": 1,
+                       "description": "scheduled rates kept per param group; default 100"},
+        },
+    }
+
+    def __init__(self, window: int = 100) -> None:
+        super().__init__(window=window)
+        self.history = LRHistory(window)
+        self.optimizer: Optional[Any] = None
+
+    def setup(self, model, optimizer) -> None:
+        self.optimizer = optimizer
+
+    def compute(self, telemetry):
+        lrs = scheduled_lrs(telemetry.optimizer)
+        refs = self.history.references(lrs)
+        self.history.push(lrs)
+        ref0 = refs[0] if refs[0] else lrs[0]
+        return {"jump": max(jumps(lrs, refs)), "lr": lrs[0], "reference": ref0}
+
+    def state_dict(self) -> dict:
+        return self.history.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.history.load_state_dict(state)
