@@ -25,7 +25,8 @@ from lbw_policy.policy import load_policy, loads_policy
 from actuator_helpers import assert_same as assert_same_tensors, batch, forward_backward, opt_state, params
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = ROOT / "policies" / "default.yaml"
+# The pre-issue-6 default (a spike brake), frozen as a fixture: these tests pin its timers.
+SPIKE_BRAKE = ROOT / "tests" / "policies" / "spike-brake.yaml"
 LR = 0.1
 
 HEAD = """\
@@ -182,10 +183,10 @@ def decisions_of(recs, events=("fired", "action", "resolved", "recover", "halt",
 
 
 def test_quiet_policy_is_bit_identical_to_plain_adamw(tmp_path):
-    # default.yaml over 20 steps: z-scores and gnorm ratios are still warming up (25 steps),
+    # spike-brake.yaml over 20 steps: z-scores and gnorm ratios are still warming up (25 steps),
     # no NaN: no rule can fire, and the governed run must be exactly plain AdamW.
     model, opt = make()
-    with Guard(opt, DEFAULT, model=model, log_dir=tmp_path / "run") as guard:
+    with Guard(opt, SPIKE_BRAKE, model=model, log_dir=tmp_path / "run") as guard:
         for s in range(20):
             loss = forward_backward(model, s)
             result = guard.step(loss)
@@ -413,7 +414,7 @@ rules:
 
 def test_nonfinite_loss_skips_then_six_in_a_row_halt(tmp_path):
     model, opt = make(lr=0.01)
-    guard = Guard(opt, DEFAULT, model=model, log_dir=tmp_path / "run")
+    guard = Guard(opt, SPIKE_BRAKE, model=model, log_dir=tmp_path / "run")
     for s in range(5):
         guard.step(forward_backward(model, s))
         opt.zero_grad(set_to_none=True)
@@ -442,7 +443,7 @@ def test_nonfinite_loss_skips_then_six_in_a_row_halt(tmp_path):
 # ---------------------------------------------------------------------------------- resume
 
 # Loss (and gradients) x50 at these steps: grad-norm spikes after the 25-step warm-up. By the
-# default policy's timers: 27 fires (lr 0.5, skip), keeps firing 5 steps, resolves at 33; lr
+# spike-brake policy's timers: 27 fires (lr 0.5, skip), keeps firing 5 steps, resolves at 33; lr
 # recovers x1.05 at 37 and 47 (every 10 after the last change); 41 falls in the cooldown
 # (33 + 10) and is ignored; 53 fires again and resolves at 59.
 SPIKES = {27, 41, 53}
@@ -463,13 +464,13 @@ def _key(rec):
 def test_resume_makes_the_same_decisions_and_weights(tmp_path):
     # Uninterrupted: 60 steps.
     full_model, full_opt = make(lr=0.01)
-    with Guard(full_opt, DEFAULT, model=full_model, log_dir=tmp_path / "full") as guard:
+    with Guard(full_opt, SPIKE_BRAKE, model=full_model, log_dir=tmp_path / "full") as guard:
         _train(guard, full_model, full_opt, 0, 60)
     full = records(tmp_path / "full")
 
     # Interrupted at 30: save, rebuild everything, load, continue in the same log.
     model, opt = make(lr=0.01)
-    guard = Guard(opt, DEFAULT, model=model, log_dir=tmp_path / "resumed")
+    guard = Guard(opt, SPIKE_BRAKE, model=model, log_dir=tmp_path / "resumed")
     _train(guard, model, opt, 0, 30)
     saved = {"model": model.state_dict(), "opt": opt.state_dict(),
              "guard": json.loads(json.dumps(guard.state_dict()))}  # plain data
@@ -481,7 +482,7 @@ def test_resume_makes_the_same_decisions_and_weights(tmp_path):
     model2, opt2 = make(seed=123, lr=0.01)  # fresh objects with different initial weights
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
-    guard2 = Guard(opt2, DEFAULT, model=model2, log_dir=tmp_path / "resumed")
+    guard2 = Guard(opt2, SPIKE_BRAKE, model=model2, log_dir=tmp_path / "resumed")
     guard2.load_state_dict(saved["guard"])
     assert guard2.step_count == 30
     _train(guard2, model2, opt2, 30, 60)

@@ -627,3 +627,13 @@ def test_builtin_policies_load_with_the_real_registry(name):
     pol = load_policy(path, registry=registry)
     assert pol.name and pol.rules
     assert load_policy(path).revision == pol.revision  # registry=None uses get_registry()
+
+
+def test_audit_only_is_the_default_policy_in_audit_mode():
+    """audit-only.yaml must stay the shipped default's rules, detectors and bounds, in audit mode."""
+    default = yaml.safe_load(resolve_policy_path("default").read_text(encoding="utf-8"))
+    audit = yaml.safe_load(resolve_policy_path("audit-only").read_text(encoding="utf-8"))
+    assert (default["mode"], audit["mode"]) == ("enforce", "audit")
+    assert audit["metadata"]["name"] == default["metadata"]["name"] + "-audit"
+    for key in ("detectors", "actuators", "rules", "on_error"):
+        assert audit[key] == default[key], key

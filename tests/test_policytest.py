@@ -19,6 +19,7 @@ from lbw_policy.shadow import Shadow, action_rows
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ROOT / "policies"
 TESTS = POLICIES / "tests"
+FIXTURE_TESTS = ROOT / "tests" / "policies"  # scenario tests of test-only policies
 SCENARIOS = ("quiet", "spike", "nan", "drift", "flapping")
 
 POLICY = """\
@@ -278,7 +279,8 @@ def test_every_shipped_policy_has_worst_case_scenario_tests():
             assert word in names, f"{name}: no {word!r} scenario among {names!r}"
 
 
-@pytest.mark.parametrize("path", sorted(TESTS.glob("*.test.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(TESTS.glob("*.test.yaml")) + sorted(FIXTURE_TESTS.glob("*.test.yaml")),
+                         ids=lambda p: p.name)
 def test_shipped_policy_tests_pass(path):
     result = run_test_file(path)
     assert result.error is None, result.error
