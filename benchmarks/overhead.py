@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.jsonl"))
     args = parser.parse_args(argv)
 
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
 
     if args.device == "cpu":
         torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     corpus = CharCorpus(load_text(args.data))
     config = GPTConfig(vocab_size=corpus.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd)
@@ -103,7 +106,8 @@ def main(argv=None) -> int:
                "params": sum(p.numel() for p in plain_model.parameters()),
                "plain_steps_per_s": statistics.median(plain), "governed_steps_per_s": statistics.median(governed),
                "median_ratio": statistics.median(ratios), "ratios": [round(r, 4) for r in ratios],
-               "rounds": args.rounds, "block": args.block, "torch": torch.__version__,
+               "rounds": args.rounds, "block": args.block, "threads": torch.get_num_threads(),
+               "torch": torch.__version__,
                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         results.append(row)
         print(f"{policy:<16} plain {row['plain_steps_per_s']:.2f} steps/s, governed "

@@ -95,7 +95,7 @@ def write_report(out: Path) -> str:
     lines += ["", "Steps per second, mean over every run of the method (runs shared the machine; the "
               "overhead benchmark measures the ratio properly): " +
               ", ".join(f"{m} {statistics.fmean(speed[m]):.1f}" for m in methods)]
-    policy = rows[0].get("policy", "default")
+    policy = next((r.get("policy", "default") for r in rows if r["method"] == "lbw"), "default")
     lines += ["", f"Goals (lbw with policy `{policy}`, means over seeds):", ""] + [f"- {g}" for g in goal_checks(s, rows)]
     plot_loss_vs_lr(s, out / "loss_vs_lr.png")
     stressed = [r for r in rows if r["method"] == "lbw" and r["fault"] == "lr30" and r["seed"] == 0 and r["run_dir"]]
@@ -121,14 +121,14 @@ def goal_checks(s: dict, rows: list) -> list:
         a, l = means.get(("adamw", lr, "none")), means.get(("lbw", lr, "none"))
         if a is not None and l is not None:
             out.append(f"{'MET' if l - a <= 0.02 else 'NOT MET'}: no harm at lr {lr:g}: lbw {l:.3f} vs AdamW {a:.3f} "
-                       f"(+{l - a:.3f}, goal <= +0.02)")
+                       f"({l - a:+.3f}, goal <= +0.02)")
         for f in sorted({r["fault"] for r in fault_rows}):
             lf, af = means.get(("lbw", lr, f)), means.get(("adamw", lr, f))
             if None in (lf, af, l):
                 continue
             ok = lf - l <= 0.05 and lf < af
             out.append(f"{'MET' if ok else 'NOT MET'}: fault {f}: lbw {lf:.3f} vs its clean {l:.3f} "
-                       f"(+{lf - l:.3f}, goal <= +0.05), AdamW under the fault {af:.3f}")
+                       f"({lf - l:+.3f}, goal <= +0.05), AdamW under the fault {af:.3f}")
     audit = [(r, next((q for q in rows if q["key"] == r["key"].replace("lbw-audit", "adamw", 1)), None))
              for r in rows if r["method"] == "lbw-audit"]
     diffs = [abs((r["final_val_loss"] or 0) - (q["final_val_loss"] or 0)) for r, q in audit if q]
