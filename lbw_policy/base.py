@@ -57,8 +57,9 @@ class Detector:
         """Return ``{signal_name: value}`` for this step.
 
         Values are 0-dim tensors (preferred: they stay on the device and cross to the host with
-        every other signal of the step in one transfer) or Python numbers. A signal left out of
-        the mapping keeps its previous value.
+        every other signal of the step in one transfer) or Python numbers (values already on the
+        host, e.g. a param group's learning rate: they stay there, outside the transfer). A
+        signal left out of the mapping keeps its previous value.
         """
         raise NotImplementedError
 
