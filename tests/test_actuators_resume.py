@@ -17,6 +17,7 @@ from actuator_helpers import (HEAD, assert_same, decisions_of, forward_backward,
 from lbw_policy import TrainingHalted
 from lbw_policy.adapters.torch import Guard
 from lbw_policy.decision_log import verify_log
+from lbw_policy.plugins import get_registry
 from lbw_policy.policy import load_policy, loads_policy
 
 REG = registry()
@@ -135,15 +136,18 @@ def test_resume_at_100_matches_an_uninterrupted_200_step_run(tmp_path, kind):
 
 def test_the_shipped_all_actuators_policy_runs(tmp_path):
     policy = load_policy(ROOT / "policies" / "all-actuators.yaml")
-    assert set(policy.actuators) == {"lr_scale", "skip_step", "grad_clip", "momentum_reset",
-                                     "weight_decay_scale", "beta2", "rollback", "halt"}
+    builtin = {n for n, r in get_registry().actuators.items() if r.plugin == "lbw_policy.actuators"}
+    assert set(policy.actuators) == builtin  # "every built-in actuator in one policy"
     model, opt = make("adamw", lr=0.01)
     with Guard(opt, policy, model=model, log_dir=tmp_path / "run") as guard:
         for s in range(60):
             scale = float("nan") if s in (52, 53) else 30.0 if s == 40 else 1.0
-            guard.step(forward_backward(model, s, scale=scale))
+            opt.param_groups[0]["lr"] = 0.2 if s == 30 else 0.01  # one step at 20x the rate
+            result = guard.step(forward_backward(model, s, scale=scale))
+            if s == 30:
+                assert result.lr == pytest.approx(0.01)  # capped at the recent median
             opt.zero_grad()
     recs = records(tmp_path / "run")
     fired = {r["rule"] for r in recs if r["event"] == "fired"}
-    assert {"grad-spike", "nonfinite-skip"} <= fired
+    assert {"grad-spike", "nonfinite-skip", "lr-jump-cap"} <= fired
     assert all(torch.isfinite(p).all() for p in model.parameters())
