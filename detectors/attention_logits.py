@@ -21,13 +21,16 @@ Signals (0-dim tensors):
 
 Capture and cost: forward hooks on the query/key ``nn.Linear`` projections (outputs
 ``(B, T, n_head * hs)``) or on ``nn.MultiheadAttention`` (inputs ``query``, ``key``; projected
-here with ``in_proj_weight``), found as in ``detectors/_attention.py``. On every forward in
-training mode a hook copies a bounded slice, the first ``max_batch`` sequences and the last
-``max_queries`` query positions (all key positions), so the per-step cost is one small copy per
+here with ``in_proj_weight``), found as in ``detectors/_attention.py``. On every training-mode
+forward of a due step a hook copies a bounded slice, the first ``max_batch`` sequences and the
+last ``max_queries`` query positions (all key positions), so the cost is one small copy per
 projection and the memory held is ``2 * layers * max_batch * T * d`` numbers. The logits are
 formed only when the detector is due (``every:``), from the latest capture, at a cost of
 ``max_batch * n_head * max_queries * T * (2 hs + 8)`` flops per layer. Eval-mode forwards are not
-captured. With gradient accumulation the last micro-batch is the one measured. A due step with
+captured, and neither are the forwards of steps the detector is not due on: after each step
+the guard's call to :meth:`after_step` arms the hooks only when the next step is due
+(``every:``, set by the guard; without a guard every training forward is captured). With
+gradient accumulation the last micro-batch is the one measured. A due step with
 no capture since the previous evaluation emits nothing (the signals keep their values).
 
 Masks: ``causal`` (default true) masks ``j > i``. For ``nn.MultiheadAttention`` an ``is_causal``
@@ -78,7 +81,8 @@ def logit_stats(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q_
     z = z + add
     mx = z.amax()
     logp = torch.log_softmax(z, dim=-1)
-    ent = -(torch.special.xlogy(logp.exp(), logp.exp())).sum(-1)  # (B, nh, Tq); 0 ln 0 = 0
+    # 0 ln 0 = 0: a masked key has logp = -inf and p = 0; a NaN logit stays NaN (NaN * 0).
+    ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)   # (B, nh, Tq)
     return mx, ent.mean(dim=(0, 2))
 
 
@@ -112,6 +116,7 @@ class AttentionLogits(Detector):
         self.sites: list = []
         self._handles: list = []
         self._cap: list = []       # per site: {"q": ..., "k": ..., "mask": ..., "causal": ...}
+        self._armed = True         # capture the next training forward (its step is due)
 
     def setup(self, model, optimizer) -> None:
         p = self.params
@@ -134,7 +139,7 @@ class AttentionLogits(Detector):
 
     def _linear_hook(self, i: int, which: str):
         def hook(module, args, output):
-            if not module.training or not torch.is_grad_enabled():
+            if not self._armed or not module.training or not torch.is_grad_enabled():
                 return
             if output.dim() != 3:
                 self._cap[i]["error"] = (f"attention_logits: {which}-projection of layer {self.sites[i].name!r} "
@@ -146,7 +151,7 @@ class AttentionLogits(Detector):
 
     def _mha_hook(self, i: int):
         def hook(module, args, kwargs, output):
-            if not module.training or not torch.is_grad_enabled():
+            if not self._armed or not module.training or not torch.is_grad_enabled():
                 return
             query = args[0] if len(args) > 0 else kwargs["query"]
             key = args[1] if len(args) > 1 else kwargs["key"]
@@ -206,6 +211,13 @@ class AttentionLogits(Detector):
         return {"max_logit": max_logit, "min_entropy": lay.min().to(torch.float64),
                 "worst_layer": worst.to(torch.float64),
                 "worst_head": torch.take(torch.stack(heads), worst).to(torch.float64)}  # take: no sync
+
+    def after_step(self, telemetry, stepped: bool) -> None:
+        # Arm the hooks for the next step's forwards only if that step is due.
+        self._armed = (telemetry.step + 1) % self.every == 0
+
+    def load_state_dict(self, state) -> None:
+        self._armed = True   # the guard's step may have moved: capture until the next after_step
 
     def close(self) -> None:
         for h in self._handles:

@@ -27,6 +27,10 @@ class Detector:
     :cvar signals: names of the signals it emits; the policy sees them as ``<id>.<signal>``.
     :cvar params_schema: JSON Schema of ``params`` (an object schema); checked at policy load.
     :cvar version: plugin version written to the decision log (defaults to the package's).
+    :ivar every: the policy's cadence for this detector (``detectors.<id>.every``), set by the
+        guard before :meth:`setup`; 1 outside a guard. The guard calls :meth:`compute` on steps
+        ``0, every, 2 * every, ...``; a detector with forward hooks can use it, with
+        ``telemetry.step`` in :meth:`after_step`, to capture only the forwards of due steps.
 
     Lifecycle: ``__init__(**params)`` (raise ``ValueError`` for params the schema cannot express,
     such as ``min > max``) -> :meth:`setup` once the model and optimizer are known -> :meth:`compute`
@@ -37,6 +41,7 @@ class Detector:
     signals: ClassVar[tuple[str, ...]] = ()
     params_schema: ClassVar[dict] = {"type": "object", "properties": {}, "additionalProperties": False}
     version: ClassVar[Optional[str]] = None
+    every: int = 1
 
     def __init__(self, **params: Any) -> None:
         self.params = dict(params)

@@ -364,3 +364,54 @@ def test_moe_router_entropy_imbalance_and_aux_match_numpy():
     other.close()
     with pytest.raises(ValueError, match=r"router_pattern '\*\.gate' matched no module"):
         MoERouter(router_pattern="*.gate").setup(net, None)
+
+
+def test_attention_logits_under_a_guard_captures_only_the_forwards_of_due_steps(tmp_path):
+    from lbw_policy import Guard
+    from lbw_policy.policy import loads_policy
+
+    policy = loads_policy("""
+apiVersion: lbw-policy/v1
+kind: Policy
+metadata: {name: t}
+mode: audit
+detectors:
+  attn: {type: attention_logits, every: 3, params: {max_batch: 2, max_queries: 5}}
+actuators:
+  skip_step: {}
+rules:
+  - name: r
+    when: {signal: attn.max_logit, op: ">", value: 1000000000}
+    then: [{actuator: skip_step}]
+""")
+    model = _gpt(seed=4).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(opt, policy, model=model, log_dir=tmp_path)
+    det = guard.detectors["attn"]
+    assert det.every == 3
+    slices = []
+    real_slice = det._slice
+    det._slice = lambda x, queries: slices.append(1) or real_slice(x, queries)
+    seen, handles = _capture_linear(model)
+    gen = torch.Generator().manual_seed(0)
+    captured_at, results = [], []
+    for step in range(8):
+        before = len(slices)
+        x = torch.randint(0, 11, (3, 12), generator=gen)
+        _, loss = model(x, x)
+        loss.backward()
+        if len(slices) > before:
+            captured_at.append(step)
+        refs = [_ref_logits(seen[f"blocks.{i}.attn.q_proj"][:2, -5:], seen[f"blocks.{i}.attn.k_proj"][:2], 4)
+                for i in range(2)]
+        results.append((guard.step(loss), refs))
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    for h in handles:
+        h.remove()
+    assert captured_at == [0, 3, 6]                  # one q and one k slice per layer, due steps only
+    assert len(slices) == 3 * 2 * 2
+    for step in (3, 6):                              # the due step's own forward is the one measured
+        res, refs = results[step]
+        assert res.signals["attn.max_logit"] == pytest.approx(max(r[0] for r in refs), rel=1e-5)
+        assert res.signals["attn.min_entropy"] == pytest.approx(min(r[1].min() for r in refs), rel=1e-5)

@@ -116,6 +116,7 @@ class Guard:
         for det_id, spec in policy.detectors.items():
             reg = registry.detectors[spec.type]
             self.detectors[det_id] = reg.cls(**dict(spec.params))
+            self.detectors[det_id].every = spec.every
             self._plugin_versions[f"detector:{spec.type}"] = {"plugin": reg.plugin, "version": reg.version}
         self.actuators = {}
         for name, spec in policy.actuators.items():
@@ -224,7 +225,7 @@ class Guard:
                 # something that is not a scalar is contained like one that raises, and a
                 # failed detector contributes no signal at all (no partial output).
                 # Python numbers (host values such as lr_jump's) stay on the host.
-                mine = [(f"{det_id}.{sig}", val.detach().reshape(()).to(device=device, dtype=dtype)
+                mine = [(f"{det_id}.{sig}", _scalar(val, device, dtype)
                          if isinstance(val, torch.Tensor) else float(val))
                         for sig, val in det.compute(tel).items()]
             except Exception as exc:  # a plugin that raises is contained, never silent
@@ -512,6 +513,18 @@ def _action_dict(action: Action) -> dict:
     d = action.to_dict()
     d.pop("step", None)
     return d
+
+
+def _scalar(val: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``val`` as a 0-dim tensor of ``dtype`` on ``device``, for the step's one transfer; no
+    copy when it already is one. :raises RuntimeError: ``val`` has more than one element."""
+    if val.requires_grad:
+        val = val.detach()
+    if val.dim():
+        val = val.reshape(())
+    if val.dtype != dtype or val.device != device:
+        val = val.to(device=device, dtype=dtype)
+    return val
 
 
 def _fmt(v: Any) -> str:
