@@ -29,21 +29,23 @@ class EMAStat:
         self.var = torch.zeros((), dtype=dtype, device=x.device)
         self.count = torch.zeros((), dtype=dtype, device=x.device)
 
-    def update(self, x: torch.Tensor) -> None:
-        """Fold ``x`` (0-dim tensor) into the statistics if it is finite."""
+    def update(self, x: torch.Tensor, finite: torch.Tensor | None = None) -> None:
+        """Fold ``x`` (0-dim tensor) into the statistics if it is finite.
+
+        :param finite: ``torch.isfinite(x)`` when the caller has it already (saves the ops).
+        """
         if self.mean is None:
             self._init(x)
         x = x.to(self.mean.dtype)
-        finite = torch.isfinite(x)
+        if finite is None:
+            finite = torch.isfinite(x)
         xs = torch.where(finite, x, self.mean)
         first = self.count == 0
-        delta = xs - self.mean
-        new_mean = torch.where(first, xs, self.mean + (1.0 - self.alpha) * delta)
-        new_var = torch.where(first, torch.zeros_like(self.var),
-                              self.alpha * (self.var + (1.0 - self.alpha) * delta * delta))
-        self.mean = torch.where(finite, new_mean, self.mean)
+        delta = xs - self.mean               # 0 for a non-finite x: the mean stays as it is
+        self.mean = torch.where(first, xs, self.mean + (1.0 - self.alpha) * delta)
+        new_var = torch.where(first, 0.0, self.alpha * (self.var + (1.0 - self.alpha) * delta * delta))
         self.var = torch.where(finite, new_var, self.var)
-        self.count = self.count + finite.to(self.count.dtype)
+        self.count = self.count + finite     # bool promotes to the count's dtype
 
     def state_dict(self) -> dict:
         if self.mean is None:

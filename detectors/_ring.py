@@ -6,8 +6,7 @@ observation. Pushing never reads a value back to the host: a non-finite observat
 stored and does not advance the write position (it never poisons the statistics and never
 evicts a finite one); slots not yet written are invalid.
 
-:func:`masked_median` and :func:`masked_quantile_pair` compute order statistics over the valid
-entries only, with fixed-size tensor ops (sort with invalid entries pushed to +inf, then a gather
+:func:`masked_median` computes the median over the valid entries only, with fixed-size tensor ops (sort with invalid entries pushed to +inf, then a gather
 at a count-dependent index), so nothing synchronises with the host.
 """
 
@@ -25,19 +24,19 @@ def stat_dtype(device: torch.device) -> torch.dtype:
     return torch.float64 if torch.device(device).type in ("cpu", "cuda") else torch.float32
 
 
-def masked_median(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def masked_median(x: torch.Tensor, valid: torch.Tensor, count: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Median of ``x[valid]`` along the last dim, as numpy's (mean of the two middle values for
     an even count). ``x`` and ``valid`` have the same shape ``(..., n)``; the result has shape
-    ``(...)`` and is NaN where no entry is valid. No host synchronisation."""
-    inf = torch.full_like(x, float("inf"))
-    s, _ = torch.sort(torch.where(valid, x, inf), dim=-1)
-    m = valid.sum(dim=-1, keepdim=True)                       # (..., 1) valid count
+    ``(...)`` and is NaN where no entry is valid. No host synchronisation.
+
+    :param count: ``valid.sum(dim=-1, keepdim=True)`` when the caller has it (saves the sum).
+    """
+    s, _ = torch.sort(torch.where(valid, x, float("inf")), dim=-1)
+    m = valid.sum(dim=-1, keepdim=True) if count is None else count   # (..., 1) valid count
     lo = torch.clamp((m - 1) // 2, min=0)
-    hi = torch.clamp(m // 2, min=0)
-    hi = torch.minimum(hi, torch.full_like(hi, x.shape[-1] - 1))
+    hi = torch.clamp(m // 2, min=0, max=x.shape[-1] - 1)
     med = 0.5 * (s.gather(-1, lo) + s.gather(-1, hi))
-    nan = torch.full_like(med, float("nan"))
-    return torch.where(m > 0, med, nan).squeeze(-1)
+    return torch.where(m > 0, med, float("nan")).squeeze(-1)
 
 
 class Ring:
@@ -59,6 +58,7 @@ class Ring:
         self.valid: Optional[torch.Tensor] = None
         self.steps: Optional[torch.Tensor] = None
         self.pos: Optional[torch.Tensor] = None
+        self._slots: Optional[torch.Tensor] = None   # arange(size) on the buffers' device
 
     def _init(self, device: torch.device) -> None:
         dtype = stat_dtype(device)
@@ -88,10 +88,12 @@ class Ring:
         self.ensure(x.device)
         x = x.detach().reshape(()).to(self.values.dtype)
         finite = torch.isfinite(x)
-        slot = (torch.arange(self.size, device=self.pos.device) == self.pos) & finite  # (size,), no sync
+        if self._slots is None or self._slots.device != self.pos.device:
+            self._slots = torch.arange(self.size, device=self.pos.device)
+        slot = (self._slots == self.pos) & finite                    # (size,), no sync
         self.values = torch.where(slot, x, self.values)
         self.valid = self.valid | slot
-        self.steps = torch.where(slot, torch.full_like(self.steps, float(step)), self.steps)
+        self.steps = torch.where(slot, float(step), self.steps)
         self.pos = (self.pos + finite.long()) % self.size
 
     def state_dict(self) -> dict:

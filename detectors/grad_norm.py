@@ -52,7 +52,7 @@ class GradNorm(Detector):
             stat._init(norm)
         x = norm.to(stat.mean.dtype)
         warm = stat.count >= self.warmup
-        ratio = torch.where(warm, x / torch.clamp(stat.mean, min=1e-12), torch.ones_like(x))
+        ratio = torch.where(warm, x / torch.clamp(stat.mean, min=1e-12), 1.0)
         stat.update(x)
         return {"norm": norm, "ratio": ratio}
 

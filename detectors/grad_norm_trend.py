@@ -52,17 +52,16 @@ def theil_sen_mann_kendall(y: torch.Tensor, x: torch.Tensor, valid: torch.Tensor
     dy = y.unsqueeze(0) - y.unsqueeze(1)
     both = valid.unsqueeze(0) & valid.unsqueeze(1)
     pair = both & (dx > 0)
-    slopes = torch.where(pair, dy / torch.where(pair, dx, torch.ones_like(dx)), torch.zeros_like(dy))
+    slopes = torch.where(pair, dy / torch.where(pair, dx, 1.0), 0.0)
     slope = masked_median(slopes.reshape(-1), pair.reshape(-1))
-    s = torch.where(pair, torch.sign(dy), torch.zeros_like(dy)).sum()
+    s = torch.where(pair, torch.sign(dy), 0.0).sum()
     n = valid.sum().to(y.dtype)
     ties = (both & (dy == 0)).sum(dim=0).to(y.dtype)          # t_i: size of i's tie group
-    tie_term = torch.where(valid, (ties - 1) * (2 * ties + 5), torch.zeros_like(ties)).sum()
+    tie_term = torch.where(valid, (ties - 1) * (2 * ties + 5), 0.0).sum()
     var = (n * (n - 1) * (2 * n + 5) - tie_term) / 18.0
-    z = torch.where(var > 0, (s - torch.sign(s)) / torch.sqrt(torch.clamp(var, min=1e-300)), torch.zeros_like(s))
+    z = torch.where(var > 0, (s - torch.sign(s)) / torch.sqrt(torch.clamp(var, min=1e-300)), 0.0)
     p = torch.special.erfc(z.abs() / math.sqrt(2.0))
-    big = torch.full_like(x, math.inf)
-    span = torch.where(valid, x, -big).max() - torch.where(valid, x, big).min()
+    span = torch.where(valid, x, -math.inf).max() - torch.where(valid, x, math.inf).min()
     return {"slope": slope, "S": s, "var": var, "z": z, "p": p, "n": n, "span": span}
 
 
@@ -101,11 +100,10 @@ class GradNormTrend(Detector):
         r = self.ring
         st = theil_sen_mann_kendall(r.values, r.steps, r.valid)
         warm = st["n"] >= self.min_points
-        zero = torch.zeros_like(st["S"])
-        slope = torch.where(warm, torch.nan_to_num(st["slope"], nan=0.0), zero)
+        slope = torch.where(warm, torch.nan_to_num(st["slope"], nan=0.0), 0.0)
         return {"slope": slope,
-                "growth": torch.where(warm, torch.expm1(slope * st["span"]), zero),
-                "p": torch.where(warm, st["p"], torch.ones_like(zero))}
+                "growth": torch.where(warm, torch.expm1(slope * st["span"]), 0.0),
+                "p": torch.where(warm, st["p"], 1.0)}
 
     def state_dict(self) -> dict:
         return {"ring": self.ring.state_dict()}

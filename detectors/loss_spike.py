@@ -136,14 +136,12 @@ class LossSpike(Detector):
         warm = stat.count >= self.warmup
         delta = x - stat.mean
         z = delta / torch.sqrt(stat.var + self.eps)
-        zero = torch.zeros_like(z)
-        nan = torch.full_like(z, math.nan)
-        zscore = torch.where(finite, torch.where(warm, z, zero), nan)
-        delta_out = torch.where(finite, torch.where(stat.count >= 1, delta, zero), nan)
-        stat.update(x)
+        zscore = torch.where(finite, torch.where(warm, z, 0.0), math.nan)
+        delta_out = torch.where(finite, torch.where(stat.count >= 1, delta, 0.0), math.nan)
+        stat.update(x, finite)
         out = {"zscore": zscore, "ema": stat.mean, "delta": delta_out}
         if self.method == "cusum":
-            prev = zero if self.cusum is None else self.cusum.to(z.device)
+            prev = torch.zeros_like(z) if self.cusum is None else self.cusum.to(z.device)
             step = torch.clamp(prev + z - self.k, min=0.0)
             self.cusum = torch.where(finite & warm, step, prev)
             out = {"cusum": self.cusum, **out}
@@ -154,16 +152,15 @@ class LossSpike(Detector):
         ring.ensure(loss.device)
         x = loss.to(ring.values.dtype)
         finite = torch.isfinite(x)
-        n = ring.count
-        med = masked_median(ring.values, ring.valid)
-        mad = masked_median((ring.values - med).abs(), ring.valid)
+        count = ring.valid.sum(dim=-1, keepdim=True)                  # (1,)
+        n = count.squeeze(-1)
+        med = masked_median(ring.values, ring.valid, count)
+        mad = masked_median((ring.values - med).abs(), ring.valid, count)
         delta = x - med
         z = delta / torch.sqrt((MAD_SCALE * mad) ** 2 + self.eps)
-        zero = torch.zeros_like(z)
-        nan = torch.full_like(z, math.nan)
-        out = {"zscore": torch.where(finite, torch.where(n >= self.warmup, z, zero), nan),
-               "median": torch.where(n >= 1, med, nan),
-               "delta": torch.where(finite, torch.where(n >= 1, delta, zero), nan)}
+        out = {"zscore": torch.where(finite, torch.where(n >= self.warmup, z, 0.0), math.nan),
+               "median": torch.where(n >= 1, med, math.nan),
+               "delta": torch.where(finite, torch.where(n >= 1, delta, 0.0), math.nan)}
         ring.push(x, 0)
         return out
 
