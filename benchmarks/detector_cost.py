@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/detector_cost.py [--steps 30] [--warmup 5] [--device cpu] [--format markdown|json]
+    python benchmarks/detector_cost.py [--steps 30] [--warmup 5] [--device cpu] [--policy early-warning]
+                                        [--format markdown|json]
 
 The model is the demo job's default (``lbw-policy run``: 2 layers, 4 heads, width 128, context
 64, batch 32, vocabulary 65, AdamW), fed random tokens. In one process, for each detector:
@@ -17,9 +18,10 @@ The model is the demo job's default (``lbw-policy run``: 2 layers, 4 heads, widt
   minus the best without, alternated (the capture cost paid on every forward, due or not;
   resolution a few tenths of a ms on a shared machine); 0 for the others;
 - ``per step at every: N``: (compute / N + hooks) / plain step, the amortised overhead at the
-  cadence the early-warning policy uses.
+  cadence ``--policy`` gives the detector's type (1 when it has none); for ``attention_logits``,
+  whose hooks capture only the forwards of due steps under a guard, (compute + hooks) / N.
 
-Also: a whole ``Guard.step`` under ``policies/early-warning.yaml`` against ``optimizer.step``,
+Also: a whole ``Guard.step`` under ``--policy`` (default ``early-warning``) against ``optimizer.step``,
 and ``spectral_entropy``'s factored route against a full ``d x d`` SVD of the same forms.
 CUDA timings synchronise before reading the clock.
 """
@@ -42,22 +44,24 @@ from lbw_policy.plugins import get_registry
 from lbw_policy.policy import load_policy, resolve_policy_path
 from lbw_policy.telemetry import Telemetry
 
-#: (label, detector type, params, cadence used by policies/early-warning.yaml)
+#: (label, detector type, params)
 CASES = [
-    ("loss_spike (ema)", "loss_spike", {}, 1),
-    ("loss_spike (mad, window 64)", "loss_spike", {"method": "mad", "window": 64, "warmup": 16}, 1),
-    ("loss_spike (cusum)", "loss_spike", {"method": "cusum"}, 1),
-    ("grad_norm", "grad_norm", {}, 1),
-    ("nonfinite", "nonfinite", {}, 1),
-    ("grad_norm_trend (window 32)", "grad_norm_trend", {"window": 32, "min_points": 16}, 1),
-    ("grad_norm_trend (window 64)", "grad_norm_trend", {"window": 64}, 1),
-    ("update_ratio", "update_ratio", {}, 1),
-    ("adam_update_stats", "adam_update_stats", {}, 5),
-    ("spectral_entropy", "spectral_entropy", {}, 5),
-    ("spectral_entropy (update: false)", "spectral_entropy", {"update": False}, 5),
-    ("attention_logits", "attention_logits", {"max_batch": 4}, 1),
-    ("logit_divergence", "logit_divergence", {}, 1),
+    ("loss_spike (ema)", "loss_spike", {}),
+    ("loss_spike (mad, window 64)", "loss_spike", {"method": "mad", "window": 64, "warmup": 16}),
+    ("loss_spike (cusum)", "loss_spike", {"method": "cusum"}),
+    ("grad_norm", "grad_norm", {}),
+    ("nonfinite", "nonfinite", {}),
+    ("grad_norm_trend (window 32)", "grad_norm_trend", {"window": 32, "min_points": 16}),
+    ("grad_norm_trend (window 64)", "grad_norm_trend", {"window": 64}),
+    ("update_ratio", "update_ratio", {}),
+    ("adam_update_stats", "adam_update_stats", {}),
+    ("spectral_entropy", "spectral_entropy", {}),
+    ("spectral_entropy (update: false)", "spectral_entropy", {"update": False}),
+    ("attention_logits", "attention_logits", {"max_batch": 4}),
+    ("logit_divergence", "logit_divergence", {}),
 ]
+#: detectors whose forward hooks, under a guard, capture only the forwards of due steps
+DUE_STEP_CAPTURE = {"attention_logits"}
 
 
 def _sync(device: torch.device) -> None:
@@ -143,9 +147,8 @@ class Bench:
         return {"plain": min(plain), "plain_median": statistics.median(plain), "compute": min(comp),
                 "compute_median": statistics.median(comp), "hooks": hooks}
 
-    def guard(self, steps: int, warmup: int) -> dict:
-        """Alternate a plain step and a step through a Guard under the early-warning policy."""
-        policy = load_policy(resolve_policy_path("early-warning"))
+    def guard(self, policy, steps: int, warmup: int) -> dict:
+        """Alternate a plain step and a step through a Guard under ``policy``."""
         plain, governed = [], []
         with tempfile.TemporaryDirectory() as tmp:
             guard = Guard(self.opt, policy, model=self.model, log_dir=tmp)
@@ -195,22 +198,27 @@ def factored_vs_full(b: Bench, reps: int) -> dict:
     return {"factored_ms": tf, "full_svd_ms": tu}
 
 
-def run(steps: int, warmup: int, device: str) -> dict:
+def run(steps: int, warmup: int, device: str, policy_name: str = "early-warning") -> dict:
     if device == "cpu":
         torch.set_flush_denormal(True)  # as the demo job: denormals in Adam state slow CPU steps
+    policy = load_policy(resolve_policy_path(policy_name))
+    cadence = {spec.type: spec.every for spec in policy.detectors.values()}
     b = Bench(device)
     rows = []
-    for label, type_, params, every in CASES:
+    for label, type_, params in CASES:
+        every = cadence.get(type_, 1)
         r = b.detector(type_, params, steps, warmup)
+        hooks = max(0.0, r["hooks"])
+        per_step = (r["compute"] + hooks) / every if type_ in DUE_STEP_CAPTURE else r["compute"] / every + hooks
         rows.append({"detector": label, "type": type_, "params": params, "every": every,
                      "plain_ms": r["plain"], "plain_median_ms": r["plain_median"], "compute_ms": r["compute"],
                      "compute_median_ms": r["compute_median"], "hooks_ms": r["hooks"],
-                     "ratio": r["compute"] / r["plain"],
-                     "per_step_ratio": (r["compute"] / every + max(0.0, r["hooks"])) / r["plain"]})
-    g = b.guard(steps, warmup)
+                     "ratio": r["compute"] / r["plain"], "per_step_ratio": per_step / r["plain"]})
+    g = b.guard(policy, steps, warmup)
     svd = factored_vs_full(b, steps)
     plains = [r["plain_ms"] for r in rows] + [g["plain"]]
     return {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "policy": policy_name,
             "steps": steps, "plain_step_ms": statistics.median(plains), "plain_step_ms_min": min(plains),
             "plain_step_ms_max": max(plains), "guard": g, "spectral": svd, "rows": rows}
 
@@ -227,7 +235,7 @@ def to_markdown(res: dict) -> str:
         out.append(f"| {r['detector']} | {r['compute_ms']:.2f} ({r['compute_median_ms']:.2f}) | {r['ratio']:.3f} | "
                    f"{r['hooks_ms']:+.2f} | {r['every']} | {100 * r['per_step_ratio']:.1f} % |")
     g = res["guard"]
-    out += ["", f"Whole step under `policies/early-warning.yaml` (forward + backward + `Guard.step`): "
+    out += ["", f"Whole step under `{res['policy']}` (forward + backward + `Guard.step`): "
             f"{g['guard']:.1f} ms ({g['guard_median']:.1f}) against {g['plain']:.1f} ms "
             f"({g['plain_median']:.1f}) plain, {g['guard'] / g['plain']:.2f}x."]
     sv = res["spectral"]
@@ -244,11 +252,14 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--policy", default="early-warning",
+                        help="policy file or built-in name: the cadence column and the whole-step line "
+                             "(default early-warning)")
     parser.add_argument("--format", choices=("markdown", "json"), default="markdown")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run(args.steps, args.warmup, args.device)
+    res = run(args.steps, args.warmup, args.device, args.policy)
     print(json.dumps(res, indent=2) if args.format == "json" else to_markdown(res))
     return 0
 
