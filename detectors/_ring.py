@@ -6,8 +6,9 @@ observation. Pushing never reads a value back to the host: a non-finite observat
 stored and does not advance the write position (it never poisons the statistics and never
 evicts a finite one); slots not yet written are invalid.
 
-:func:`masked_median` computes the median over the valid entries only, with fixed-size tensor ops (sort with invalid entries pushed to +inf, then a gather
-at a count-dependent index), so nothing synchronises with the host.
+:func:`masked_median` computes the median over the valid entries only, with fixed-size tensor
+ops (sort with invalid entries pushed to +inf, then a gather at a count-dependent index), so
+nothing synchronises with the host.
 """
 
 from __future__ import annotations
