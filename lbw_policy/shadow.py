@@ -9,7 +9,8 @@ order and with the same classes:
    detector not due this step keeps its last values); a detector that raised this step loses
    its values, as in the guard.
 2. **observe**: each actuator sees the step (a stand-in telemetry) and publishes its own
-   signals (``skip_step.exhausted``, ...), which rules read alongside the detectors'.
+   signals (``skip_step.exhausted``, ...), which rules read alongside the detectors'; one that
+   raises is contained (an ``error`` record, its signals absent), as in the guard.
 3. **decide**: :class:`~lbw_policy.engine.Engine` evaluates the rules.
 4. **plan / commit**: each command is planned by the policy's real actuator class (clamped to
    the policy's bounds) and, in ``enforce`` mode, committed; an action that halts (``halt``;
@@ -145,9 +146,14 @@ class Shadow:
         readable = dict(self.latest)
         tel = self._telemetry(step, loss)
         for name, actuator in self.actuators.items():
-            actuator.observe(tel)
-            for sig, val in actuator.signal_values().items():
-                readable[f"{name}.{sig}"] = val
+            try:
+                actuator.observe(tel)
+                for sig, val in actuator.signal_values().items():
+                    readable[f"{name}.{sig}"] = val
+            except Exception as exc:  # contained, as in the guard; its signals are absent
+                skip |= self._error(out, f"actuator {name} signals", f"actuator {name!r} signals", exc)
+                if out.halted:
+                    return self._end(out)
         decisions = self.engine.evaluate(step, readable)
         commanded: set = set()
         halt_by = None
@@ -193,17 +199,24 @@ class Shadow:
                 continue
             try:
                 action = actuator.recover(step)
-                if action is None:
-                    continue
-                out.records.append({"step": step, "event": "recover", "rule": None,
-                                    "enforced": self.enforce, "actions": [_action_dict(action)]})
-                if self.enforce:
-                    actuator.commit(action)
             except Exception as exc:
                 skip |= self._error(out, f"actuator {name} recover",
                                     f"actuator {name!r} recover", exc)
                 if out.halted:
                     return self._end(out)
+                continue
+            if action is None:
+                continue
+            out.records.append({"step": step, "event": "recover", "rule": None,
+                                "enforced": self.enforce, "actions": [_action_dict(action)]})
+            if self.enforce:
+                try:
+                    actuator.commit(action)
+                except Exception as exc:
+                    skip |= self._error(out, f"actuator {name} recover commit",
+                                        f"actuator {name!r} recover commit", exc)
+                    if out.halted:
+                        return self._end(out)
 
         proceed = not skip
         group = self.optimizer.param_groups[0]

@@ -29,6 +29,8 @@ from lbw_policy.decision_log import read_log, verify_log
 from lbw_policy.errors import PolicyError
 from lbw_policy.plugins import Registration, Registry, get_registry
 from lbw_policy.policy import load_policy, loads_policy
+from lbw_policy.replay import replay
+from lbw_policy.shadow import action_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = sorted((ROOT / "tests" / "policies_bad").glob("*.yaml"))
@@ -221,8 +223,8 @@ class Misbehave(Detector):
 
 
 class Flaky(Actuator):
-    """Raises in ``before_step`` / ``after_step`` / the commit of a recovery at the steps
-    given in ``fail``: ``{"before": [..], "after": [..], "recover": [..]}``."""
+    """Raises in ``observe`` / ``before_step`` / ``after_step`` / the commit of a recovery at
+    the steps given in ``fail``: ``{"observe": [..], "before": [..], "after": [..], "recover": [..]}``."""
 
     name = "flaky"
     bounds_schema = {"type": "object"}
@@ -235,6 +237,8 @@ class Flaky(Actuator):
 
     def observe(self, telemetry):
         self.step = telemetry.step
+        if self.step in self.fail.get("observe", ()):
+            raise RuntimeError(f"flaky observe at step {self.step}")
 
     def recover(self, step):
         if step in self.fail.get("recover", ()):
@@ -379,3 +383,17 @@ def test_a_raising_recovery_commit_is_contained(tmp_path, reg):
     assert error is None and [r.skipped for r in results] == [False, False, True]
     assert (2, "recover", None) in events(tmp_path)
     assert (2, "error", "actuator flaky recover commit") in events(tmp_path)
+
+
+def test_a_raising_observe_and_recovery_commit_are_contained_alike_by_the_guard_and_its_replay(tmp_path, reg):
+    pol = policy(reg, "skip_step", flaky="{observe: [1], recover: [2]}", bad_at="[]")
+    results, weights, _, error = train(tmp_path, pol, reg)
+    assert error is None and [r.skipped for r in results] == [False, True, True]
+    errors = [(s, where) for s, event, where in events(tmp_path) if event == "error"]
+    assert errors == [(1, "actuator flaky signals"), (2, "actuator flaky recover commit")]
+    # the shadow (lbw-policy replay / test) contains the same errors at the same places
+    result = replay(tmp_path / "run", pol, registry=reg)
+    shadow = [r for st in result.steps for r in st.shadow]
+    assert [(r["step"], r["where"]) for r in shadow if r["event"] == "error"] == errors
+    assert action_rows(shadow) == action_rows(read_log(tmp_path / "run" / "decisions.jsonl").records)
+    assert result.summary["differing_steps"] == 0 and result.summary["shadow_skipped"] == 2
