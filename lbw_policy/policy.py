@@ -407,15 +407,22 @@ def _explain(col: "_Collector", kind: type, err: jsonschema.ValidationError, pre
                    "maxItems": "too many items"}.get(keyword, "value out of range")
         hint = "write {} for none" if keyword == "type" and inst is None and \
             schema.get("type") == "object" else None
-        if keyword == "type" and isinstance(inst, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+",
-                                                                         inst):
-            dotted = re.sub(r"([eE])", r".0\1", inst, count=1)
-            hint = f"YAML reads {inst} as a string; write it with a dot: {dotted}"
+        if keyword == "type" and isinstance(inst, str):
+            hint = _float_hint(inst)
         if keyword == "enum" and isinstance(inst, str):
             hint = _suggest(inst, [v for v in schema["enum"] if isinstance(v, str)])
         col.add(kind, path, message, expected=_describe(schema), found=_found(inst), hint=hint)
     else:
         col.add(kind, path, err.message, found=_found(inst))
+
+
+def _float_hint(text: str) -> Optional[str]:
+    """A fix for ``1e3``, ``1.0e9``, ``.5e3``: numbers to Python, strings to YAML 1.1, whose float
+    needs a dot in the mantissa and a sign in the exponent (``1.0e+3``); ``None`` otherwise."""
+    m = re.fullmatch(r"([-+]?)(\d*)(?:\.(\d*))?[eE]([-+]?)(\d+)", text)
+    if not m or not (m[2] or m[3]) or isinstance(yaml.safe_load(text), float):  # or a quoted float
+        return None
+    return f"YAML reads {text} as a string; write {m[1]}{m[2] or '0'}.{m[3] or '0'}e{m[4] or '+'}{m[5]}"
 
 
 def _explain_condition(col, kind, err, prefix, path) -> None:

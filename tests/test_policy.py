@@ -414,11 +414,21 @@ def test_bad_condition_shape(tmp_path, when, path, message):
     assert any(p.path == path and re.search(message, str(p)) for p in err.problems), str(err)
 
 
-def test_exponent_without_dot_is_a_yaml_string(tmp_path):
-    load_bad(tmp_path, HEADER + "rules: [{name: r, when: {signal: a.b, op: '>', value: 1e3}, "
+@pytest.mark.parametrize("written, fixed", [("1e3", "1.0e+3"), ("1.0e9", "1.0e+9"), (".5e3", "0.5e+3"),
+                                             ("-2e+4", "-2.0e+4")])
+def test_exponent_yaml_reads_as_a_string_gets_a_fix_that_parses(tmp_path, written, fixed):
+    # YAML 1.1 (PyYAML) needs a dot in the mantissa and a sign in the exponent
+    load_bad(tmp_path, HEADER + f"rules: [{{name: r, when: {{signal: a.b, op: '>', value: {written}}}, "
              "then: [{actuator: halt}]}]\n", PolicySchemaError,
-             match=r"expected a number or a boolean, found '1e3' \(fix: YAML reads 1e3 as a string; "
-             r"write it with a dot: 1.0e3\)")
+             match=rf"expected a number or a boolean, found '{re.escape(written)}' \(fix: YAML reads "
+             rf"{re.escape(written)} as a string; write {re.escape(fixed)}\)")
+    assert yaml.safe_load(f"v: {fixed}")["v"] == float(written)
+
+
+def test_a_quoted_float_gets_no_exponent_hint(tmp_path):
+    err = load_bad(tmp_path, HEADER + "rules: [{name: r, when: {signal: a.b, op: '>', value: '2.5e-4'}, "
+                   "then: [{actuator: halt}]}]\n", PolicySchemaError, match="found '2.5e-4'")
+    assert "as a string; write" not in str(err)
 
 
 def test_command_with_two_verbs(tmp_path):
