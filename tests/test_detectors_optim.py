@@ -94,6 +94,71 @@ def test_update_ratio_skipped_step_is_zero_and_without_after_step_measures_since
         UpdateRatio(groups=2).setup(net, opt)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float64,), (torch.bfloat16,), (torch.float64, torch.bfloat16),
+                                    (torch.float32, torch.float16)])
+def test_update_ratio_any_weight_dtype_matches_numpy(dtypes):
+    """One foreach reduction for float32/half and for float64 weights, one by one for a mix."""
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(4, 5).to(dtypes[i % len(dtypes)])) for i in range(3)]
+    opt = torch.optim.SGD(ps, lr=0.1)
+    det = UpdateRatio()
+    det.setup(None, opt)
+    for p in ps:
+        p.grad = torch.randn(4, 5).to(p.dtype)
+    tel = Telemetry(0, torch.tensor(1.0), opt)
+    det.compute(tel)
+    before = [p.detach().double().numpy().copy() for p in ps]
+    opt.step()
+    det.after_step(tel, True)
+    after = [p.detach().double().numpy() for p in ps]
+    out = det.compute(Telemetry(1, torch.tensor(1.0), opt))
+    ref = math.sqrt(sum(np.linalg.norm(a - b) ** 2 for a, b in zip(after, before))) / \
+        math.sqrt(sum(np.linalg.norm(b) ** 2 for b in before))
+    exact = set(dtypes) <= {torch.float64}
+    assert float(out["ratio"]) == pytest.approx(ref, rel=1e-12 if exact else 2e-2)
+
+
+def test_update_ratio_reuses_its_copy_and_follows_new_parameters():
+    net = _net(3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    det = UpdateRatio(groups=2)
+    for step in range(2):
+        tel = Telemetry(step, _backward(net, step), opt)
+        det.compute(tel)
+        buffers = det._layout[1]
+        if step == 0:
+            first = [b.data_ptr() for b in buffers]
+        opt.step()
+        det.after_step(tel, True)
+    assert [b.data_ptr() for b in buffers] == first       # no allocation per step
+    extra = nn.Parameter(torch.ones(2, 2))
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    extra.grad = torch.ones(2, 2)
+    tel = Telemetry(2, _backward(net, 2), opt)
+    det.compute(tel)
+    opt.step()
+    det.after_step(tel, True)
+    out = det.compute(Telemetry(3, _backward(net, 3), opt))
+    assert len(det._layout[1]) == 3                        # the new matrix is measured
+    assert float(out["group1.ratio"]) == pytest.approx(0.5 / 1.0, rel=1e-6)  # ||-0.5*1|| / ||1||
+    assert float(out["group1.max"]) == pytest.approx(0.5, rel=1e-6)
+    assert float(out["worst"]) == 4.0                     # its index in parameter order
+
+
+def test_update_ratio_group_without_a_measured_tensor_reads_zero_and_minus_inf():
+    net = _net(4)
+    opt = torch.optim.SGD([{"params": [net[0].weight, net[2].weight]},
+                           {"params": [net[0].bias, net[2].bias]}], lr=0.1)
+    det = UpdateRatio(groups=2)                  # matrices only: group 1 holds biases alone
+    tel = Telemetry(0, _backward(net, 0), opt)
+    det.compute(tel)
+    opt.step()
+    det.after_step(tel, True)
+    out = det.compute(Telemetry(1, _backward(net, 1), opt))
+    assert float(out["group1.ratio"]) == 0.0 and float(out["group1.max"]) == -math.inf
+    assert float(out["group0.ratio"]) == float(out["ratio"]) > 0
+
+
 # ----------------------------------------------------------------------------- adam_update_stats
 
 def _stats_np(u, vhat_sqrt, eps, large=0.9, v_floor=10.0):
