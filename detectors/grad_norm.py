@@ -23,7 +23,7 @@ import torch
 
 from lbw_policy.base import Detector
 
-from ._ema import EMAStat
+from ._ema import EMAStat, clamp_min, host, where
 
 
 class GradNorm(Detector):
@@ -46,13 +46,11 @@ class GradNorm(Detector):
         self.stat = EMAStat(alpha)
 
     def compute(self, telemetry):
-        norm = telemetry.grad_norm
+        norm = host(telemetry.grad_norm)     # a float on the CPU, a float32 tensor on a device
         stat = self.stat
-        if stat.mean is None:
-            stat._init(norm)
-        x = norm.to(stat.mean.dtype)
+        x = stat.adopt(norm)
         warm = stat.count >= self.warmup
-        ratio = torch.where(warm, x / torch.clamp(stat.mean, min=1e-12), 1.0)
+        ratio = where(warm, x / clamp_min(stat.mean, 1e-12), 1.0)
         stat.update(x)
         return {"norm": norm, "ratio": ratio}
 

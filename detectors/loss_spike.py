@@ -24,7 +24,8 @@ A single spike moves neither the median nor the MAD much, so the next spike is s
 It accumulates a sustained small rise that no single z-score shows; a policy compares it with
 a decision interval ``h`` (4 to 5 is usual for k = 0.5). It is not reset by the detector.
 
-Signals (0-dim tensors), by method:
+Signals (0-dim tensors on an accelerator, Python floats on the CPU: see ``detectors/_ema.py``),
+by method:
 
 - ``ema``: ``zscore``, ``ema`` (``mean_t`` after this step, nats), ``delta``.
 - ``mad``: ``zscore``, ``median`` (``med_{t-1}``, nats), ``delta``.
@@ -55,7 +56,7 @@ import torch
 
 from lbw_policy.base import Detector
 
-from ._ema import EMAStat
+from ._ema import EMAStat, clamp_min, host, isfinite, sqrt, where
 from ._ring import Ring, masked_median
 
 __all__ = ["LossSpike"]
@@ -127,23 +128,26 @@ class LossSpike(Detector):
     def compute(self, telemetry):
         if self.method == "mad":
             return self._mad(telemetry.loss)
-        loss = telemetry.loss
         stat = self.stat
-        if stat.mean is None:
-            stat._init(loss)
-        x = loss.to(stat.mean.dtype)
-        finite = torch.isfinite(x)
+        x = stat.adopt(host(telemetry.loss))  # a float on the CPU, a float64 tensor on a device
+        finite = isfinite(x)
         warm = stat.count >= self.warmup
         delta = x - stat.mean
-        z = delta / torch.sqrt(stat.var + self.eps)
-        zscore = torch.where(finite, torch.where(warm, z, 0.0), math.nan)
-        delta_out = torch.where(finite, torch.where(stat.count >= 1, delta, 0.0), math.nan)
+        z = delta / sqrt(stat.var + self.eps)
+        zscore = where(finite, where(warm, z, 0.0), math.nan)
+        delta_out = where(finite, where(stat.count >= 1, delta, 0.0), math.nan)
         stat.update(x, finite)
         out = {"zscore": zscore, "ema": stat.mean, "delta": delta_out}
         if self.method == "cusum":
-            prev = torch.zeros_like(z) if self.cusum is None else self.cusum.to(z.device)
-            step = torch.clamp(prev + z - self.k, min=0.0)
-            self.cusum = torch.where(finite & warm, step, prev)
+            prev = 0.0 if self.cusum is None else self.cusum   # a float after load_state_dict
+            if not isinstance(z, torch.Tensor):
+                prev = float(prev)
+            elif isinstance(prev, torch.Tensor):
+                prev = prev.to(z.device)
+            else:
+                prev = torch.full((), prev, dtype=z.dtype, device=z.device)
+            step = clamp_min(prev + z - self.k, 0.0)
+            self.cusum = where(finite & warm, step, prev)
             out = {"cusum": self.cusum, **out}
         return out
 
@@ -179,4 +183,4 @@ class LossSpike(Detector):
         self.stat.load_state_dict(state.get("ema", {}))
         if self.method == "cusum":
             c = state.get("cusum")
-            self.cusum = None if c is None else torch.tensor(float(c), dtype=torch.float64)
+            self.cusum = None if c is None else float(c)  # moved to the device at the next compute

@@ -1,6 +1,7 @@
 """``nonfinite``: the loss or the gradients contain NaN or Inf.
 
-Signals (0-dim tensors, 1.0 for true, 0.0 for false):
+Signals (1.0 for true, 0.0 for false; 0-dim tensors on an accelerator, Python floats when the
+loss and the gradient norm are on the CPU, see ``detectors/_ema.py``):
 
 - ``loss``: the loss is NaN or +/-Inf.
 - ``grads``: the global gradient norm is non-finite, i.e. some gradient entry is NaN or Inf
@@ -15,9 +16,13 @@ the step needs no host sync (OLMo-core ``SkipStepOptimizer``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lbw_policy.base import Detector
+
+from ._ema import host
 
 
 class NonFinite(Detector):
@@ -25,8 +30,12 @@ class NonFinite(Detector):
     signals = ("loss", "grads", "any")
 
     def compute(self, telemetry):
-        bad_loss = ~torch.isfinite(telemetry.loss)
-        bad_grads = ~torch.isfinite(telemetry.grad_norm)
+        loss, norm = host(telemetry.loss), host(telemetry.grad_norm)
+        if isinstance(loss, float) and isinstance(norm, float):      # on the CPU: plain floats
+            bad_loss, bad_grads = float(not math.isfinite(loss)), float(not math.isfinite(norm))
+            return {"loss": bad_loss, "grads": bad_grads, "any": max(bad_loss, bad_grads)}
+        bad_loss = ~torch.isfinite(torch.as_tensor(loss))
+        bad_grads = ~torch.isfinite(torch.as_tensor(norm))
         if bad_grads.device != bad_loss.device:
             bad_grads = bad_grads.to(bad_loss.device)
         return {"loss": bad_loss.float(), "grads": bad_grads.float(),

@@ -109,13 +109,17 @@ def test_grad_norm_is_global_l2_and_ratio_to_ema():
     assert ratios == pytest.approx([1.0, 1.0, 10.0 / 3.0])
 
 
-def test_grad_norm_reduction_is_shared_by_every_detector():
+def test_grad_norm_reduction_is_shared_by_every_detector(monkeypatch):
+    calls = []
+    real = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
     p = torch.nn.Parameter(torch.zeros(4))
     p.grad = torch.tensor([1.0, float("nan"), 0.0, 0.0])
     tel = Telemetry(0, torch.tensor(1.0), _Opt([p]))
     g = GradNorm().compute(tel)["norm"]
-    assert tel.grad_norm is g  # the same cached tensor: one reduction per step
+    assert math.isnan(g) and math.isnan(float(tel.grad_norm))
     out = NonFinite().compute(tel)
+    assert len(calls) == 1  # one reduction per step, however many detectors read it
     assert float(out["grads"]) == 1.0 and float(out["loss"]) == 0.0 and float(out["any"]) == 1.0
 
 
@@ -136,3 +140,59 @@ def test_nonfinite(loss, grad, expect):
 def test_telemetry_rejects_non_scalar_loss():
     with pytest.raises(ValueError, match=r"loss must be a scalar tensor, got shape \(2,\)"):
         Telemetry(0, torch.ones(2), _Opt([]))
+
+
+def _series(n=300, seed=0):
+    """Losses and gradients with noise, a trend, spikes, NaN and Inf."""
+    g = torch.Generator().manual_seed(seed)
+    losses = (3.0 - torch.linspace(0, 1, n) + 0.05 * torch.randn(n, generator=g)).tolist()
+    grads = (1.0 + 0.2 * torch.randn(n, 3, generator=g)).tolist()
+    for i in (40, 41, 120):
+        losses[i] += 2.0
+    for i, bad in ((60, math.nan), (61, math.inf), (200, -math.inf)):
+        losses[i] = bad
+    grads[90][1] = math.nan
+    grads[150][0] = math.inf
+    grads[151] = [3e38, 3e38, 0.0]           # the float32 sum of squares overflows
+    return losses, grads
+
+
+@pytest.mark.parametrize("make", [lambda: LossSpike(warmup=5), lambda: LossSpike(method="cusum", warmup=5),
+                                  lambda: GradNorm(warmup=5), NonFinite],
+                         ids=["ema", "cusum", "grad_norm", "nonfinite"])
+def test_cpu_floats_give_bit_for_bit_the_tensor_path(monkeypatch, make):
+    """On the CPU the statistics run on Python floats (detectors/_ema.py); with the switch off
+    they run as float64 tensors, as on an accelerator. Same values, across NaN, Inf, spikes and
+    a resume from state_dict at step 150: to the last bit, except where a z-score divides by a
+    square root (torch's CPU float64 sqrt is off by one ulp for about 1 % of inputs; math.sqrt
+    is correctly rounded)."""
+    from lbw_policy.detectors import _ema
+
+    losses, grads = _series()
+
+    def run(host_scalars):
+        monkeypatch.setattr(_ema, "HOST_SCALARS_ON_CPU", host_scalars)
+        p = torch.nn.Parameter(torch.zeros(3))
+        det, out = make(), []
+        for step, (loss, grad) in enumerate(zip(losses, grads)):
+            if step == 150:
+                state = det.state_dict()
+                det = make()
+                det.load_state_dict(state)
+            p.grad = torch.tensor(grad)
+            values = det.compute(Telemetry(step, torch.tensor(loss), _Opt([p])))
+            assert all(isinstance(v, float) == host_scalars for v in values.values())
+            out.append({k: float(v) for k, v in values.items()})
+        return out, det.state_dict()
+
+    (tensors, t_state), (floats, f_state) = run(False), run(True)
+    assert f_state == t_state                # the EMA itself (no sqrt): bit for bit
+    assert [row.keys() for row in floats] == [row.keys() for row in tensors]
+    for step, (f, t) in enumerate(zip(floats, tensors)):
+        for key in f:
+            if key in ("zscore", "cusum"):
+                assert math.isclose(f[key], t[key], rel_tol=1e-14, abs_tol=1e-300) or \
+                    (math.isnan(f[key]) and math.isnan(t[key])), (step, key, f[key], t[key])
+            else:                            # repr: NaN == NaN, and -0.0 != 0.0
+                assert repr(f[key]) == repr(t[key]), (step, key, f[key], t[key])
+    assert any(math.isnan(v) or math.isinf(v) or v == 1.0 for row in floats for v in row.values())

@@ -18,6 +18,7 @@ from lbw_policy import TrainingHalted
 from lbw_policy.adapters.torch import Guard
 from lbw_policy.base import Action, Actuator, Detector
 from lbw_policy.decision_log import read_log, verify_log
+from lbw_policy.detectors import _ema
 from lbw_policy.errors import ActuatorError, PolicyError
 from lbw_policy.plugins import Registration, Registry, get_registry
 from lbw_policy.policy import load_policy, loads_policy
@@ -680,7 +681,12 @@ class CountHost(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_signals_cross_to_the_host_once_per_step(tmp_path):
+@pytest.mark.parametrize("host_scalars", [False, True])
+def test_signals_cross_to_the_host_once_per_step(tmp_path, monkeypatch, host_scalars):
+    """The accelerator path (statistics as tensors) makes one transfer per step; on the CPU the
+    statistics read the loss and the grad norm as floats (3 reads: no device to wait for) and
+    the step's one transfer carries the loss alone."""
+    monkeypatch.setattr(_ema, "HOST_SCALARS_ON_CPU", host_scalars)
     text = HEAD + """\
 detectors:
   loss:  {type: loss_spike, params: {warmup: 2}}
@@ -705,7 +711,9 @@ rules:
                 result = guard.step(loss)
             opt.zero_grad(set_to_none=True)
             twin_opt.zero_grad(set_to_none=True)
-            assert governed.calls - plain.calls == Counter({"tolist": 1}), (s, governed.calls, plain.calls)
+            host_reads = Counter({"__float__": 4}) if host_scalars else Counter()
+            assert governed.calls - plain.calls == Counter({"tolist": 1}) + host_reads, \
+                (s, governed.calls, plain.calls)
             assert plain.calls - governed.calls == Counter()
             assert result.decisions and type(result.loss) is float
             detected = {k: v for k, v in result.signals.items() if k.split(".")[0] in ("loss", "gnorm", "nan")}
