@@ -3,7 +3,7 @@
 For output logits ``z`` ``(..., V)`` at each position::
 
     log Z      = logsumexp_v z_v                                 # nats
-    logz_t     = mean of log Z over the positions captured since the previous evaluation
+    logz_t     = mean of log Z over the positions captured for evaluation t
     drift_t    = logz_t - baseline                               # nats
 
 where ``baseline`` is the mean of ``logz`` over the first ``warmup`` evaluations (default 3);
@@ -19,10 +19,14 @@ single captured position, nats).
 Capture and cost: a forward hook on the module named by ``module`` (``fnmatch`` pattern matching
 exactly one module; default ``"lm_head"``; ``""`` is the model itself). Its output must be the
 logits tensor ``(B, ..., V)``, or a tuple/list whose first element is (the demo GPT returns
-``(logits, loss)``). On every forward in training mode the hook reduces the first ``max_batch``
-sequences (default 8) to per-position ``log Z`` and adds them to device accumulators: about
-``3 * max_batch * T * V`` flops per forward, no host sync, no tensor kept. A due step with no
-capture since the previous evaluation emits nothing.
+``(logits, loss)``). On every training-mode forward of a due step the hook reduces the first
+``max_batch`` sequences (default 8) to per-position ``log Z`` and adds them to device
+accumulators: about ``3 * max_batch * T * V`` flops per forward, no host sync, no tensor kept.
+The forwards of steps the detector is not due on are not captured: after each step the guard's
+call to :meth:`after_step` arms the hook only when the next step is due (``every:``, set by the
+guard; without a guard every training forward is captured and averaged). With gradient
+accumulation every micro-batch of the due step is averaged. A due step with no capture since
+the previous evaluation emits nothing.
 
 :raises ValueError: (in :meth:`setup`) the pattern matches no module or several; (in
     :meth:`compute`) the hooked module's output is not a tensor of logits.
@@ -70,6 +74,7 @@ class LogitDivergence(Detector):
         self._n = 0                                  # positions captured (host int: from shapes)
         self.evals = 0
         self._base_sum: Optional[torch.Tensor] = None
+        self._armed = True                           # capture the next training forwards (due step)
 
     def setup(self, model, optimizer) -> None:
         if model is None:
@@ -82,7 +87,7 @@ class LogitDivergence(Detector):
         self._handle = model.get_submodule(names[0]).register_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:
-        if not module.training or not torch.is_grad_enabled():
+        if not self._armed or not module.training or not torch.is_grad_enabled():
             return
         with torch.no_grad():
             self._capture(output)
@@ -121,6 +126,10 @@ class LogitDivergence(Detector):
         self._sum = self._max = None
         return out
 
+    def after_step(self, telemetry, stepped: bool) -> None:
+        # Arm the hook for the next step's forwards only if that step is due.
+        self._armed = (telemetry.step + 1) % self.every == 0
+
     def state_dict(self) -> dict:
         return {"evals": self.evals, "base_sum": None if self._base_sum is None else float(self._base_sum),
                 "n": self._n, "sum": None if self._sum is None else float(self._sum),
@@ -132,6 +141,7 @@ class LogitDivergence(Detector):
         self._base_sum = t(state.get("base_sum"))
         self._n = int(state.get("n", 0))
         self._sum, self._max = t(state.get("sum")), t(state.get("max"))
+        self._armed = True   # the guard's step may have moved: capture until the next after_step
 
     def close(self) -> None:
         if self._handle is not None:

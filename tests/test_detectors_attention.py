@@ -415,3 +415,51 @@ rules:
         res, refs = results[step]
         assert res.signals["attn.max_logit"] == pytest.approx(max(r[0] for r in refs), rel=1e-5)
         assert res.signals["attn.min_entropy"] == pytest.approx(min(r[1].min() for r in refs), rel=1e-5)
+
+
+def test_logit_divergence_under_a_guard_reads_only_the_forwards_of_due_steps(tmp_path):
+    from lbw_policy import Guard
+    from lbw_policy.policy import loads_policy
+
+    policy = loads_policy("""
+apiVersion: lbw-policy/v1
+kind: Policy
+metadata: {name: t}
+mode: audit
+detectors:
+  logz: {type: logit_divergence, every: 3, params: {warmup: 1, max_batch: 2}}
+actuators:
+  skip_step: {}
+rules:
+  - name: r
+    when: {signal: logz.drift, op: ">", value: 1000000000}
+    then: [{actuator: skip_step}]
+""")
+    model = _gpt(seed=5).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(opt, policy, model=model, log_dir=tmp_path)
+    det = guard.detectors["logz"]
+    assert det.every == 3
+    captures = []
+    real = det._capture
+    det._capture = lambda output: captures.append(1) or real(output)
+    gen = torch.Generator().manual_seed(0)
+    captured_at, results = [], []
+    for step in range(8):
+        before = len(captures)
+        x = torch.randint(0, 11, (3, 12), generator=gen)
+        logits, loss = model(x, x)
+        lz = scipy.special.logsumexp(_np(logits)[:2], axis=-1).reshape(-1)
+        loss.backward()
+        if len(captures) > before:
+            captured_at.append(step)
+        results.append((guard.step(loss), lz))
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    assert captured_at == [0, 3, 6]
+    for step in (0, 3, 6):                            # the due step's own forward, nothing else
+        res, lz = results[step]
+        assert res.signals["logz.logz"] == pytest.approx(lz.mean(), rel=1e-6)
+        assert res.signals["logz.max_logz"] == pytest.approx(lz.max(), rel=1e-6)
+    assert results[6][0].signals["logz.drift"] == pytest.approx(results[6][1].mean() - results[0][1].mean(),
+                                                                rel=1e-6)
