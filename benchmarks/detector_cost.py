@@ -61,7 +61,7 @@ CASES = [
     ("logit_divergence", "logit_divergence", {}),
 ]
 #: detectors whose forward hooks, under a guard, capture only the forwards of due steps
-DUE_STEP_CAPTURE = {"attention_logits"}
+DUE_STEP_CAPTURE = {"attention_logits", "logit_divergence"}
 
 
 def _sync(device: torch.device) -> None:
