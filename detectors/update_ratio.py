@@ -159,7 +159,7 @@ class UpdateRatio(Detector):
         self._pending = out
 
     def state_dict(self) -> dict:
-        # Guard checkpoints are taken between steps: the copy exists only inside a step.
+        # Guard checkpoints are taken between steps: the copy is current only inside a step.
         return {"pending": None if self._pending is None else {k: float(v) for k, v in self._pending.items()}}
 
     def load_state_dict(self, state) -> None:
