@@ -82,11 +82,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from lbw_policy.spec import OPS, Command, Decision, RuleSpec
 
-__all__ = ["Engine", "evaluate_condition", "explain_condition"]
+__all__ = ["Engine", "compile_condition", "evaluate_condition", "explain_condition"]
 
 #: Version of the layout returned by :meth:`Engine.state_dict`.
 STATE_VERSION = 1
@@ -168,6 +168,41 @@ def evaluate_condition(node: Mapping, signals: Mapping, path: str = "when") -> b
     return _evaluate(node, signals, path)
 
 
+def compile_condition(node: Mapping, path: str = "when") -> Callable[[Mapping], bool]:
+    """The condition tree as one function of the signals, equivalent to
+    ``lambda signals: evaluate_condition(node, signals, path)`` and checked once, here: the
+    engine calls it every step without re-walking the tree's dicts.
+
+    :raises ValueError, TypeError: as :func:`evaluate_condition`, for the tree's shape and its
+        leaf values (a signal's type is checked when it is read).
+    """
+    kind = _node_kind(node, path)
+    if kind in ("all", "any"):
+        children = tuple(compile_condition(c, f"{path}.{kind}[{i}]") for i, c in enumerate(node[kind]))
+        if kind == "all":
+            return lambda signals: all(f(signals) for f in children)
+        return lambda signals: any(f(signals) for f in children)
+    if kind == "not":
+        child = compile_condition(node["not"], f"{path}.not")
+        return lambda signals: not child(signals)
+    name, compare = node["signal"], _COMPARE[node["op"]]
+    value = _number(node.get("value"), f"{path}.value")
+    what = f"signal {name!r}"
+    if value is None:                      # a leaf with no value (None / NaN) is always false
+        def leaf(signals: Mapping) -> bool:
+            _number(signals.get(name), what)
+            return False
+        return leaf
+
+    def leaf(signals: Mapping) -> bool:
+        actual = signals.get(name)
+        if type(actual) is float:          # the usual case, without the checks of _number
+            return actual == actual and compare(actual, value)
+        a = _number(actual, what)
+        return a is not None and bool(compare(a, value))
+    return leaf
+
+
 def explain_condition(node: Mapping, signals: Mapping, path: str = "when") -> dict:
     """The condition tree annotated with what each part evaluated to (for ``audit --explain``).
 
@@ -232,6 +267,7 @@ class Engine:
         self._order = sorted(range(len(self.rules)),
                              key=lambda i: (-self.rules[i].priority, self.rules[i].index, i))
         self._signals = [rule.signals() for rule in self.rules]
+        self._when = [compile_condition(rule.when) for rule in self.rules]
         self._state: dict[str, dict] = {rule.name: _fresh_state() for rule in self.rules}
 
     def _step_rule(self, i: int, step: int, signals: Mapping) -> Optional[Decision]:
@@ -239,7 +275,7 @@ class Engine:
         rule, st = self.rules[i], self._state[self.rules[i].name]
         event: Optional[str] = None
         if st["firing"]:
-            if evaluate_condition(rule.when, signals):
+            if self._when[i](signals):
                 st["clear"] = 0
                 event = "action"
             else:
@@ -250,7 +286,7 @@ class Engine:
         elif (rule.cooldown > 0 and st["resolved_step"] is not None
               and step <= st["resolved_step"] + rule.cooldown):
             st["pending"] = 0
-        elif evaluate_condition(rule.when, signals):
+        elif self._when[i](signals):
             st["pending"] += 1
             if st["pending"] >= rule.for_:
                 st.update(firing=True, clear=0)

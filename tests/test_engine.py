@@ -6,6 +6,7 @@ import ast
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbw_policy.engine import Engine, evaluate_condition, explain_condition
-from lbw_policy.spec import Command, Decision, RuleSpec
+from lbw_policy.engine import Engine, compile_condition, evaluate_condition, explain_condition
+from lbw_policy.spec import OPS, Command, Decision, RuleSpec
 
 ENGINE_PY = Path(__file__).resolve().parents[1] / "lbw_policy" / "engine.py"
 
@@ -462,3 +463,35 @@ def test_fires_only_after_for_consecutive_trues_and_never_twice(conds, for_, kee
             assert not any(conds[step - keep:step + 1])
             firing, last_resolved = False, step
     assert eng.firing() == (["a"] if firing else [])
+
+
+# ------------------------------------------------------------- compiled conditions
+
+_NAMES = ("a", "b", "c")  # floats without subnormals: other tests set torch.set_flush_denormal(True)
+_VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False), st.booleans(),
+                    st.integers(-5, 5), st.none())
+_LEAF = st.builds(lambda name, op, value: {"signal": name, "op": op, "value": value},
+                  st.sampled_from(_NAMES), st.sampled_from(sorted(OPS)), _VALUES)
+_TREE = st.recursive(_LEAF, lambda kids: st.one_of(
+    st.builds(lambda c: {"all": c}, st.lists(kids, max_size=3)),
+    st.builds(lambda c: {"any": c}, st.lists(kids, max_size=3)),
+    st.builds(lambda c: {"not": c}, kids)), max_leaves=8)
+_SIGNALS = st.dictionaries(st.sampled_from(_NAMES),
+                           st.one_of(_VALUES, st.just("text"), st.just([1.0])), max_size=3)
+
+
+@settings(max_examples=400, deadline=None)
+@given(tree=_TREE, signals=st.lists(_SIGNALS, min_size=1, max_size=4))
+def test_compiled_condition_decides_as_the_tree_walk(tree, signals):
+    """The engine evaluates each rule through compile_condition; it must agree with
+    evaluate_condition on every tree and signal set, errors included (a string or a list as a
+    signal's value raises TypeError naming it, when the walk reaches it)."""
+    f = compile_condition(tree)
+    for values in signals:
+        try:
+            expected = evaluate_condition(tree, values)
+        except TypeError as err:
+            with pytest.raises(TypeError, match=re.escape(str(err))):
+                f(values)
+        else:
+            assert f(values) is expected

@@ -721,3 +721,20 @@ rules:
             assert all(type(v) is float for v in detected.values())
             # Actuators publish host state: plain numbers, never tensors.
             assert all(type(v) in (int, float, bool) for v in result.signals.values())
+
+
+def test_telemetry_line_fast_path_writes_what_sanitize_writes():
+    import math as _math
+
+    from lbw_policy.adapters.torch import _telemetry_line
+    from lbw_policy.decision_log import sanitize
+
+    finite = {"step": 3, "loss": 2.5, "lr": 1e-3, "skipped": False,
+              "signals": {"loss.zscore": -0.1, "upd.ratio": 1.25e-3, "nan.any": 0.0}}
+    assert _telemetry_line(finite) == json.dumps(sanitize(finite), separators=(",", ":"))
+    for key, bad in (("loss", _math.nan), ("lr", _math.inf), ("signals", {"loss.zscore": -_math.inf})):
+        record = dict(finite, **{key: bad})
+        line = _telemetry_line(record)    # strict JSON: no bare NaN / Infinity literals
+        assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {line}")) == sanitize(record)
+    halted = dict(finite, halted=True)
+    assert json.loads(_telemetry_line(halted))["halted"] is True

@@ -201,8 +201,7 @@ class Guard:
         raise TrainingHalted(message, rule=rule or "", step=step, signals=signals)
 
     def _write_telemetry(self, **extra: Any) -> None:
-        self._telemetry_file.write(json.dumps(sanitize(dict(self._step_telemetry, **extra)),
-                                              separators=(",", ":")) + "\n")
+        self._telemetry_file.write(_telemetry_line(dict(self._step_telemetry, **extra)) + "\n")
         self._step_telemetry = None
 
     # ------------------------------------------------------------------ the step
@@ -525,6 +524,16 @@ def _scalar(val: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
     if val.dtype != dtype or val.device != device:
         val = val.to(device=device, dtype=dtype)
     return val
+
+
+def _telemetry_line(record: dict) -> str:
+    """One ``telemetry.jsonl`` line: ``record`` through :func:`sanitize`, or straight to JSON
+    when every number in it is already a finite float (the usual step, and the same text)."""
+    loss, lr = record["loss"], record["lr"]
+    if (type(loss) is float and loss - loss == 0.0 and type(lr) is float and lr - lr == 0.0
+            and all(type(v) is float and v - v == 0.0 for v in record["signals"].values())):
+        return json.dumps(record, separators=(",", ":"))
+    return json.dumps(sanitize(record), separators=(",", ":"))
 
 
 def _fmt(v: Any) -> str:
