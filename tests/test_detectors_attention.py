@@ -366,100 +366,82 @@ def test_moe_router_entropy_imbalance_and_aux_match_numpy():
         MoERouter(router_pattern="*.gate").setup(net, None)
 
 
-def test_attention_logits_under_a_guard_captures_only_the_forwards_of_due_steps(tmp_path):
+def _guard_with(tmp_path, detector: str, signal: str, seed: int, count: str):
+    """A demo GPT governed by an audit policy of one detector, ``det``, due every 3 steps (its
+    rule never fires), whose method ``count`` logs each call: ``(guard, model, optimizer,
+    calls)``."""
     from lbw_policy import Guard
     from lbw_policy.policy import loads_policy
 
-    policy = loads_policy("""
+    policy = loads_policy(f"""
 apiVersion: lbw-policy/v1
 kind: Policy
-metadata: {name: t}
+metadata: {{name: t}}
 mode: audit
 detectors:
-  attn: {type: attention_logits, every: 3, params: {max_batch: 2, max_queries: 5}}
+  det: {{{detector}, every: 3}}
 actuators:
-  skip_step: {}
+  skip_step: {{}}
 rules:
   - name: r
-    when: {signal: attn.max_logit, op: ">", value: 1000000000}
-    then: [{actuator: skip_step}]
+    when: {{signal: det.{signal}, op: ">", value: 1000000000}}
+    then: [{{actuator: skip_step}}]
 """)
-    model = _gpt(seed=4).train()
+    model = _gpt(seed=seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     guard = Guard(opt, policy, model=model, log_dir=tmp_path)
-    det = guard.detectors["attn"]
+    det = guard.detectors["det"]
     assert det.every == 3
-    slices = []
-    real_slice = det._slice
-    det._slice = lambda x, queries: slices.append(1) or real_slice(x, queries)
-    seen, handles = _capture_linear(model)
+    calls, real = [], getattr(det, count)
+    setattr(det, count, lambda *args: calls.append(1) or real(*args))
+    return guard, model, opt, calls
+
+
+def _train_8_steps(guard, model, opt, calls: list, observe):
+    """8 governed steps; returns the steps whose forward grew ``calls`` (the detector's capture
+    log) and ``[(StepResult, observe(logits))]`` per step. Closes the guard."""
     gen = torch.Generator().manual_seed(0)
     captured_at, results = [], []
     for step in range(8):
-        before = len(slices)
+        before = len(calls)
         x = torch.randint(0, 11, (3, 12), generator=gen)
-        _, loss = model(x, x)
+        logits, loss = model(x, x)
         loss.backward()
-        if len(slices) > before:
+        if len(calls) > before:
             captured_at.append(step)
-        refs = [_ref_logits(seen[f"blocks.{i}.attn.q_proj"][:2, -5:], seen[f"blocks.{i}.attn.k_proj"][:2], 4)
-                for i in range(2)]
-        results.append((guard.step(loss), refs))
+        results.append((guard.step(loss), observe(logits)))
         opt.zero_grad(set_to_none=True)
     guard.close()
+    return captured_at, results
+
+
+def test_attention_logits_under_a_guard_captures_only_the_forwards_of_due_steps(tmp_path):
+    guard, model, opt, slices = _guard_with(
+        tmp_path, "type: attention_logits, params: {max_batch: 2, max_queries: 5}", "max_logit", seed=4,
+        count="_slice")
+    seen, handles = _capture_linear(model)
+    captured_at, results = _train_8_steps(guard, model, opt, slices, lambda logits: [
+        _ref_logits(seen[f"blocks.{i}.attn.q_proj"][:2, -5:], seen[f"blocks.{i}.attn.k_proj"][:2], 4)
+        for i in range(2)])
     for h in handles:
         h.remove()
     assert captured_at == [0, 3, 6]                  # one q and one k slice per layer, due steps only
     assert len(slices) == 3 * 2 * 2
     for step in (3, 6):                              # the due step's own forward is the one measured
         res, refs = results[step]
-        assert res.signals["attn.max_logit"] == pytest.approx(max(r[0] for r in refs), rel=1e-5)
-        assert res.signals["attn.min_entropy"] == pytest.approx(min(r[1].min() for r in refs), rel=1e-5)
+        assert res.signals["det.max_logit"] == pytest.approx(max(r[0] for r in refs), rel=1e-5)
+        assert res.signals["det.min_entropy"] == pytest.approx(min(r[1].min() for r in refs), rel=1e-5)
 
 
 def test_logit_divergence_under_a_guard_reads_only_the_forwards_of_due_steps(tmp_path):
-    from lbw_policy import Guard
-    from lbw_policy.policy import loads_policy
-
-    policy = loads_policy("""
-apiVersion: lbw-policy/v1
-kind: Policy
-metadata: {name: t}
-mode: audit
-detectors:
-  logz: {type: logit_divergence, every: 3, params: {warmup: 1, max_batch: 2}}
-actuators:
-  skip_step: {}
-rules:
-  - name: r
-    when: {signal: logz.drift, op: ">", value: 1000000000}
-    then: [{actuator: skip_step}]
-""")
-    model = _gpt(seed=5).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(opt, policy, model=model, log_dir=tmp_path)
-    det = guard.detectors["logz"]
-    assert det.every == 3
-    captures = []
-    real = det._capture
-    det._capture = lambda output: captures.append(1) or real(output)
-    gen = torch.Generator().manual_seed(0)
-    captured_at, results = [], []
-    for step in range(8):
-        before = len(captures)
-        x = torch.randint(0, 11, (3, 12), generator=gen)
-        logits, loss = model(x, x)
-        lz = scipy.special.logsumexp(_np(logits)[:2], axis=-1).reshape(-1)
-        loss.backward()
-        if len(captures) > before:
-            captured_at.append(step)
-        results.append((guard.step(loss), lz))
-        opt.zero_grad(set_to_none=True)
-    guard.close()
+    guard, model, opt, captures = _guard_with(
+        tmp_path, "type: logit_divergence, params: {warmup: 1, max_batch: 2}", "drift", seed=5, count="_capture")
+    captured_at, results = _train_8_steps(
+        guard, model, opt, captures, lambda logits: scipy.special.logsumexp(_np(logits)[:2], axis=-1).reshape(-1))
     assert captured_at == [0, 3, 6]
     for step in (0, 3, 6):                            # the due step's own forward, nothing else
         res, lz = results[step]
-        assert res.signals["logz.logz"] == pytest.approx(lz.mean(), rel=1e-6)
-        assert res.signals["logz.max_logz"] == pytest.approx(lz.max(), rel=1e-6)
-    assert results[6][0].signals["logz.drift"] == pytest.approx(results[6][1].mean() - results[0][1].mean(),
+        assert res.signals["det.logz"] == pytest.approx(lz.mean(), rel=1e-6)
+        assert res.signals["det.max_logz"] == pytest.approx(lz.max(), rel=1e-6)
+    assert results[6][0].signals["det.drift"] == pytest.approx(results[6][1].mean() - results[0][1].mean(),
                                                                 rel=1e-6)
