@@ -13,8 +13,9 @@ statistics untouched (they never poison them).
 
 Representation: the statistics follow their input. A 0-dim tensor on an accelerator keeps
 everything there as float64 (float32 on MPS) tensors: no host sync. On the CPU, where the value
-already sits in host memory, :func:`host` turns the input into a Python float first and the
-same formulas run on floats: IEEE double arithmetic, bit for bit what float64 tensors give
+already sits in host memory, the detectors read it as a Python float first
+(``Telemetry.loss_scalar`` / ``grad_norm_scalar``, :func:`lbw_policy.telemetry.host`; switch:
+``lbw_policy.telemetry.HOST_SCALARS_ON_CPU``) and the same formulas run on floats: IEEE double arithmetic, bit for bit what float64 tensors give
 (except ``sqrt``: ``math.sqrt`` is correctly rounded, torch's CPU float64 ``sqrt`` is off by
 one ulp for about 1 % of inputs), without the per-op dispatch cost of 0-dim tensors (about
 10 us each; a z-score and its EMA update are some 30 of them).
@@ -28,19 +29,6 @@ from typing import Union
 import torch
 
 Scalar = Union[float, torch.Tensor]
-
-#: ``True``: statistics of CPU tensors run on Python floats (see the module docstring).
-#: ``False`` keeps them as tensors on the CPU too, the way they run on an accelerator; the tests
-#: use it to check that path (one host transfer per step) on a machine without one.
-HOST_SCALARS_ON_CPU = True
-
-
-def host(x: Scalar) -> Scalar:
-    """``x`` as a Python float when it is a CPU tensor (reading it waits for no device), else
-    ``x`` unchanged. Only 0-dim or one-element tensors are passed here."""
-    if HOST_SCALARS_ON_CPU and isinstance(x, torch.Tensor) and x.device.type == "cpu":
-        return float(x)
-    return x
 
 
 def where(cond, a, b):

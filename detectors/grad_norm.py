@@ -23,7 +23,7 @@ import torch
 
 from lbw_policy.base import Detector
 
-from ._ema import EMAStat, clamp_min, host, where
+from ._ema import EMAStat, clamp_min, where
 
 
 class GradNorm(Detector):
@@ -46,7 +46,7 @@ class GradNorm(Detector):
         self.stat = EMAStat(alpha)
 
     def compute(self, telemetry):
-        norm = host(telemetry.grad_norm)     # a float on the CPU, a float32 tensor on a device
+        norm = telemetry.grad_norm_scalar    # a float on the CPU, a float32 tensor on a device
         stat = self.stat
         x = stat.adopt(norm)
         warm = stat.count >= self.warmup

@@ -56,7 +56,7 @@ import torch
 
 from lbw_policy.base import Detector
 
-from ._ema import EMAStat, clamp_min, host, isfinite, sqrt, where
+from ._ema import EMAStat, clamp_min, isfinite, sqrt, where
 from ._ring import Ring, masked_median
 
 __all__ = ["LossSpike"]
@@ -129,7 +129,7 @@ class LossSpike(Detector):
         if self.method == "mad":
             return self._mad(telemetry.loss)
         stat = self.stat
-        x = stat.adopt(host(telemetry.loss))  # a float on the CPU, a float64 tensor on a device
+        x = stat.adopt(telemetry.loss_scalar)  # a float on the CPU, a float64 tensor on a device
         finite = isfinite(x)
         warm = stat.count >= self.warmup
         delta = x - stat.mean

@@ -22,15 +22,13 @@ import torch
 
 from lbw_policy.base import Detector
 
-from ._ema import host
-
 
 class NonFinite(Detector):
     name = "nonfinite"
     signals = ("loss", "grads", "any")
 
     def compute(self, telemetry):
-        loss, norm = host(telemetry.loss), host(telemetry.grad_norm)
+        loss, norm = telemetry.loss_scalar, telemetry.grad_norm_scalar
         if isinstance(loss, float) and isinstance(norm, float):      # on the CPU: plain floats
             bad_loss, bad_grads = float(not math.isfinite(loss)), float(not math.isfinite(norm))
             return {"loss": bad_loss, "grads": bad_grads, "any": max(bad_loss, bad_grads)}

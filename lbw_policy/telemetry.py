@@ -11,7 +11,21 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-__all__ = ["Telemetry"]
+__all__ = ["Telemetry", "host", "HOST_SCALARS_ON_CPU"]
+
+#: ``True``: :func:`host` reads a CPU tensor as a Python float, so the per-step scalar statistics
+#: (``detectors/_ema.py``) run on floats on the CPU. ``False`` keeps them as tensors on the CPU
+#: too, the way they run on an accelerator; the tests use it to check that path (one host
+#: transfer per step) on a machine without one.
+HOST_SCALARS_ON_CPU = True
+
+
+def host(x: Any) -> Any:
+    """``x`` as a Python float when it is a CPU tensor (its value is in host memory already:
+    reading it waits for no device), else ``x`` unchanged. For 0-dim or one-element tensors."""
+    if HOST_SCALARS_ON_CPU and isinstance(x, torch.Tensor) and x.device.type == "cpu":
+        return float(x)
+    return x
 
 
 class Telemetry:
@@ -35,12 +49,28 @@ class Telemetry:
         self.model = model
         self._grad_norm: Optional[torch.Tensor] = None
         self._grads: Optional[list] = None
+        self._host: dict[str, Any] = {}  # loss_scalar / grad_norm_scalar, read once per step
         self.cache: dict[str, Any] = {}  # detectors may share other per-step results here
 
     @property
     def device(self) -> torch.device:
         """The loss's device."""
         return self.loss.device
+
+    @property
+    def loss_scalar(self) -> Any:
+        """The loss through :func:`host`: a Python float on the CPU, the 0-dim tensor on an
+        accelerator. Read once per step, shared by the detectors."""
+        if "loss" not in self._host:
+            self._host["loss"] = host(self.loss)
+        return self._host["loss"]
+
+    @property
+    def grad_norm_scalar(self) -> Any:
+        """:attr:`grad_norm` through :func:`host` (a float on the CPU), read once per step."""
+        if "grad_norm" not in self._host:
+            self._host["grad_norm"] = host(self.grad_norm)
+        return self._host["grad_norm"]
 
     def parameters(self) -> Iterator[torch.Tensor]:
         """Every parameter the optimizer updates, in param-group order."""

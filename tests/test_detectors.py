@@ -166,12 +166,12 @@ def test_cpu_floats_give_bit_for_bit_the_tensor_path(monkeypatch, make):
     a resume from state_dict at step 150: to the last bit, except where a z-score divides by a
     square root (torch's CPU float64 sqrt is off by one ulp for about 1 % of inputs; math.sqrt
     is correctly rounded)."""
-    from lbw_policy.detectors import _ema
+    from lbw_policy import telemetry
 
     losses, grads = _series()
 
     def run(host_scalars):
-        monkeypatch.setattr(_ema, "HOST_SCALARS_ON_CPU", host_scalars)
+        monkeypatch.setattr(telemetry, "HOST_SCALARS_ON_CPU", host_scalars)
         p = torch.nn.Parameter(torch.zeros(3))
         det, out = make(), []
         for step, (loss, grad) in enumerate(zip(losses, grads)):
