@@ -141,21 +141,47 @@ class SkipStep(Actuator):
         else:
             self.refused += 1
 
-    def arm(self, keep) -> None:
+    def arm(self, keep):
         """Gate the coming optimizer step on the device: the update is kept where ``keep`` is
-        true and undone where it is false, with no host sync (``gate: device`` only).
+        true and undone where it is false, with no host sync. The guard arms it from the
+        policy's ``gate: device`` rules; user code may arm it between ``loss.backward()`` and
+        ``guard.step(loss)``.
 
         :param keep: 0-dim bool tensor on the parameters' device.
-        :raises RuntimeError: the actuator was configured with ``gate: host``.
+        :returns: the gate in force (0-dim bool tensor): ``keep``, or true where it would make
+            more than ``max_consecutive`` skipped steps in a row.
         :raises ValueError: ``keep`` is not a 0-dim tensor.
         """
         import torch
 
-        if self.gate != "device":
-            raise RuntimeError("skip_step.arm() needs `gate: device` in the policy's bounds")
         if not isinstance(keep, torch.Tensor) or keep.dim() != 0:
             raise ValueError(f"keep must be a 0-dim bool tensor, got {keep!r}")
-        self._keep = keep.to(torch.bool)
+        keep = keep.to(torch.bool)
+        if self._dev_consecutive is None or self._dev_consecutive.device != keep.device:
+            self._dev_consecutive = torch.full((), self._saved_dev_consecutive, dtype=torch.int64,
+                                               device=keep.device)
+        # max_consecutive on the device: a gate that would exceed it is overridden.
+        self._keep = keep | (self._dev_consecutive >= self.max_consecutive)
+        return self._keep
+
+    def device_gate_mode(self, optimizer) -> Optional[str]:
+        """How :meth:`arm` carries out a gate on ``optimizer``: ``"found_inf"`` (torch's fused
+        Adam / AdamW: the kernel skips the update, weight decay included, and undoes the step
+        count), ``"select"`` (a ``torch.where`` restore of parameters and optimizer state), or
+        ``None`` when a step of this optimizer cannot be undone without the host (CUDA Adam /
+        AdamW keeping ``state["step"]`` on the CPU: build it with ``fused=True`` or
+        ``capturable=True``)."""
+        import torch
+
+        groups = optimizer.param_groups
+        if isinstance(optimizer, torch.optim.Adam) and all(g.get("fused") for g in groups):
+            return "found_inf"
+        for group in groups:
+            on_cuda = any(p.is_cuda for p in group["params"])
+            if (on_cuda and isinstance(optimizer, torch.optim.Adam)
+                    and not (group.get("capturable") or group.get("fused"))):
+                return None
+        return "select"
 
     def device_consecutive(self):
         """Skipped steps in a row as seen by the device gate (0-dim int64 tensor, or ``None``
@@ -168,20 +194,20 @@ class SkipStep(Actuator):
             return False
         if self._keep is None:
             return True
-        import torch
-
         keep = self._keep
-        if self._dev_consecutive is None:
-            self._dev_consecutive = torch.full((), self._saved_dev_consecutive, dtype=torch.int64,
-                                               device=keep.device)
-        # max_consecutive on the device: a gate that would exceed it is overridden.
-        keep = keep | (self._dev_consecutive >= self.max_consecutive)
+        if self.device_gate_mode(optimizer) == "found_inf":
+            # torch's fused Adam/AdamW read `found_inf` (the seam GradScaler uses): exactly
+            # 1.0 skips the update, weight decay included, and undoes the step count.
+            import torch
+
+            optimizer.found_inf = (~keep).to(torch.float32)
+            self._pairs = None
+            return True
         pairs = self._snapshot(optimizer)
         if pairs is None:  # state not created yet: a select cannot undo its creation
             self.host_syncs += 1
-            self._keep = keep
             return bool(keep)  # host-device sync (documented; first step of a parameter only)
-        self._keep, self._pairs = keep, pairs
+        self._pairs = pairs
         return True
 
     def _snapshot(self, optimizer) -> Optional[list]:
@@ -210,6 +236,8 @@ class SkipStep(Actuator):
         return list(zip(live, self._buffers))
 
     def after_step(self, optimizer, stepped: bool) -> None:
+        if getattr(optimizer, "found_inf", None) is not None and self._keep is not None:
+            del optimizer.found_inf
         if self._keep is not None:
             import torch
 

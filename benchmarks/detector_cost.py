@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.demo.gpt import GPT, GPTConfig
 from lbw_policy.plugins import get_registry
 from lbw_policy.policy import load_policy, resolve_policy_path

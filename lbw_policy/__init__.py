@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Guard": ("lbw_policy.adapters.torch", "Guard"),
-    "StepResult": ("lbw_policy.adapters.torch", "StepResult"),
+    "Guard": ("lbw_policy.adapters.guard", "Guard"),
+    "StepResult": ("lbw_policy.adapters.guard", "StepResult"),
     "Policy": ("lbw_policy.policy", "Policy"),
     "load_policy": ("lbw_policy.policy", "load_policy"),
     "loads_policy": ("lbw_policy.policy", "loads_policy"),

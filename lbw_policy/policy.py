@@ -74,6 +74,7 @@ class Policy:
     :param name: ``metadata.name``; ``description`` and ``owner`` default to ``""``.
     :param mode: ``"enforce"`` or ``"audit"``.
     :param on_error: ``"continue"``, ``"skip_step"`` or ``"halt"``.
+    :param transfer: ``"auto"``, ``"immediate"`` or ``"deferred"`` (how signals reach the host).
     :param detectors: ``{id: DetectorSpec}`` in file order.
     :param actuators: ``{name: ActuatorSpec}`` in file order.
     :param rules: the rules in file order (``RuleSpec.index`` is the position).
@@ -89,6 +90,7 @@ class Policy:
     owner: str
     mode: str
     on_error: str
+    transfer: str
     detectors: dict
     actuators: dict
     rules: tuple
@@ -542,7 +544,37 @@ def _check_references(data: dict, col: "_Collector", registry: Any) -> dict:
         used: dict = {}
         for k, cmd in enumerate(rule["then"]):
             _check_command(col, cmd, rpath + ("then", k), used, k, actuators, act_regs)
+        if rule.get("gate") == "device":
+            _check_gate(col, rule, rpath, declared, detectors)
     return declared
+
+
+def _check_gate(col, rule, rpath, declared, detectors) -> None:
+    """A ``gate: device`` rule: constants against signals of every-step detectors, one bare
+    ``skip_step``, no timers (the device evaluates it afresh each step)."""
+    for key in ("for", "keep_firing_for", "cooldown"):
+        if key in rule:
+            col.add(PolicyReferenceError, rpath + (key,), f"a `gate: device` rule cannot have "
+                    f"`{key}`", hint="the device evaluates the gate afresh every step; drop "
+                    f"`{key}` or the gate")
+    then = rule["then"]
+    if len(then) != 1 or then[0].get("actuator") != "skip_step" or len(then[0]) != 1:
+        col.add(PolicyReferenceError, rpath + ("then",), "a `gate: device` rule's only command "
+                "must be a bare skip_step", expected="then: [{actuator: skip_step}]",
+                found=repr(then), hint="move other commands (lr_scale, ...) into a separate "
+                "host rule with the same condition")
+    for lpath, leaf in _leaves(rule["when"], rpath + ("when",)):
+        sig = leaf["signal"]
+        did = sig.split(".", 1)[0]
+        if sig not in declared:
+            col.add(PolicyReferenceError, lpath + ("signal",), f"a `gate: device` rule can read "
+                    f"only detector signals, found {sig!r}", hint="actuator signals live on the "
+                    "host; read them in a host rule")
+        elif int(detectors.get(did, {}).get("every", 1)) != 1:
+            col.add(PolicyReferenceError, lpath + ("signal",), f"a `gate: device` rule reads "
+                    f"{sig!r}, but detector {did!r} runs every "
+                    f"{detectors[did].get('every')} steps", hint="gate signals must be emitted "
+                    "every step: drop `every` from that detector or the gate from the rule")
 
 
 def _actuator_signals(col, reg, name, bounds, detectors, published, broken) -> None:
@@ -647,12 +679,14 @@ def _build(data: dict, text: str, source: str, lines: dict, signals: dict) -> Po
         rules.append(RuleSpec(name=r["name"], when=copy.deepcopy(r["when"]), then=tuple(then),
                               priority=int(r.get("priority", 0)), for_=int(r.get("for", 1)),
                               keep_firing_for=int(r.get("keep_firing_for", 0)),
-                              cooldown=int(r.get("cooldown", 0)), index=i, path=f"rules[{i}]"))
+                              cooldown=int(r.get("cooldown", 0)), index=i, path=f"rules[{i}]",
+                              gate=r.get("gate")))
     revision = hashlib.sha256(canonical_json(data)).hexdigest()
     return Policy(data=data, source=source, revision=revision,
                   name=meta["name"], description=meta.get("description", ""),
                   owner=meta.get("owner", ""), mode=data.get("mode", "enforce"),
-                  on_error=data.get("on_error", "halt"), detectors=detectors, actuators=actuators,
+                  on_error=data.get("on_error", "halt"), transfer=data.get("transfer", "auto"),
+                  detectors=detectors, actuators=actuators,
                   rules=tuple(rules), lines=lines, text=text, _signals=signals)
 
 

@@ -20,20 +20,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from lbw_policy.audit import record_text
+from lbw_policy.base import Action
+from lbw_policy.governor import Fault
 from lbw_policy.decision_log import read_log
 from lbw_policy.policy import Policy, load_policy
 from lbw_policy.shadow import DECISION_EVENTS, Shadow, from_json_number
 
 __all__ = ["read_telemetry", "replay", "ReplayResult", "ReplayStep", "format_replay",
            "replay_json"]
-
-_DETECTOR_ERROR = re.compile(r"^detector (\S+) \(")
 
 
 def read_telemetry(path: Union[str, "os.PathLike[str]"]) -> tuple:
@@ -185,18 +184,19 @@ def _initial_scale(bounds: dict) -> float:
 
 def _replay_segment(result, counts, policy, registry, records, rows) -> None:
     start = next((r for r in records if r.get("event") == "run_start"), {})
+    delay = int(start.get("delay") or 0)  # 1: the run evaluated step t's signals at t + 1
+    gated = list((start.get("gate") or {}).get("rules") or ())
     shadow = Shadow(policy, registry=registry, optimizer=str(start.get("optimizer", "AdamW")),
-                    hyperparameters=start.get("optimizer_hyperparameters") or {})
+                    hyperparameters=start.get("optimizer_hyperparameters") or {},
+                    gated=gated if policy.revision == (start.get("policy") or {}).get("revision")
+                    else ())
     by_step: dict = {}
-    failed: dict = {}
     taken_scale = _initial_scale((start.get("actuators") or {}).get("lr_scale") or {})
     for r in records:
         if r.get("event") in DECISION_EVENTS and isinstance(r.get("step"), int):
             by_step.setdefault(r["step"], []).append(r)
-            m = _DETECTOR_ERROR.match(str(r.get("where") or "")) if r.get("event") == "error" else None
-            if m:
-                failed.setdefault(r["step"], set()).add(m.group(1))
     taken_halt = next((r["step"] for r in records if r.get("event") == "halt"), None)
+    row_at = {row["step"]: row for row in rows}
     for row in rows:
         step = row["step"]
         result.n_steps += 1
@@ -207,7 +207,8 @@ def _replay_segment(result, counts, policy, registry, records, rows) -> None:
                         isinstance(a.get("after"), (int, float)) and a.get("applied") is not None:
                     taken_scale = float(a["after"])
         t_halt = taken_halt == step
-        t_skip = bool(row.get("skipped")) or t_halt
+        # the host's skip (a device-gated step shows as the gate's record one step later)
+        t_skip = (bool(row.get("skipped")) and not row.get("gated")) or t_halt
         counts["taken_records"] += len(taken)
         counts["taken_skipped"] += t_skip and not t_halt
         counts["taken_min_scale"] = min(counts["taken_min_scale"], taken_scale)
@@ -220,8 +221,12 @@ def _replay_segment(result, counts, policy, registry, records, rows) -> None:
                 result.steps.append(ReplayStep(step, taken, [], t_skip, True, taken_scale,
                                                math.nan, row.get("lr"), None, t_halt, True, True))
             continue
-        out = shadow.step(step, row.get("signals") or {}, failed.get(step, ()),
-                          loss=row.get("loss", 0.0))
+        src = row_at.get(step - delay) if delay else row
+        out = shadow.step(step, (src or {}).get("signals") or {}, _faults(src, "faults"),
+                          loss=(src or {}).get("loss", 0.0), scheduled_lr=row.get("scheduled_lr"),
+                          signals_step=None if src is None else src["step"],
+                          after_faults=_faults(row, "after_faults"),
+                          device_actions=_device_actions(src, policy) if delay else ())
         s_skip, s_halt = out.skipped, out.halted
         s_scale = math.nan if s_halt else out.lr_scale  # no optimizer step: no learning rate
         counts["shadow_records"] += len(out.records)
@@ -247,6 +252,35 @@ def _replay_segment(result, counts, policy, registry, records, rows) -> None:
             not s_halt else None
         result.steps.append(ReplayStep(step, taken, out_records, t_skip, s_skip, taken_scale,
                                        s_scale, lr, shadow_lr, t_halt, s_halt, differs))
+
+
+def _faults(row: Optional[dict], key: str) -> list:
+    """The faults a telemetry row recorded (``faults``: the detectors' ``compute`` errors of
+    its signals; ``after_faults``: their ``after_step`` errors of its step)."""
+    out = []
+    for f in (row or {}).get(key) or ():
+        try:
+            out.append(Fault.from_dict(f))
+        except (KeyError, TypeError, AttributeError):
+            continue  # a damaged entry: the comparison will show the difference
+    return out
+
+
+def _device_actions(row: Optional[dict], policy: Policy) -> list:
+    """The device gate's outcomes a telemetry row recorded (``gated``: rule names), for the
+    shadow to record as the guard did."""
+    if not row or not row.get("gated"):
+        return []
+    rules = {r.name: r for r in policy.rules}
+    out = []
+    for name in row["gated"]:
+        rule = rules.get(name)
+        if rule is None:
+            continue
+        signals = {s: (row.get("signals") or {}).get(s) for s in rule.signals()}
+        out.append({"rule": name, "priority": rule.priority, "signals": signals,
+                    "action": Action("skip_step", "apply", requested=True, applied=True)})
+    return out
 
 
 def _close(a: float, b: float) -> bool:

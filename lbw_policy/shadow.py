@@ -1,31 +1,25 @@
-"""Shadow evaluation: a policy's rule engine and real actuators, driven by signal values alone.
+"""Shadow evaluation: a policy's Governor and real actuators, driven by signal values alone.
 
 ``lbw-policy test`` drives it with scripted signal series, ``lbw-policy replay`` with a run's
-recorded ``telemetry.jsonl``. Nothing trains: :meth:`Shadow.step` does what
-:meth:`lbw_policy.adapters.torch.Guard.step` does once its detectors have run, in the same
-order and with the same classes:
+recorded ``telemetry.jsonl``. Nothing trains: :meth:`Shadow.step` runs the same
+:class:`~lbw_policy.governor.Governor` as :meth:`lbw_policy.adapters.guard.Guard.step` (the one
+step order: faults, hold, observe, evaluate, plan, record, commit, halt check, recover,
+before/after step), with a stand-in step that does nothing:
 
-1. **hold**: the signals emitted this step update the latest values (sample-and-hold: a
-   detector not due this step keeps its last values); a detector that raised this step loses
-   its values, as in the guard.
-2. **observe**: each actuator sees the step (a stand-in telemetry) and publishes its own
-   signals (``skip_step.exhausted``, ...), which rules read alongside the detectors'; one that
-   raises is contained (an ``error`` record, its signals absent), as in the guard.
-3. **decide**: :class:`~lbw_policy.engine.Engine` evaluates the rules.
-4. **plan / commit**: each command is planned by the policy's real actuator class (clamped to
-   the policy's bounds) and, in ``enforce`` mode, committed; an action that halts (``halt``;
-   ``rollback`` past its budget) ends the run. A plugin that raises gives an ``error`` record
-   and the policy's ``on_error`` decides.
-5. **recover**: actuators that no firing rule holds may recover.
-6. **step or skip**: ``before_step`` / ``after_step`` (reverse order) run on stand-ins: a
-   one-weight model and an AdamW over it at learning rate 1.0, never stepped. So ``skip_step``
-   counts consecutive skips, ``rollback`` keeps its snapshot ring, and the stand-in's learning
-   rate during the step is the factor ``lr_scale`` applied. Actuators are bound without a
-   guard, so nothing is ever written to disk (no halt checkpoint).
+- a one-weight model and an optimizer over it (the run's class and hyperparameters), never
+  stepped, whose learning rate is the run's *scheduled* learning rate of the step when it is
+  known (``scheduled_lr``), else 1.0; so ``lr_cap`` sees the run's rates, ``skip_step`` counts
+  consecutive skips, ``rollback`` keeps its snapshot ring, and the learning rate during the
+  step divided by the scheduled one is the factor the actuators applied;
+- an observation carrying the recorded loss and step; the stand-in weight has a zero gradient,
+  so actuators that count steps with gradients (``grad_clip``'s warm-up) count them here too;
+- the faults the run recorded (a detector's ``compute`` / ``after_step`` error), fed back as
+  :class:`~lbw_policy.governor.Fault` values, so ``on_error`` acts as it did in the run.
 
-Records have the guard's layout (``step``, ``event``, ``rule``, ``priority``, ``signals``,
-``enforced``, ``actions``, ``overridden``; ``error``/``where``/``on_error``; ``message``) without
-the hash-chain fields a :class:`~lbw_policy.decision_log.DecisionLog` adds.
+Actuators are bound without a guard, so nothing is ever written to disk (no halt checkpoint).
+Records have the guard's layout (``step``, ``signals_step``, ``event``, ``rule``, ``priority``,
+``signals``, ``enforced``, ``actions``, ``overridden``; ``error``/``where``/``fault``/``on_error``;
+``message``) without the hash-chain fields a :class:`~lbw_policy.decision_log.DecisionLog` adds.
 """
 
 from __future__ import annotations
@@ -33,17 +27,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from lbw_policy.engine import Engine
 from lbw_policy.errors import ActuatorError
+from lbw_policy.governor import DECISION_EVENTS, Fault, Governor
 from lbw_policy.policy import Policy, load_policy
 
 __all__ = ["Shadow", "ShadowStep", "action_rows", "DECISION_EVENTS", "STAND_IN_HYPERPARAMETERS",
            "from_json_number"]
-
-#: Events a :class:`Shadow` (and a guard) records for a step.
-DECISION_EVENTS = ("fired", "action", "resolved", "recover", "error", "halt")
 
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -82,7 +73,7 @@ class ShadowStep:
 
 
 class Shadow:
-    """A policy's engine and actuators, stepped by hand.
+    """A policy's Governor and actuators, stepped by hand.
 
     :param policy: a :class:`~lbw_policy.policy.Policy` or a policy file path.
     :param registry: plugin registry (default :func:`lbw_policy.plugins.get_registry`).
@@ -90,15 +81,19 @@ class Shadow:
         ``"SGD"`` (others fall back to AdamW).
     :param hyperparameters: the run's param-group hyperparameters (``betas``, ``eps``,
         ``weight_decay``, ``amsgrad``, ``momentum``, ``dampening``, ``nesterov``); others are
-        ignored, ``lr`` is always 1.0. Actuators that read them (``beta2`` recovers toward the
-        optimizer's own beta2) then behave as in the run.
+        ignored. Actuators that read them (``beta2`` recovers toward the optimizer's own beta2)
+        then behave as in the run.
+    :param gated: names of the rules the run's device gate carried out (the guard's
+        ``run_start`` record, ``gate.rules``): the shadow's engine leaves them out, as the
+        guard's did; their outcomes come in as ``device_actions``.
     :raises PolicyError: the policy file is invalid.
     :raises ActuatorError: an actuator cannot be simulated (it refuses the stand-in optimizer).
     :raises ValueError: the hyperparameters are invalid for that optimizer.
     """
 
     def __init__(self, policy: Union[Policy, str, "os.PathLike[str]"], *, registry: Any = None,
-                 optimizer: str = "AdamW", hyperparameters: Optional[Mapping[str, Any]] = None) -> None:
+                 optimizer: str = "AdamW", hyperparameters: Optional[Mapping[str, Any]] = None,
+                 gated: Sequence[str] = ()) -> None:
         if registry is None:
             from lbw_policy.plugins import get_registry
 
@@ -108,8 +103,10 @@ class Shadow:
         import torch  # the actuators' optimizer seam; nothing is ever stepped
 
         self.model = torch.nn.Linear(1, 1, bias=False)
+        self.model.weight.grad = torch.zeros_like(self.model.weight)  # actuators that count
+        # steps with gradients (grad_clip's warm-up) count the shadow's too
         self.optimizer = _stand_in(self.model, optimizer, hyperparameters or {})
-        self.actuators: dict = {}
+        actuators: dict = {}
         for name, spec in self.policy.actuators.items():
             actuator = registry.actuators[name].cls(**dict(spec.bounds))
             try:
@@ -118,145 +115,59 @@ class Shadow:
             except ActuatorError as exc:
                 raise ActuatorError(f"actuator {name!r} cannot be simulated without a real "
                                     f"training run: {exc}") from exc
-            self.actuators[name] = actuator
-        self.engine = Engine(self.policy.rules)
-        self.latest: dict = {}
-        self.halted = False
-        self.skipped_steps = 0
+            actuators[name] = actuator
+        self.actuators = actuators
+        self.governor = Governor(self.policy, actuators, _keep,
+                                 rules=[r for r in self.policy.rules if r.name not in set(gated)])
+        self.engine = self.governor.engine
 
-    def step(self, step: int, emitted: Mapping[str, Any], failed: Iterable[str] = (),
-             loss: Any = 0.0) -> ShadowStep:
-        """Run one step on the signals emitted at it.
+    @property
+    def latest(self) -> dict:
+        """Every signal's held value."""
+        return self.governor.latest
+
+    @property
+    def halted(self) -> bool:
+        return self.governor.halted
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.governor.skipped_steps
+
+    def step(self, step: int, emitted: Mapping[str, Any], faults: Iterable[Fault] = (), *,
+             loss: Any = 0.0, scheduled_lr: Any = None, signals_step: Optional[int] = None,
+             after_faults: Iterable[Fault] = (),
+             device_actions: Sequence[Mapping] = ()) -> ShadowStep:
+        """Run one step on the signals emitted for it.
 
         :param step: the step index (increasing; need not be consecutive).
         :param emitted: ``{"<detector>.<signal>": value}`` emitted this step; numbers, bools,
             ``None`` or the strings ``"NaN"`` / ``"Infinity"`` / ``"-Infinity"``.
-        :param failed: ids of detectors that raised this step (their held values are dropped).
-        :param loss: the step's loss for the stand-in telemetry the actuators observe.
+        :param faults: the detectors' ``compute`` faults of these signals (their held values are
+            dropped; ``on_error`` applies).
+        :param loss: the step's loss for the stand-in observation the actuators see.
+        :param scheduled_lr: the run's scheduled learning rate at this step (default 1.0).
+        :param signals_step: the step the signals were emitted at (deferred transport: one
+            before ``step``); default ``step``.
+        :param after_faults: the detectors' ``after_step`` faults of this step.
+        :param device_actions: the device gate's outcomes of ``signals_step`` (see
+            :meth:`~lbw_policy.governor.Governor.step`).
         :raises RuntimeError: the shadow run has already halted.
         """
         if self.halted:
             raise RuntimeError("the shadow run has halted; build a new Shadow to start again")
-        out = ShadowStep(step)
-        failed = set(failed)
-        if failed:
-            self.latest = {k: v for k, v in self.latest.items() if k.split(".", 1)[0] not in failed}
-        self.latest.update({k: from_json_number(v) for k, v in emitted.items()})
-        skip = False
-        readable = dict(self.latest)
-        tel = self._telemetry(step, loss)
-        for name, actuator in self.actuators.items():
-            try:
-                actuator.observe(tel)
-                for sig, val in actuator.signal_values().items():
-                    readable[f"{name}.{sig}"] = val
-            except Exception as exc:  # contained, as in the guard; its signals are absent
-                skip |= self._error(out, f"actuator {name} signals", f"actuator {name!r} signals", exc)
-                if out.halted:
-                    return self._end(out)
-        decisions = self.engine.evaluate(step, readable)
-        commanded: set = set()
-        halt_by = None
-        for d in decisions:
-            planned = []
-            for cmd in d.commands:
-                commanded.add(cmd.actuator)
-                try:
-                    planned.append((self.actuators[cmd.actuator].plan(cmd.verb, cmd.value, step), cmd))
-                except Exception as exc:  # contained, as in the guard
-                    skip |= self._error(out, f"actuator {cmd.actuator} plan",
-                                        f"actuator {cmd.actuator!r}", exc)
-                    if out.halted:
-                        return self._end(out)
-            out.records.append({
-                "step": step, "event": d.event, "rule": d.rule, "priority": d.priority,
-                "signals": dict(d.signals), "enforced": self.enforce,
-                "actions": [dict(_action_dict(a), command={"verb": c.verb, "value": c.value})
-                            for a, c in planned],
-                "overridden": [{"actuator": c.actuator, "verb": c.verb, "value": c.value,
-                                "overridden_by": winner} for c, winner in d.overridden]})
-            if not self.enforce:
-                continue
-            for action, _ in planned:
-                try:
-                    self.actuators[action.actuator].commit(action)
-                except Exception as exc:
-                    skip |= self._error(out, f"actuator {action.actuator} commit",
-                                        f"actuator {action.actuator!r}", exc)
-                    if out.halted:
-                        return self._end(out)
-                halts = action.extra.get("halt") or (action.actuator == "halt" and action.applied)
-                if halts and halt_by is None:
-                    halt_by = (d.rule, dict(d.signals))
-        if halt_by is not None:
-            rule, signals = halt_by
-            self._halt_record(out, rule, signals, f"rule {rule!r}")
-            return self._end(out)
+        lr = from_json_number(scheduled_lr)
+        self.optimizer.param_groups[0]["lr"] = float(lr) if isinstance(lr, (int, float)) else 1.0
+        out = self.governor.step(
+            step, {k: from_json_number(v) for k, v in emitted.items()}, faults,
+            observation=self._observation(step, loss), optimizer=self.optimizer,
+            after_step=lambda stepped: after_faults, signals_step=signals_step,
+            device_actions=device_actions)
+        return ShadowStep(step, records=out.records, skipped=out.skipped,
+                          lr_factor=out.lr_factor if self.enforce else 1.0,
+                          lr_scale=out.lr_scale, halted=out.halted, signals=dict(self.latest))
 
-        held = self.engine.held_actuators() | commanded
-        for name, actuator in self.actuators.items():
-            if name in held:
-                continue
-            try:
-                action = actuator.recover(step)
-            except Exception as exc:
-                skip |= self._error(out, f"actuator {name} recover",
-                                    f"actuator {name!r} recover", exc)
-                if out.halted:
-                    return self._end(out)
-                continue
-            if action is None:
-                continue
-            out.records.append({"step": step, "event": "recover", "rule": None,
-                                "enforced": self.enforce, "actions": [_action_dict(action)]})
-            if self.enforce:
-                try:
-                    actuator.commit(action)
-                except Exception as exc:
-                    skip |= self._error(out, f"actuator {name} recover commit",
-                                        f"actuator {name!r} recover commit", exc)
-                    if out.halted:
-                        return self._end(out)
-
-        proceed = not skip
-        group = self.optimizer.param_groups[0]
-        group["lr"] = 1.0
-        entered = []
-        unwind_errors = []
-        try:
-            if self.enforce:
-                for name, actuator in self.actuators.items():
-                    entered.append((name, actuator))
-                    try:
-                        ok = actuator.before_step(self.optimizer)
-                    except Exception as exc:
-                        ok = not self._error(out, f"actuator {name} before_step",
-                                             f"actuator {name!r} before_step", exc)
-                        if out.halted:
-                            break
-                    proceed = ok and proceed
-            out.lr_factor = float(group["lr"])
-            if "lr_scale" in self.actuators:
-                out.lr_scale = float(self.actuators["lr_scale"].state_dict().get("scale", 1.0))
-        finally:
-            for name, actuator in reversed(entered):
-                try:
-                    actuator.after_step(self.optimizer, proceed and not out.halted)
-                except Exception as exc:
-                    unwind_errors.append((name, exc))
-        if out.halted:
-            return self._end(out)
-        for name, exc in unwind_errors:
-            self._error(out, f"actuator {name} after_step", f"actuator {name!r} after_step", exc)
-            if out.halted:
-                return self._end(out)
-        out.skipped = not proceed
-        self.skipped_steps += out.skipped
-        out.signals = dict(self.latest)
-        return out
-
-    # ------------------------------------------------------------------ helpers
-    def _telemetry(self, step: int, loss: Any) -> Any:
+    def _observation(self, step: int, loss: Any) -> Any:
         import torch
 
         from lbw_policy.telemetry import Telemetry
@@ -265,27 +176,10 @@ class Shadow:
         value = float(loss) if isinstance(loss, (int, float)) else math.nan
         return Telemetry(step, torch.tensor(value), self.optimizer, self.model)
 
-    def _error(self, out: ShadowStep, where: str, who: str, exc: BaseException) -> bool:
-        """Record a contained plugin error; apply on_error; return True to skip the step."""
-        on_error = self.policy.on_error
-        out.records.append({"step": out.step, "event": "error", "rule": None, "where": where,
-                            "error": f"{type(exc).__name__}: {exc}", "on_error": on_error})
-        if on_error == "halt" and self.enforce:
-            self._halt_record(out, None, {}, f"on_error=halt after {who} raised "
-                              f"{type(exc).__name__}: {exc}")
-        return on_error == "skip_step" and self.enforce
 
-    def _halt_record(self, out: ShadowStep, rule: Optional[str], signals: dict, reason: str) -> None:
-        message = f"training halted at step {out.step} by {reason}"
-        out.records.append({"step": out.step, "event": "halt", "rule": rule, "signals": signals,
-                            "message": message})
-        out.halted = True
-
-    def _end(self, out: ShadowStep) -> ShadowStep:
-        self.halted = True
-        out.skipped = True
-        out.signals = dict(self.latest)
-        return out
+def _keep(record: dict) -> dict:
+    """The shadow's sink: records stay in memory."""
+    return record
 
 
 #: Optimizers a shadow can stand in for, with the hyperparameters it copies from the run.
@@ -303,12 +197,6 @@ def _stand_in(model: Any, kind: str, hyper: Mapping[str, Any]) -> Any:
     if "betas" in kw:
         kw["betas"] = tuple(float(b) for b in kw["betas"])
     return getattr(torch.optim, kind)(model.parameters(), lr=1.0, **kw)
-
-
-def _action_dict(action: Any) -> dict:
-    d = action.to_dict()
-    d.pop("step", None)
-    return d
 
 
 def action_rows(records: Iterable[Mapping]) -> list[dict]:

@@ -48,6 +48,8 @@ class RuleSpec:
         (default 0).
     :param index: position in the policy file (ties in priority go to the earlier rule).
     :param path: YAML path of the rule, e.g. ``rules[2]``, for error messages and audit.
+    :param gate: ``"device"`` for a same-step safety gate (see the policy reference), else
+        ``None``.
     """
 
     name: str
@@ -59,6 +61,7 @@ class RuleSpec:
     cooldown: int = 0
     index: int = 0
     path: str = ""
+    gate: Optional[str] = None
 
     def signals(self) -> list[str]:
         """Names of every signal the condition reads, in first-seen order."""

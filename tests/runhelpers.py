@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lbw_policy import TrainingHalted
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.policy import load_policy
 
 LR = 0.05

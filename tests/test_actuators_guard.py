@@ -10,7 +10,7 @@ import torch
 from actuator_helpers import (HEAD, Spy, assert_same, decisions_of, forward_backward, make,
                               opt_state, params, records, registry)
 from lbw_policy import TrainingHalted
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.decision_log import verify_log
 from lbw_policy.errors import PolicyReferenceError
 from lbw_policy.policy import loads_policy

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from actuator_helpers import HEAD, Spy, decisions_of, forward_backward, make, records, registry
 from lbw_policy.actuators import (Beta2, GradClip, LRScale, MomentumReset, Rollback, SkipStep,
                                   WeightDecayScale)
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.policy import loads_policy
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -12,7 +12,7 @@ import torch
 from actuator_helpers import (HEAD, OPTIMIZERS, assert_same, forward_backward, make, opt_state,
                               params, records, run_step)
 from lbw_policy.actuators import SkipStep
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.errors import ActuatorError
 from lbw_policy.policy import loads_policy
 
@@ -88,9 +88,11 @@ def test_first_step_before_the_state_exists_reads_the_gate_on_the_host():
     assert_same(params(model), weights)
 
 
-def test_arm_needs_gate_device_and_a_0_dim_tensor():
-    with pytest.raises(RuntimeError, match=r"skip_step.arm\(\) needs `gate: device`"):
-        SkipStep().arm(torch.tensor(True))
+def test_arm_needs_a_0_dim_tensor_and_returns_the_gate_in_force():
+    skip = SkipStep(max_consecutive=1)
+    assert skip.arm(torch.tensor(False)).item() is False  # the guard arms it from gate rules
+    skip.after_step(None, True)  # the gated step: one device skip in a row
+    assert skip.arm(torch.tensor(False)).item() is True  # max_consecutive=1: kept on the device
     with pytest.raises(ValueError, match="keep must be a 0-dim bool tensor"):
         SkipStep(gate="device").arm(torch.tensor([True]))
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.cli import main
 from lbw_policy.decision_log import read_log, verify_log
 from lbw_policy.policy import load_policy

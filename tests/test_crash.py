@@ -21,7 +21,7 @@ import pytest
 import torch.nn.functional as F
 from runhelpers import batch, make_model
 
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.cli import main
 from lbw_policy.decision_log import GENESIS, read_log, record_hash, verify_log
 

@@ -1,4 +1,4 @@
-"""Guard (lbw_policy.adapters.torch) on a real AdamW: what a governed step changes and what it
+"""Guard (lbw_policy.adapters.guard) on a real AdamW: what a governed step changes and what it
 leaves bit-identical, write-ahead logging, conflicts, halts, contained plugin errors, resume.
 
 Expected values are computed by hand (learning-rate trajectories, skip patterns) or by running
@@ -15,7 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from lbw_policy import TrainingHalted
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.base import Action, Actuator, Detector
 from lbw_policy.decision_log import read_log, verify_log
 from lbw_policy import telemetry as telemetry_module
@@ -726,7 +726,7 @@ rules:
 def test_telemetry_line_fast_path_writes_what_sanitize_writes():
     import math as _math
 
-    from lbw_policy.adapters.torch import _telemetry_line
+    from lbw_policy.adapters.guard import _telemetry_line
     from lbw_policy.decision_log import sanitize
 
     finite = {"step": 3, "loss": 2.5, "lr": 1e-3, "skipped": False,

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from runhelpers import batch, make_model
 
 from lbw_policy import TrainingHalted
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.base import Action, Actuator, Detector
 from lbw_policy.cli import main
 from lbw_policy.decision_log import read_log, verify_log
@@ -320,7 +320,7 @@ def events(tmp_path):
 
 @pytest.mark.parametrize("what, message", [
     ("vector", "RuntimeError: shape '[]' is invalid for input of size 3"),
-    ("string", "ValueError: could not convert string to float: 'two'"),
+    ("string", "TypeError: a signal value must be a 0-dim tensor or a real number, found str 'two'"),
     ("broken", "RuntimeError: broken mapping"),
 ])
 def test_a_detector_returning_garbage_is_contained_and_contributes_nothing(tmp_path, reg, what, message):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from actuator_helpers import HEAD, Spy, decisions_of, forward_backward, make, params, records, registry
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.detectors.lr_jump import LRJump
 from lbw_policy.errors import PolicyError
 from lbw_policy.policy import loads_policy

@@ -16,7 +16,7 @@ import lbw_policy
 from lbw_policy import plugins
 from lbw_policy.actuators import (Beta2, GradClip, Halt, LRScale, MomentumReset, Rollback,
                                   SkipStep, WeightDecayScale)
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.base import Actuator, Detector
 from lbw_policy.cli import main
 from lbw_policy.decision_log import read_log

@@ -351,7 +351,7 @@ def test_wrong_type(tmp_path):
 
 def test_unknown_top_level_key(tmp_path):
     err = load_bad(tmp_path, HEADER + "rules: []\nrulez: []\n", PolicySchemaError,
-                   match=r":5: rulez: unknown key 'rulez'; expected one of \['actuators', .*'rules'\]")
+                   match=r":5: rulez: unknown key 'rulez'; expected one of \['actuators', .*'rules', 'transfer'\]")
     assert (err.line, err.path) == (5, "rulez")
 
 

@@ -92,8 +92,8 @@ def test_a_stricter_policy_halts_and_the_rest_of_the_run_is_counted(run, tmp_pat
     out = capsys.readouterr().out
     assert "shadow  halting  revision " in out
     assert "  shadow  stop-on-nan fired: halt false -> true\n" in out
-    assert "  shadow  stop-on-nan halt: training halted at step 31 by rule 'stop-on-nan'  " \
-        "[halted]\n" in out
+    assert "  shadow  stop-on-nan halt: training halted at step 31 by rule 'stop-on-nan'; " \
+            "signals: nan.any=1  [halted]\n" in out  # the guard's message: one Governor
     assert "steps where the lr_scale differs: 0 of 50" in out
     assert "the shadow halted at step 31: the run's 18 later steps would not have run" in out
     assert "halted at step                   -          31" in out

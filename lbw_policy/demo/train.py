@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.demo.data import CharCorpus, load_text
 from lbw_policy.demo.gpt import GPT, GPTConfig, evaluate
 from lbw_policy.errors import TrainingHalted

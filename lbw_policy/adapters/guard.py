@@ -1,0 +1,498 @@
+"""The torch adapter: a :class:`Guard` governs a ``torch.optim.Optimizer`` with a policy.
+
+One call per training step, after ``loss.backward()``::
+
+    guard.step(loss)   # sense -> transfer -> govern -> optimizer.step() or skip
+
+The six stages of DESIGN.md's data flow, each in one place:
+
+1. **telemetry**: a :class:`~lbw_policy.telemetry.Telemetry` shared by the detectors
+   (the global grad norm is reduced once).
+2. **detect**: every detector due this step (``every:``) returns 0-dim tensors, stacked with the
+   loss into one signal vector; ``gate: device`` rules are evaluated on it, on the device
+   (:mod:`lbw_policy.adapters.gate`). A detector that raises becomes a
+   :class:`~lbw_policy.governor.Fault`.
+3. **reduce**: (distributed runs; not in this adapter yet).
+4. **transfer**: the vector reaches the host at once (``immediate``: one ``.tolist()``) or one
+   step later without a blocking sync (``deferred``, the default on CUDA;
+   :mod:`lbw_policy.adapters.transport`).
+5. **govern**: the :class:`~lbw_policy.governor.Governor` (faults, hold, observe, evaluate, plan,
+   write-ahead log, commit, halt check, recover) -- the one step order, shared with replay and
+   ``lbw-policy test``.
+6. **step**: ``optimizer.step()`` inside the Governor's before/after, or the skip; then every
+   detector's ``after_step``.
+
+Errors raised by a detector or actuator plugin are contained by the Governor (an ``error`` record
+and the policy's ``on_error``); a failing decision log halts the guard and the step is not taken.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from lbw_policy.adapters.gate import DeviceGate, gate_rules
+from lbw_policy.adapters.transport import Packet, make_transport
+from lbw_policy.base import Action
+from lbw_policy.decision_log import DecisionLog, sanitize
+from lbw_policy.errors import TrainingHalted
+from lbw_policy.governor import Fault, Governor
+from lbw_policy.policy import Policy, load_policy
+from lbw_policy.telemetry import Telemetry
+
+__all__ = ["Guard", "StepResult"]
+
+
+@dataclass
+class StepResult:
+    """What :meth:`Guard.step` did.
+
+    :param step: the step index (0-based).
+    :param loss: the loss of ``signals_step`` as a float (NaN when no signals landed yet: the
+        first step of a deferred run).
+    :param skipped: ``True`` when ``optimizer.step()`` was not called (a device-gated step is
+        called and undone on the device: it shows in the next step's ``decisions``).
+    :param lr: effective learning rate of the first param group this step (after ``lr_scale``).
+    :param decisions: the records written this step (full decision-log records).
+    :param signals: every signal's latest value, ``{"<detector_id>.<signal>": float}``.
+    :param signals_step: the step whose signals were evaluated (``step`` with the immediate
+        transport, ``step - 1`` with the deferred one, ``None`` when none landed yet).
+    """
+
+    step: int
+    loss: float
+    skipped: bool
+    lr: float
+    decisions: list = field(default_factory=list)
+    signals: dict = field(default_factory=dict)
+    signals_step: Optional[int] = None
+
+
+class Guard:
+    """Apply a policy to an optimizer, step by step.
+
+    :param optimizer: any ``torch.optim.Optimizer`` (AdamW, Adam, SGD, ...).
+    :param policy: a :class:`~lbw_policy.policy.Policy`, a path to a YAML file, or the name of a
+        built-in policy (``"default"``, ``"audit-only"``).
+    :param model: the model (detectors that inspect weights or attach hooks need it).
+    :param log_dir: run directory for ``decisions.jsonl``, ``telemetry.jsonl`` and
+        ``policy.yaml``; created if missing; an existing decision log is continued (resume).
+        Default ``runs/<run_id>``.
+    :param run_id: label written into every record (default: ``log_dir``'s name, else random).
+    :param rank: distributed rank label (default 0).
+    :param registry: plugin registry (default: :func:`lbw_policy.plugins.get_registry`).
+    :param fsync: ``os.fsync`` the decision log after every record (default ``False``: flushed
+        to the OS, which survives a killed process but not a power loss).
+    :param transfer: ``"auto"``, ``"immediate"`` or ``"deferred"``; overrides the policy's
+        ``transfer:`` (default: the policy's, itself ``auto``: deferred on CUDA).
+    :raises PolicyError: the policy is invalid (nothing was applied).
+    :raises ActuatorError: an actuator cannot act on this optimizer (nothing was applied: hooks
+        a detector had attached are removed again).
+    :raises ValueError: an unknown ``transfer``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, policy: Union[Policy, str, os.PathLike] = "default",
+                 model: Optional[torch.nn.Module] = None, log_dir: Union[str, os.PathLike, None] = None,
+                 run_id: Optional[str] = None, rank: int = 0, registry=None, fsync: bool = False,
+                 labels: Optional[Mapping[str, Any]] = None, transfer: Optional[str] = None) -> None:
+        if registry is None:
+            from lbw_policy.plugins import get_registry
+
+            registry = get_registry()
+        if not isinstance(policy, Policy):
+            from lbw_policy.policy import resolve_policy_path
+
+            policy = load_policy(resolve_policy_path(policy), registry=registry)
+        self.policy = policy
+        self.optimizer = optimizer
+        self.model = model
+        self.enforce = policy.mode == "enforce"
+        self.registry = registry
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]),
+                      torch.device("cpu"))
+        self.transport = make_transport(transfer or policy.transfer, device)
+
+        # Build every plugin before touching files: a bad policy never half-applies, and a
+        # failed construction leaves the model as it was (hooks removed).
+        self.detectors, self.actuators, self._plugin_versions = {}, {}, {}
+        try:
+            for det_id, spec in policy.detectors.items():
+                reg = registry.detectors[spec.type]
+                self.detectors[det_id] = reg.cls(**dict(spec.params))
+                self.detectors[det_id].every = spec.every
+                self._plugin_versions[f"detector:{spec.type}"] = {"plugin": reg.plugin, "version": reg.version}
+            for name, spec in policy.actuators.items():
+                reg = registry.actuators[name]
+                self.actuators[name] = reg.cls(**dict(spec.bounds))
+                self._plugin_versions[f"actuator:{name}"] = {"plugin": reg.plugin, "version": reg.version}
+            for name, actuator in self.actuators.items():
+                actuator.bind(model=model, guard=self)  # rollback needs the model, halt the log_dir
+                actuator.attach(optimizer)  # ActuatorError if it cannot act on this optimizer
+            for det in self.detectors.values():
+                det.setup(model, optimizer)
+        except BaseException:
+            self._close_detectors()
+            raise
+        # The same-step gate runs on the device only when the host learns too late (deferred)
+        # and the policy enforces; otherwise its rules are ordinary host rules.
+        gated = gate_rules(policy) if self.transport.delay and self.enforce else []
+        self.gate_mode = None
+        if gated:
+            self.gate_mode = self.actuators["skip_step"].device_gate_mode(optimizer)
+            if self.gate_mode is None:  # this optimizer cannot be gated without the host
+                gated = []
+        self.gate = DeviceGate(gated)
+
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.run_id = run_id or (self.log_dir.name if self.log_dir else uuid.uuid4().hex[:12])
+        if self.log_dir is None:
+            self.log_dir = Path("runs") / self.run_id
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        from lbw_policy import __version__
+
+        run_labels = {"run_id": self.run_id, "rank": rank, "lbw_policy": __version__,
+                      "torch": torch.__version__, "python": platform.python_version(),
+                      "plugins": self._plugin_versions}
+        run_labels.update(labels or {})
+        self.log = DecisionLog(self.log_dir / "decisions.jsonl", run=run_labels, fsync=fsync)
+        (self.log_dir / "policy.yaml").write_text(policy.text, encoding="utf-8")
+        self._telemetry_file = _open_telemetry(self.log_dir / "telemetry.jsonl")
+        self.governor = Governor(policy, self.actuators, self._write,
+                                 rules=[r for r in policy.rules if r not in gated])
+        self._step = 0
+        self._after_faults: list = []
+        self._halted = False
+        self._closed = False
+        self._write({"step": 0, "event": "run_start", "mode": policy.mode,
+                     "transfer": self.transport.mode, "delay": self.transport.delay,
+                     "gate": {"mode": self.gate_mode, "rules": [r.name for r in gated]},
+                     "detectors": {k: {"type": v.type, "params": dict(v.params), "every": v.every}
+                                   for k, v in policy.detectors.items()},
+                     "actuators": {k: dict(v.bounds) for k, v in policy.actuators.items()},
+                     "optimizer": type(optimizer).__name__,
+                     # hyperparameters of param group 0 (betas, weight_decay, ...): replay builds
+                     # its stand-in optimizer with them (beta2 recovers toward the run's own)
+                     "optimizer_hyperparameters": {k: v for k, v in optimizer.param_groups[0].items()
+                                                   if k != "params"},
+                     "recovered_torn_bytes": self.log.recovered_torn_bytes})
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def step_count(self) -> int:
+        """Number of completed ``step`` calls (the next step's index)."""
+        return self._step
+
+    @property
+    def counts(self):
+        """Decisions by ``"event:<e>"``, ``"rule:<name>"``, ``"actuator:<name>"``."""
+        return self.governor.counts
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps the host skipped (device-gated steps are counted by their records)."""
+        return self.governor.skipped_steps
+
+    @property
+    def engine(self):
+        return self.governor.engine
+
+    def _policy_label(self) -> dict:
+        return {"name": self.policy.name, "revision": self.policy.revision,
+                "owner": self.policy.owner, "description": self.policy.description}
+
+    def _write(self, record: dict) -> dict:
+        record = {"policy": self._policy_label(), "mode": self.policy.mode, **record}
+        return self.log.append(record)
+
+    # ------------------------------------------------------------------ the step
+    def step(self, loss: torch.Tensor) -> StepResult:
+        """Govern one optimizer step. Call after ``loss.backward()``, instead of
+        ``optimizer.step()``.
+
+        :param loss: the step's loss, a scalar tensor (any device) or a float.
+        :return: :class:`StepResult`.
+        :raises TrainingHalted: a ``halt`` command fired (enforce mode); its record is on disk.
+        :raises DecisionLogError: the decision log could not be written; the guard is halted
+            and this step's optimizer step was not taken.
+        :raises RuntimeError: the guard was closed or has halted.
+        """
+        if self._closed or self._halted:
+            raise RuntimeError("Guard has halted training; build a new one to continue" if self._halted
+                               else "Guard is closed")
+        self._after_faults = []
+        tel = Telemetry(self._step, loss, self.optimizer, self.model)        # 1. telemetry
+        packet = self._sense(tel)                                            # 2. detect (+ gate)
+        due = self.transport.send(packet)                                    # 4. transfer
+        emitted, faults, device_actions = self._landed(due)
+        outcome = self.governor.step(                                        # 5. govern, 6. step
+            self._step, emitted, faults, observation=tel, optimizer=self.optimizer,
+            step_fn=self.optimizer.step, after_step=functools.partial(self._after_step, tel),
+            signals_step=None if due is None else due.step, device_actions=device_actions)
+        packet.meta.update(lr=outcome.lr, scheduled_lr=outcome.scheduled_lr,
+                           skipped=outcome.skipped, halted=outcome.halted,
+                           after_faults=[f.to_dict() for f in self._after_faults])
+        for p in (due, packet) if due is not packet else (packet,):
+            if p is not None and p.values is not None and "skipped" in p.meta:
+                self._write_row(p)
+        self._step += 1
+        if outcome.halted:
+            self._halted = True
+            self._finish(None)
+            if outcome.fatal is not None:
+                raise outcome.fatal
+            h = outcome.halt
+            raise TrainingHalted(h["message"], rule=h["rule"] or "", step=outcome.step,
+                                 signals=h["signals"])
+        return StepResult(step=outcome.step, loss=due.values[0] if due else float("nan"),
+                          skipped=outcome.skipped, lr=outcome.lr, decisions=outcome.records,
+                          signals=dict(self.governor.latest),
+                          signals_step=None if due is None else due.step)
+
+    def _sense(self, tel: Telemetry) -> Packet:
+        """Stage 2: due detectors -> one vector ``[loss, *tensor signals, *gate flags]`` on the
+        loss's device; host values and faults beside it."""
+        step = tel.step
+        device = tel.loss.device
+        dtype = torch.float64 if device.type != "mps" else torch.float32
+        flat: list = [tel.loss.reshape(()).to(device=device, dtype=dtype)]
+        names: list = []
+        on_host: dict = {}
+        faults: list = []
+        for det_id, det in self.detectors.items():
+            spec = self.policy.detectors[det_id]
+            if step % spec.every:
+                continue
+            try:
+                # Each value becomes a 0-dim tensor here, inside the try: a detector returning
+                # something that is not a scalar is contained like one that raises, and a
+                # failed detector contributes no signal at all (no partial output).
+                mine = [(f"{det_id}.{sig}", _scalar(val, device, dtype)
+                         if isinstance(val, torch.Tensor) else _host_number(val))
+                        for sig, val in det.compute(tel).items()]
+            except Exception as exc:  # a plugin that raises is contained, never silent
+                faults.append(Fault.of("detector", det_id, "compute", exc, spec.type))
+                continue
+            for name, value in mine:
+                if isinstance(value, float):
+                    on_host[name] = value
+                else:
+                    names.append(name)
+                    flat.append(value)
+        gates: list = []
+        if self.gate:
+            fired = self.gate.evaluate({**dict(zip(names, flat[1:])), **on_host}, device)
+            keep = self.actuators["skip_step"].arm(~torch.stack(fired).any())
+            gates = [torch.logical_and(f, ~keep).to(dtype) for f in fired]
+        vector = torch.stack(flat + gates)
+        return Packet(step, names, vector, on_host,
+                      meta={"faults": [f.to_dict() for f in faults], "gates": len(gates)})
+
+    def _landed(self, due: Optional[Packet]) -> tuple:
+        """The Governor's inputs from a landed packet: (emitted, faults, device_actions)."""
+        if due is None:
+            return {}, [], []
+        n_gates = due.meta["gates"]
+        values = due.values
+        emitted = dict(zip(due.names, values[1:len(values) - n_gates]))
+        emitted.update(due.host)
+        faults = [Fault.from_dict(f) for f in due.meta["faults"]]
+        gated = [rule.name for rule, flag in zip(self.gate.rules, values[len(values) - n_gates:])
+                 if flag]
+        due.meta["gated"] = gated
+        actions = []
+        for rule in self.gate.rules:
+            if rule.name in gated:
+                sigs = {s: emitted.get(s) for s in rule.signals()}
+                actions.append({"rule": rule.name, "priority": rule.priority, "signals": sigs,
+                                "action": Action("skip_step", "apply", requested=True,
+                                                 applied=True, extra={"gate": self.gate_mode})})
+        return emitted, faults, actions
+
+    def _after_step(self, tel: Telemetry, stepped: bool) -> list:
+        """Detectors that measure what the step changed; their faults, as data."""
+        faults = []
+        for det_id, det in self.detectors.items():
+            try:
+                det.after_step(tel, stepped)
+            except Exception as exc:
+                faults.append(Fault.of("detector", det_id, "after_step", exc,
+                                       self.policy.detectors[det_id].type))
+        self._after_faults = faults
+        return faults
+
+    def _write_row(self, p: Packet) -> None:
+        """One ``telemetry.jsonl`` line for a landed packet whose step is done."""
+        values, n_gates = p.values, p.meta["gates"]
+        row = {"step": p.step, "loss": values[0], "lr": p.meta["lr"],
+               "scheduled_lr": p.meta["scheduled_lr"],
+               "skipped": bool(p.meta["skipped"] or p.meta.get("gated")),
+               "signals": {**dict(zip(p.names, values[1:len(values) - n_gates])), **p.host}}
+        for key in ("faults", "after_faults", "gated"):
+            if p.meta.get(key):
+                row[key] = p.meta[key]
+        if p.meta.get("halted"):
+            row["halted"] = True
+        self._telemetry_file.write(_telemetry_line(row) + "\n")
+
+    # ------------------------------------------------------------------ state and teardown
+    def state_dict(self) -> dict:
+        """Everything needed for a resumed run to make the same decisions, as plain data:
+        detector statistics, rule timers, actuator states, latest signals, the signal vector
+        still in flight (deferred transport) and the log position. Save it next to the
+        optimizer's ``state_dict``. Exception: a ``rollback`` actuator (``save_snapshots: true``,
+        its default) keeps its snapshot tensors here, so save it with ``torch.save`` rather
+        than JSON. With the deferred transport it waits for the vector in flight (call it at
+        checkpoint time, not every step)."""
+        gov = self.governor.state_dict()
+        return {
+            "version": 1,
+            "policy_revision": self.policy.revision,
+            "step": self._step,
+            "latest": gov["latest"],
+            "detectors": {k: d.state_dict() for k, d in self.detectors.items()},
+            "engine": gov["engine"],
+            "actuators": gov["actuators"],
+            "transport": {"mode": self.transport.mode, **self.transport.state_dict()},
+            "log": {"seq": self.log.seq, "head": self.log.last_hash},
+            "counts": gov["counts"],
+            "skipped_steps": gov["skipped_steps"],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, all or nothing.
+
+        :raises ValueError: the state was saved under a different policy revision or transfer
+            mode, or its detectors / actuators / rules differ from this policy's (nothing is
+            changed).
+        """
+        if state.get("policy_revision") != self.policy.revision:
+            raise ValueError(
+                f"guard state was saved under policy revision {str(state.get('policy_revision'))[:12]}, "
+                f"this guard runs revision {self.policy.revision[:12]} ({self.policy.source}); "
+                "resume with the same policy file")
+        if set(state["detectors"]) != set(self.detectors):
+            raise ValueError(f"guard state has detectors {sorted(state['detectors'])}, "
+                             f"policy has {sorted(self.detectors)}")
+        saved_mode = (state.get("transport") or {}).get("mode", "immediate")
+        if saved_mode != self.transport.mode:
+            raise ValueError(f"guard state was saved with transfer {saved_mode!r}, this guard "
+                             f"uses {self.transport.mode!r}; resume with the same transfer")
+        self.governor.check_state(state)
+        for det_id, det in self.detectors.items():
+            det.load_state_dict(state["detectors"][det_id])
+        self.governor.load_state_dict(state)
+        self.transport.load_state_dict(state.get("transport") or {})
+        self._step = int(state["step"])
+        self._write({"step": self._step, "event": "resume", "rule": None,
+                     "resumed_from": {"step": self._step, "log_seq": state["log"]["seq"],
+                                      "log_head": state["log"]["head"]}})
+
+    def summary(self) -> dict:
+        """Counts of decisions by event, rule and actuator, and skipped steps."""
+        by = {"event": {}, "rule": {}, "actuator": {}}
+        for key, n in self.counts.items():
+            kind, _, name = key.partition(":")
+            by[kind][name] = n
+        return {"steps": self._step, "skipped_steps": self.skipped_steps,
+                "decisions_by_event": by["event"], "decisions_by_rule": by["rule"],
+                "decisions_by_actuator": by["actuator"],
+                "log": {"records": self.log.seq, "head": self.log.last_hash}}
+
+    def _close_detectors(self) -> None:
+        for det in self.detectors.values():
+            try:
+                det.close()
+            except Exception:  # closing must not mask the run's outcome
+                pass
+
+    def _finish(self, end_record: Optional[dict]) -> None:
+        last = self.transport.drain()  # the vector still in flight: its telemetry row
+        if last is not None and "skipped" in last.meta:
+            self._landed(last)
+            self._write_row(last)
+        if end_record is not None:
+            self._write(end_record)
+        self._close_detectors()
+        self._telemetry_file.close()
+        self.log.close()
+        self._closed = True
+
+    def close(self) -> dict:
+        """Write the ``run_end`` record, remove detector hooks, close files. Idempotent.
+
+        :return: :meth:`summary`.
+        """
+        if not self._closed:
+            self._finish({"step": self._step, "event": "run_end", "rule": None,
+                          "summary": {k: v for k, v in self.summary().items() if k != "log"}})
+        return self.summary()
+
+    def __enter__(self) -> "Guard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_telemetry(path: Path):
+    """Open ``telemetry.jsonl`` for appending, line-buffered (a killed run loses at most the
+    line being written); a torn last line left by a crash is cut off first, so the next line
+    does not glue onto it."""
+    if path.exists():
+        with open(path, "r+b") as fh:
+            pos = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, pos - 1))
+            if pos and fh.read(1) != b"\n":
+                while pos > 0:  # find the last newline, reading backwards in chunks
+                    start = max(0, pos - 65536)
+                    fh.seek(start)
+                    cut = fh.read(pos - start).rfind(b"\n")
+                    if cut >= 0:
+                        fh.truncate(start + cut + 1)
+                        break
+                    pos = start
+                else:
+                    fh.truncate(0)
+    return open(path, "a", encoding="utf-8", buffering=1)
+
+
+def _scalar(val: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``val`` as a 0-dim tensor of ``dtype`` on ``device``, for the step's one transfer; no
+    copy when it already is one. :raises RuntimeError: ``val`` has more than one element."""
+    if val.requires_grad:
+        val = val.detach()
+    if val.dim():
+        val = val.reshape(())
+    if val.dtype != dtype or val.device != device:
+        val = val.to(device=device, dtype=dtype)
+    return val
+
+
+def _telemetry_line(record: dict) -> str:
+    """One ``telemetry.jsonl`` line: ``record`` through :func:`sanitize`, or straight to JSON
+    when every number in it is already a finite float (the usual step, and the same text)."""
+    loss, lr, sched = record["loss"], record["lr"], record.get("scheduled_lr", 0.0)
+    if (type(loss) is float and loss - loss == 0.0 and type(lr) is float and lr - lr == 0.0
+            and type(sched) is float and sched - sched == 0.0
+            and all(type(v) is float and v - v == 0.0 for v in record["signals"].values())):
+        return json.dumps(record, separators=(",", ":"))
+    return json.dumps(sanitize(record), separators=(",", ":"))
+
+
+def _host_number(val: Any) -> float:
+    """A detector's host value as a float. :raises TypeError: not a real number (a string
+    such as ``"1e3"``, a complex number, ``None``)."""
+    if not isinstance(val, (int, float)):
+        if type(val).__module__ == "numpy" and hasattr(val, "dtype") and val.dtype.kind in "biuf":
+            return float(val)
+        raise TypeError(f"a signal value must be a 0-dim tensor or a real number, found "
+                        f"{type(val).__name__} {val!r:.60}")
+    return float(val)
