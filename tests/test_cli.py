@@ -103,7 +103,8 @@ def run_dir(tmp_path) -> Path:
     for s in range(5):
         loss = model(torch.randn(8, 4)).pow(2).mean()
         if s == 3:
-            loss = loss * float("nan")  # one non-finite step: a fired record and a resolved one
+            loss = loss * float("nan")  # one non-finite step: the skip (gate) and the brake
+            # rule each fire and resolve
         loss.backward()
         guard.step(loss)
         opt.zero_grad(set_to_none=True)
@@ -114,10 +115,11 @@ def run_dir(tmp_path) -> Path:
 
 def test_verify_good_run(run_dir, capsys):
     recs = read_log(run_dir / "decisions.jsonl").records
-    assert [r["event"] for r in recs] == ["run_start", "fired", "resolved", "run_end"]
+    assert [r["event"] for r in recs] == ["run_start", "fired", "fired", "resolved", "resolved",
+                                          "run_end"]
     assert main(["verify", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{run_dir / 'decisions.jsonl'}: OK: 4 records, chain intact, head {recs[-1]['hash']}")
+    assert out.startswith(f"{run_dir / 'decisions.jsonl'}: OK: 6 records, chain intact, head {recs[-1]['hash']}")
     assert main(["verify", str(run_dir / "decisions.jsonl")]) == 0
 
 
@@ -140,10 +142,10 @@ def test_verify_detects_a_deleted_last_record_through_summary(run_dir, capsys):
     assert verify_log(log).ok
     assert main(["verify", "--no-summary", str(run_dir)]) == 0
     capsys.readouterr()
-    # ... but summary.json recorded 4 records and the head of the deleted one.
+    # ... but summary.json recorded 6 records and the head of the deleted one.
     assert main(["verify", str(run_dir)]) == 1
     out = capsys.readouterr().out
-    assert "log has 3 records, summary.json says 4: records deleted from the end" in out
+    assert "log has 5 records, summary.json says 6: records deleted from the end" in out
     assert "does not match summary.json head" in out
 
 
