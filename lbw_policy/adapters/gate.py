@@ -55,8 +55,9 @@ class DeviceGate:
         out = []
         for fn in self._compiled:
             v = fn(signals)
+            # a host constant becomes a fill on the device (torch.tensor would copy: a sync)
             out.append(v if isinstance(v, torch.Tensor)
-                       else torch.tensor(bool(v), device=device))  # a host constant: no sync
+                       else torch.full((), bool(v), dtype=torch.bool, device=device))
         return out
 
 

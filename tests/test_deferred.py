@@ -1,0 +1,240 @@
+"""Deferred transport and the device gate, on the CPU (no events; same semantics as CUDA).
+
+- ``transfer: deferred``: step ``t``'s signals are evaluated at step ``t + 1`` and host-side
+  actions apply from there; records carry both steps; a resumed run continues mid-deferral with
+  the same decisions; replay of a deferred run reproduces it.
+- ``gate: device``: a non-finite step is undone in the same step, bitwise (AdamW, Adam, SGD and
+  fused AdamW through ``found_inf``), and recorded one step later, marked ``device: true``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lbw_policy import Guard
+from lbw_policy.decision_log import read_log
+from lbw_policy.errors import PolicyError
+from lbw_policy.policy import loads_policy
+from lbw_policy.replay import replay
+
+HEAD = """\
+apiVersion: lbw-policy/v1
+kind: Policy
+metadata: {name: deferred-fixture}
+mode: enforce
+on_error: halt
+"""
+
+SPIKE = HEAD + """\
+detectors:
+  loss: {type: loss_spike, params: {alpha: 0.9, warmup: 3}}
+  nan:  {type: nonfinite}
+actuators:
+  lr_scale:  {min: 0.01, max: 1.0, max_change_per_step: 0.5, recover: {factor: 2.0, every: 3}}
+  skip_step: {max_consecutive: 3}
+rules:
+  - name: nan-skip
+    priority: 100
+    gate: device
+    when: {signal: nan.any, op: ">", value: 0}
+    then: [{actuator: skip_step}]
+  - name: spike-brake
+    when: {signal: loss.delta, op: ">", value: 1.0}
+    then: [{actuator: lr_scale, multiply: 0.5}]
+"""
+
+
+def _train(log_dir, policy_text, steps, *, transfer, spike_at=(), nan_at=(), state_at=None,
+           resume=None, opt_kind="adamw", seed=0):
+    """Train a small model; return (results, guard state at ``state_at``, model, optimizer)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(6, 3)
+    opt = _optimizer(opt_kind, model)
+    guard = Guard(opt, loads_policy(policy_text), model=model, log_dir=log_dir, transfer=transfer)
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["opt"])
+        guard.load_state_dict(resume["guard"])
+        start = resume["guard"]["step"]
+    gen = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen))
+               for _ in range(steps)]
+    results, saved = [], None
+    for s in range(start, steps):
+        x, y = batches[s]
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if s in spike_at:
+            loss = loss * 50.0
+        if s in nan_at:
+            loss = loss * float("nan")
+        loss.backward()
+        results.append(guard.step(loss))
+        opt.zero_grad(set_to_none=True)
+        if state_at is not None and s + 1 == state_at:
+            saved = {"guard": copy.deepcopy(guard.state_dict()),
+                     "model": copy.deepcopy(model.state_dict()),
+                     "opt": copy.deepcopy(opt.state_dict())}
+    guard.close()
+    return results, saved, model, opt
+
+
+def _optimizer(kind, model):
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=0.05)
+    if kind == "fused":
+        return torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=0.05)
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def _decisions(run_dir):
+    return [(r["step"], r.get("signals_step"), r["event"], r.get("rule"),
+             [(a["actuator"], a.get("applied")) for a in r.get("actions") or ()])
+            for r in read_log(run_dir / "decisions.jsonl").records
+            if r["event"] in ("fired", "action", "resolved", "recover", "error", "halt")]
+
+
+def test_deferred_evaluates_step_t_at_t_plus_1(tmp_path):
+    imm, _, _, _ = _train(tmp_path / "imm", SPIKE, 12, transfer="immediate", spike_at=(6,))
+    dfr, _, _, _ = _train(tmp_path / "dfr", SPIKE, 12, transfer="deferred", spike_at=(6,))
+    assert [r.signals_step for r in imm] == list(range(12))
+    assert [r.signals_step for r in dfr] == [None] + list(range(11))
+    assert [r.step for r in dfr if r.decisions] == [7, 8, 10]
+    fired_imm = [d for d in _decisions(tmp_path / "imm") if d[2] == "fired"]
+    fired_dfr = [d for d in _decisions(tmp_path / "dfr") if d[2] == "fired"]
+    # the spike of step 6: braked at step 6 immediately, at step 7 deferred (signals of step 6)
+    assert fired_imm == [(6, 6, "fired", "spike-brake", [("lr_scale", 0.5)])]
+    assert fired_dfr == [(7, 6, "fired", "spike-brake", [("lr_scale", 0.5)])]
+    # the brake is in force from the step it applies: step 7's learning rate is halved
+    assert dfr[7].lr == pytest.approx(0.025) and dfr[6].lr == pytest.approx(0.05)
+    assert imm[6].lr == pytest.approx(0.025)
+    start = read_log(tmp_path / "dfr" / "decisions.jsonl").records[0]
+    assert (start["transfer"], start["delay"]) == ("deferred", 1)
+    assert start["gate"] == {"mode": "select", "rules": ["nan-skip"]}
+
+
+def test_the_last_deferred_vector_lands_at_close(tmp_path):
+    _train(tmp_path / "run", SPIKE, 5, transfer="deferred")
+    rows = (tmp_path / "run" / "telemetry.jsonl").read_text().splitlines()
+    assert len(rows) == 5 and '"step":4' in rows[-1] and '"scheduled_lr":0.05' in rows[-1]
+
+
+def test_resume_mid_deferral_makes_the_same_decisions(tmp_path):
+    spikes = (6, 11)
+    whole, _, m_whole, _ = _train(tmp_path / "whole", SPIKE, 16, transfer="deferred",
+                                  spike_at=spikes)
+    _, saved, _, _ = _train(tmp_path / "first", SPIKE, 16, transfer="deferred", spike_at=spikes,
+                            state_at=6)  # saved after step 5: step 5's vector is in flight
+    assert saved["guard"]["transport"]["pending"]["step"] == 5
+    rest, _, m_rest, _ = _train(tmp_path / "rest", SPIKE, 16, transfer="deferred",
+                                spike_at=spikes, resume=saved)
+    assert [(r.step, r.signals_step, r.skipped, r.lr) for r in rest] == \
+        [(r.step, r.signals_step, r.skipped, r.lr) for r in whole[6:]]
+    assert [[(d["event"], d["rule"]) for d in r.decisions] for r in rest] == \
+        [[(d["event"], d["rule"]) for d in r.decisions] for r in whole[6:]]
+    for a, b in zip(m_rest.parameters(), m_whole.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_state_saved_with_another_transfer_is_refused(tmp_path):
+    _, saved, _, _ = _train(tmp_path / "a", SPIKE, 4, transfer="deferred", state_at=2)
+    model = torch.nn.Linear(6, 3)
+    guard = Guard(torch.optim.AdamW(model.parameters()), loads_policy(SPIKE), model=model,
+                  log_dir=tmp_path / "b", transfer="immediate")
+    before = guard.state_dict()
+    with pytest.raises(ValueError, match="saved with transfer 'deferred'.*uses 'immediate'"):
+        guard.load_state_dict(saved["guard"])
+    assert guard.state_dict() == before  # nothing changed
+    guard.close()
+
+
+def test_replay_of_a_deferred_run_reproduces_it(tmp_path):
+    run = tmp_path / "run"
+    _train(run, SPIKE, 20, transfer="deferred", spike_at=(6, 12), nan_at=(9,))
+    result = replay(run, run / "policy.yaml")
+    assert result.summary["differing_steps"] == 0, [s for s in result.steps if s.differs]
+    shadow = [(r["step"], r["event"], r.get("rule"), bool(r.get("device")))
+              for st in result.steps for r in st.shadow]
+    assert (10, "action", "nan-skip", True) in shadow  # the gate of step 9, learnt at 10
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam", "sgd", "fused"])
+def test_the_device_gate_undoes_a_nan_step_bitwise_in_the_same_step(tmp_path, kind):
+    results, _, model, opt = _train(tmp_path / "run", SPIKE, 6, transfer="deferred",
+                                    nan_at=(4,), opt_kind=kind)
+    # a reference trained to step 4 and stopped: the gated step 4 must not have changed it
+    _, saved, _, _ = _train(tmp_path / "ref", SPIKE, 6, transfer="deferred", nan_at=(4,),
+                            opt_kind=kind, state_at=4)
+    after4 = _params_after(tmp_path / "gated", kind, 5)
+    for name, value in saved["model"].items():
+        assert torch.equal(after4["model"][name], value), name
+    for key, st in saved["opt"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(after4["opt"]["state"][key][k], v), (key, k)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    records = read_log(tmp_path / "run" / "decisions.jsonl").records
+    gate = [r for r in records if r.get("device")]
+    mode = "found_inf" if kind == "fused" else "select"
+    assert [(r["step"], r["signals_step"], r["rule"]) for r in gate] == [(5, 4, "nan-skip")]
+    assert gate[0]["actions"][0]["applied_step"] == 4
+    assert records[0]["gate"]["mode"] == mode
+    assert not results[4].skipped  # the host called optimizer.step(); the device undid it
+
+
+def _params_after(log_dir, kind, steps):
+    """Model and optimizer state after ``steps`` steps with a NaN at step 4."""
+    _, saved, _, _ = _train(log_dir, SPIKE, 6, transfer="deferred", nan_at=(4,), opt_kind=kind,
+                            state_at=steps)
+    return saved
+
+
+def test_immediate_transfer_runs_a_gate_rule_on_the_host(tmp_path):
+    results, _, model, _ = _train(tmp_path / "run", SPIKE, 6, transfer="immediate", nan_at=(4,))
+    assert results[4].skipped and all(torch.isfinite(p).all() for p in model.parameters())
+    recs = [r for r in read_log(tmp_path / "run" / "decisions.jsonl").records
+            if r.get("rule") == "nan-skip"]
+    assert [(r["step"], r["event"], r.get("device")) for r in recs] == [(4, "fired", None),
+                                                                       (5, "resolved", None)]
+
+
+@pytest.mark.parametrize("rule, message", [
+    ("    gate: device\n    for: 2\n    when: {signal: nan.any, op: '>', value: 0}\n"
+     "    then: [{actuator: skip_step}]\n", r"cannot have `for`"),
+    ("    gate: device\n    when: {signal: nan.any, op: '>', value: 0}\n"
+     "    then: [{actuator: skip_step}, {actuator: lr_scale, multiply: 0.5}]\n",
+     r"only command must be a bare skip_step"),
+    ("    gate: device\n    when: {signal: loss.zscore, op: '>', value: 4}\n"
+     "    then: [{actuator: skip_step}]\n", r"detector 'loss' runs every 2 steps"),
+    ("    gate: device\n    when: {signal: skip_step.exhausted, op: '>', value: 0}\n"
+     "    then: [{actuator: skip_step}]\n", r"can read only detector signals"),
+])
+def test_gate_rules_are_checked_when_the_policy_loads(rule, message):
+    text = HEAD + """\
+detectors:
+  loss: {type: loss_spike, every: 2}
+  nan:  {type: nonfinite}
+actuators:
+  lr_scale: {}
+  skip_step: {}
+rules:
+  - name: g
+""" + rule
+    with pytest.raises(PolicyError, match=message) as err:
+        loads_policy(text)
+    # named by file, line (the rule's lines 14-17) and YAML path
+    assert re.match(r"<string>:1[4-7]: rules\[0\]\.", str(err.value))
+
+
+def test_the_governor_imports_no_torch():
+    code = ("import sys; import lbw_policy.governor, lbw_policy.engine; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
