@@ -18,10 +18,41 @@ with no measured tensor). Healthy AdamW training keeps the
 ratio near ``lr`` (about 1e-3 per step); a ratio far above it means the step rewrites the weights
 (Karpathy's "update:data ratio" heuristic; the per-tensor view of LARS, You et al. 1708.03888).
 
-Timing: at a due step :meth:`compute` copies the weights into buffers allocated once (one copy
-of the measured parameters, kept for reuse) and :meth:`after_step` measures the change in place,
-on the weights' device, with ``torch._foreach_*`` reductions (the norms accumulate in float32, or
-float64 for float64 weights). The
+Memory: no second copy of the model. A tensor of ``n <= sketch`` elements (default
+``sketch: 65536``, every tensor of the demo GPT) is measured exactly: a copy of it is kept.
+A larger tensor is measured on a fixed systematic sample of at most ``m = sketch`` of its
+elements, chosen once when the layout is built: in memory order, every ``s``-th element from
+a random start ``o``, where ``s`` is the smallest integer ``>= n / m`` that shares no factor
+with ``n`` and ``o`` is drawn uniformly in ``[0, s)`` (seeded by ``seed``)::
+
+    S_p = {o + j s : 0 <= j < m'},   m' = ceil((n - o) / s) <= m
+    ||W_p||^2  ~  s * sum_{i in S_p} W_p[i]^2          (the same for dW_p)
+
+Every element is in the sample with probability ``1 / s``, so each estimate is unbiased (the
+Horvitz-Thompson estimator of a systematic sample); for entries without a structure
+aligned with the stride its relative standard deviation is about ``CV(x^2) / sqrt(m')``
+(``CV``: coefficient of variation of the squared entries; ``sqrt(2 / m')`` for Gaussian
+entries). The stride shares no factor with ``n``, hence none with a row's length or a head's
+width, so every column, head and block of rows is sampled in proportion. ``ratio_p`` is the
+square root of the ratio of the two estimates (``s`` cancels), with a bias of order
+``1 / m'``. Measured on a 768 x 3072 matrix under AdamW (``docs/detectors.md``): relative
+error of the ratio under 1 % with ``m = 65536`` (0.3 % RMS), under 4 % with ``m = 4096``. It
+degrades where the update is concentrated in far fewer than ``m'`` elements (an embedding
+with a few live rows), where the norm rests on the few sampled live elements. Source:
+systematic sampling and the Horvitz-Thompson estimator (Horvitz & Thompson 1952; Cochran,
+*Sampling Techniques*, 1977, ch. 8). Memory per sketched tensor: its ``m'`` sampled values in
+the weight's dtype, ``m' * itemsize`` bytes (at most 128 KiB in bfloat16, 256 KiB in float32
+at the default) against ``n * itemsize`` for a copy (24 MiB for a bf16 4096 x 3072 matrix);
+no index is stored (the sample is a strided view of the weight), and no temporary is
+allocated. A tensor whose elements have gaps in memory (a strided view) is measured exactly.
+``sketch: 0`` (or ``null``) measures every tensor exactly (a full copy, the former
+behaviour).
+
+Timing: at a due step :meth:`compute` copies the measured weights (exact) or their sampled
+elements (sketched, a strided view) into buffers allocated once and kept for reuse, and
+:meth:`after_step` measures the change in place, on the weights' device, with
+``torch._foreach_*`` copies and reductions (the norms accumulate in float32, or float64 for
+float64 weights): no host sync. The
 values are therefore emitted at the *next* due step: the ratio read at step ``t`` is that of
 the step taken at the previous evaluation (one step earlier with ``every: 1``). A skipped step
 has ratio 0. Without an ``after_step`` call (a harness other than the guard), the next
@@ -29,20 +60,49 @@ has ratio 0. Without an ``after_step`` call (a harness other than the guard), th
 nothing (the signals are absent until then).
 
 Params: ``groups`` (per-group signals for the first ``groups`` parameter groups, default 1),
-``matrices_only`` (default true), ``eps`` (floor on a weight norm, default 1e-12).
+``matrices_only`` (default true), ``eps`` (floor on a weight norm, default 1e-12), ``sketch``
+(most elements sampled from a tensor larger than it, default 65536; 0 or null: every tensor
+exactly), ``seed`` (of the samples' starts, default 0).
 
 :raises ValueError: (in :meth:`setup`) the optimizer has fewer than ``groups`` parameter groups.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import math
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 
 from lbw_policy.base import Detector
 
 __all__ = ["UpdateRatio"]
+
+#: default ``sketch``: the largest tensor of the demo GPT (512 x 128), so it is measured exactly
+DEFAULT_SKETCH = 65536
+
+
+class _Layout(NamedTuple):
+    """What :meth:`UpdateRatio._layout_for` builds once per set of measured parameters.
+
+    ``buffers[q]`` holds measured tensor ``q``'s copy (exact) or its sampled elements
+    (sketched), in the weight's dtype; ``index`` (float, on the device) maps a measured tensor
+    to its index in parameter order; ``groups[i]`` is ``None`` when group ``i`` holds every
+    measured tensor, an empty tuple when it holds none, else the positions of its tensors (a
+    device index tensor); ``how`` says how :func:`_norms` reduces the buffers. ``exact`` and
+    ``sketched`` are the positions of the tensors measured each way, ``samples[k]`` the
+    ``(stride s, start o, count m')`` of sketched tensor ``k``, and ``scale`` (float, on the
+    device; ``None`` when nothing is sketched) ``sqrt(s)`` per measured tensor (1 for an exact
+    one), which turns a sample's norm into the estimate of the tensor's."""
+    key: tuple
+    buffers: list
+    index: torch.Tensor
+    groups: list
+    how: tuple
+    exact: tuple
+    sketched: tuple
+    samples: tuple
+    scale: Optional[torch.Tensor]
 
 
 class UpdateRatio(Detector):
@@ -58,6 +118,13 @@ class UpdateRatio(Detector):
                               "description": "measure tensors of >= 2 dims only; default true"},
             "eps": {"type": "number", "exclusiveMinimum": 0,
                     "description": "floor on a weight norm; default 1e-12"},
+            "sketch": {"type": ["integer", "null"], "minimum": 0,
+                       "description": "a tensor of more elements than this is measured on a fixed "
+                                      "sample of at most this many of them (memory O(sketch) per "
+                                      "tensor, not a copy); 0 or null: every tensor exactly; "
+                                      f"default {DEFAULT_SKETCH}"},
+            "seed": {"type": "integer", "minimum": 0,
+                     "description": "seed of the samples' random starts; default 0"},
         },
     }
 
@@ -68,14 +135,17 @@ class UpdateRatio(Detector):
             names += [f"group{i}.ratio", f"group{i}.max"]
         return tuple(names)
 
-    def __init__(self, groups: int = 1, matrices_only: bool = True, eps: float = 1e-12) -> None:
-        super().__init__(groups=groups, matrices_only=matrices_only, eps=eps)
+    def __init__(self, groups: int = 1, matrices_only: bool = True, eps: float = 1e-12,
+                 sketch: Optional[int] = DEFAULT_SKETCH, seed: int = 0) -> None:
+        super().__init__(groups=groups, matrices_only=matrices_only, eps=eps, sketch=sketch, seed=seed)
         self.groups = int(groups)
         self.matrices_only = bool(matrices_only)
         self.eps = float(eps)
-        self._armed: Optional[list] = None    # the measured params while the copy is current
+        self.sketch = int(sketch or 0)        # 0: every tensor exactly
+        self.seed = int(seed)
+        self._armed: Optional[list] = None    # what was copied (params, sample views) while current
         self._pending: Optional[dict] = None  # signals measured, emitted at the next compute
-        self._layout = None                   # see _layout_for
+        self._layout: Optional[_Layout] = None
 
     def setup(self, model, optimizer) -> None:
         n = len(optimizer.param_groups)
@@ -89,20 +159,31 @@ class UpdateRatio(Detector):
         params = [(g, p) for g, group in enumerate(optimizer.param_groups) for p in group["params"]]
         return [(g, i, p) for i, (g, p) in enumerate(params) if p.dim() >= 2 or not self.matrices_only]
 
-    def _layout_for(self, measured: list):
-        """``(key, buffers, index, groups, how)`` for ``measured``, built once (allocations and a
-        host-to-device copy) and reused while the parameters stay the same: ``buffers`` hold
-        the copy of the weights, ``index`` (float, on the device) maps a measured tensor to its
-        index in parameter order, ``groups[i]`` is ``None`` when group ``i`` holds every
-        measured tensor, an empty tuple when it holds none, else the positions of its tensors
-        (a device index tensor); ``how`` says how :func:`_norms` reduces the buffers."""
+    def _layout_for(self, measured: list) -> Optional[_Layout]:
+        """The :class:`_Layout` for ``measured``, built once (allocations, the samples and a
+        host-to-device copy) and reused while the parameters stay the same."""
         if not measured:
             return None
         dev = measured[0][2].device
-        key = tuple((g, i, id(p), p.shape, p.dtype, p.device) for g, i, p in measured)
-        if self._layout is None or self._layout[0] != key:
+        key = tuple((g, i, id(p), p.shape, p.stride(), p.dtype, p.device) for g, i, p in measured)
+        if self._layout is None or self._layout.key != key:
+            self._layout = None             # free the old buffers before allocating new ones
             dtype = torch.float64 if dev.type != "mps" else torch.float32
-            buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) for _, _, p in measured]
+            gen = torch.Generator().manual_seed(self.seed)
+            buffers, exact, sketched, samples, scale = [], [], [], [], []
+            for q, (_, _, p) in enumerate(measured):
+                n = p.numel()
+                if self.sketch and n > self.sketch and _dense(p):
+                    s = _stride_for(n, self.sketch)
+                    o = int(torch.randint(s, (), generator=gen))
+                    samples.append((s, o, -(-(n - o) // s)))
+                    sketched.append(q)
+                    scale.append(math.sqrt(s))
+                    buffers.append(torch.empty(samples[-1][2], dtype=p.dtype, device=p.device))
+                else:
+                    exact.append(q)
+                    scale.append(1.0)
+                    buffers.append(torch.empty_like(p, memory_format=torch.contiguous_format))
             index = torch.tensor([i for _, i, _ in measured], device=dev, dtype=dtype)
             groups = []
             for gi in range(self.groups):
@@ -113,7 +194,9 @@ class UpdateRatio(Detector):
             norm_dtype = (torch.float32 if dtypes <= {torch.float16, torch.bfloat16, torch.float32} else
                           torch.float64 if dtypes == {torch.float64} else None)  # None: one by one
             one_device = all(p.device == dev for _, _, p in measured)
-            self._layout = (key, buffers, index, groups, (norm_dtype, one_device))
+            self._layout = _Layout(key, buffers, index, groups, (norm_dtype, one_device), tuple(exact),
+                                   tuple(sketched), tuple(samples),
+                                   torch.tensor(scale, device=dev, dtype=dtype) if sketched else None)
         return self._layout
 
     @torch.no_grad()
@@ -126,9 +209,17 @@ class UpdateRatio(Detector):
         layout = self._layout_for(measured)
         if layout is None:
             return out
-        params = [p.detach() for _, _, p in measured]
-        torch._foreach_copy_(layout[1], params)
-        self._armed = params
+        sources = [p.detach() for _, _, p in measured]
+        if not layout.sketched:
+            torch._foreach_copy_(layout.buffers, sources)
+        else:                               # exact ones in one fused copy, then the strided samples
+            for q, (s, o, m) in zip(layout.sketched, layout.samples):
+                p = sources[q]
+                sources[q] = p.as_strided((m,), (s,), p.storage_offset() + o)
+            for part in (layout.exact, layout.sketched):
+                if part:
+                    torch._foreach_copy_([layout.buffers[q] for q in part], [sources[q] for q in part])
+        self._armed = sources
         return out
 
     def after_step(self, telemetry, stepped: bool) -> None:
@@ -137,13 +228,20 @@ class UpdateRatio(Detector):
 
     @torch.no_grad()
     def _measure(self) -> None:
-        params, self._armed = self._armed, None
-        _, buffers, index, groups, how = self._layout
-        dev = params[0].device
+        sources, self._armed = self._armed, None
+        _, buffers, index, groups, how, exact, sketched, _, scale = self._layout
+        dev = sources[0].device
         wn = _norms(buffers, how, dev)
-        torch._foreach_sub_(buffers, params)             # W_before - W_after, in place
+        if not sketched:
+            torch._foreach_sub_(buffers, sources)        # W_before - W_after, in place
+        else:
+            for part in (exact, sketched):
+                if part:
+                    torch._foreach_sub_([buffers[q] for q in part], [sources[q] for q in part])
         dn = _norms(buffers, how, dev)
         dn, wn = dn.double() if dev.type != "mps" else dn, wn.double() if dev.type != "mps" else wn
+        if scale is not None:                            # a sample's norm -> the tensor's estimate
+            dn, wn = dn * scale, wn * scale
         per = dn / torch.clamp(wn, min=self.eps)
         ratio, top = _global(dn, wn, self.eps), per.max()
         out = {"ratio": ratio, "max": top, "worst": torch.take(index, per.argmax())}
@@ -167,6 +265,26 @@ class UpdateRatio(Detector):
         self._pending = None if p is None else {k: torch.tensor(float(v), dtype=torch.float64)
                                                 for k, v in p.items()}
         self._armed = None
+
+
+def _stride_for(n: int, m: int) -> int:
+    """The smallest ``s >= n / m`` sharing no factor with ``n``: ``ceil((n - o) / s) <= m``
+    samples, spread evenly over every period that divides ``n`` (rows, columns, heads)."""
+    s = -(-n // m)
+    while math.gcd(s, n) != 1:
+        s += 1
+    return s
+
+
+def _dense(p: torch.Tensor) -> bool:
+    """Whether ``p``'s elements fill a contiguous block of memory in some order of its dims
+    (contiguous, channels-last, transposed): then a stride over memory samples its elements."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(p.shape, p.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _norms(tensors: list, how: tuple, dev: torch.device) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lbw_policy.adapters.torch import Guard
+from lbw_policy.adapters.guard import Guard
 from lbw_policy.demo.gpt import GPT, GPTConfig
 from lbw_policy.detectors import AdamUpdateStats, UpdateRatio
 from lbw_policy.policy import load_policy, resolve_policy_path
