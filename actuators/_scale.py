@@ -135,11 +135,11 @@ class ScaleActuator(Actuator):
         applied = self._clamp(target)
         return Action(self.name, verb, requested=target, applied=applied,
                       clamped=not math.isclose(applied, target, rel_tol=1e-12, abs_tol=0.0),
-                      before=self.scale, after=applied, extra={"step": step})
+                      before=self.scale, after=applied, step=step)
 
     def commit(self, action: Action) -> None:
         # Any committed command or recovery restarts the `every` count of recovery.
-        self.last_change_step = action.extra.get("step", self.last_change_step)
+        self.last_change_step = (action.step if action.step is not None else self.last_change_step)
         self.scale = float(action.after)
 
     def recover(self, step: int) -> Optional[Action]:
@@ -157,7 +157,7 @@ class ScaleActuator(Actuator):
             return None
         return Action(self.name, "recover", requested=target, applied=applied,
                       clamped=applied != target, before=self.scale, after=applied,
-                      extra={"step": step})
+                      step=step)
 
     def before_step(self, optimizer) -> bool:
         key = self.hyperparameter

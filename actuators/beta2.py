@@ -139,10 +139,10 @@ class Beta2(Actuator):
         applied = self._limit(target)
         return Action(self.name, verb, requested=target, applied=applied,
                       clamped=not math.isclose(applied, target, rel_tol=1e-12, abs_tol=0.0),
-                      before=self.current(), after=applied, extra={"step": step, "neutral": False})
+                      before=self.current(), after=applied, step=step, extra={"neutral": False})
 
     def commit(self, action: Action) -> None:
-        self.last_change_step = action.extra.get("step", self.last_change_step)
+        self.last_change_step = (action.step if action.step is not None else self.last_change_step)
         self.value = None if action.extra.get("neutral") else float(action.after)
 
     def recover(self, step: int) -> Optional[Action]:
@@ -153,16 +153,16 @@ class Beta2(Actuator):
         own, cur = self.own(), self.value
         if abs(own - cur) <= self.recover_step + 1e-12:  # (float slack: 0.999 - 0.979 > 0.02)
             return Action(self.name, "recover", requested=own, applied=own, before=cur,
-                          after=own, extra={"step": step, "neutral": True})
+                          after=own, step=step, extra={"neutral": True})
         target = cur + math.copysign(self.recover_step, own - cur)
         applied = float(f"{min(self.max, max(self.min, target)):.12g}")
         if applied == cur:  # own lies outside [min, max] and cur sits on the bound: go neutral
             return Action(self.name, "recover", requested=own, applied=own, before=cur,
-                          after=own, extra={"step": step, "neutral": True})
+                          after=own, step=step, extra={"neutral": True})
         target = float(f"{target:.12g}")
         return Action(self.name, "recover", requested=target, applied=applied,
                       clamped=applied != target, before=cur, after=applied,
-                      extra={"step": step, "neutral": False})
+                      step=step, extra={"neutral": False})
 
     def before_step(self, optimizer) -> bool:
         if self.value is not None:

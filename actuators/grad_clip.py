@@ -141,10 +141,10 @@ class GradClip(Actuator):
         applied = self._clamp(target)
         return Action(self.name, verb, requested=target, applied=applied,
                       clamped=not math.isclose(applied, target, rel_tol=1e-12, abs_tol=0.0),
-                      before=self.k, after=applied, extra={"step": step})
+                      before=self.k, after=applied, step=step)
 
     def commit(self, action: Action) -> None:
-        self.last_change_step = action.extra.get("step", self.last_change_step)
+        self.last_change_step = (action.step if action.step is not None else self.last_change_step)
         self.k = None if action.after is None else float(action.after)
 
     def recover(self, step: int) -> Optional[Action]:
@@ -153,7 +153,7 @@ class GradClip(Actuator):
         if step - self.last_change_step < self.recover_every:
             return None
         return Action(self.name, "recover", requested=self.default, applied=self.default,
-                      before=self.k, after=self.default, extra={"step": step})
+                      before=self.k, after=self.default, step=step)
 
     # ---------------------------------------------------------------- the step
     def before_step(self, optimizer) -> bool:

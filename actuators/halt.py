@@ -52,13 +52,13 @@ class Halt(Actuator):
     def plan(self, verb: str, value: Any, step: int) -> Action:
         path = checkpoint_path(self) if self.checkpoint else None
         return Action(self.name, verb, requested=True, applied=True, before=False, after=True,
-                      extra={"step": step, "halt": True, "checkpoint": path})
+                      step=step, halt=True, extra={"checkpoint": path})
 
     def commit(self, action: Action) -> None:
         self.halted = True
         path = action.extra.get("checkpoint")
         if path is not None:
-            save_checkpoint(self, path, action.extra.get("step", -1))
+            save_checkpoint(self, path, (action.step if action.step is not None else -1))
 
     def state_dict(self) -> dict:
         return {"halted": self.halted}

@@ -156,7 +156,7 @@ class MomentumReset(Actuator):
                       before=before, after=after,
                       note=None if allowed else f"min_interval={self.min_interval} steps since "
                       f"the reset at step {last} not reached; refused",
-                      extra={"step": step, "zeroed": zeroed, "groups": list(getattr(
+                      step=step, extra={"zeroed": zeroed, "groups": list(getattr(
                           self, "_selected", self.groups or [])), "warmup": self.warmup})
 
     def commit(self, action: Action) -> None:
@@ -176,7 +176,7 @@ class MomentumReset(Actuator):
                         if isinstance(buf, torch.Tensor):
                             buf.zero_()
         self.resets += 1
-        self.last_reset_step = action.extra.get("step", self._step)
+        self.last_reset_step = (action.step if action.step is not None else self._step)
         self.warmup_left = self.warmup
 
     def before_step(self, optimizer) -> bool:

@@ -159,30 +159,31 @@ class Rollback(Actuator):
         if verb != "apply":
             raise ValueError(f"rollback: unknown verb {verb!r}; expected a bare command")
         count = self.count_in_window(step)
-        extra = {"step": step, "count_in_window": count}
+        extra = {"count_in_window": count}
         if count >= self.max_rollbacks:
             note = f"max_rollbacks={self.max_rollbacks} within window={self.window} steps reached"
-            if self.on_exhausted == "halt":
-                extra.update(halt=True, checkpoint=checkpoint_path(self) if self.checkpoint else None)
+            halt = self.on_exhausted == "halt"
+            if halt:
+                extra.update(checkpoint=checkpoint_path(self) if self.checkpoint else None)
                 note += "; escalating to halt"
             else:
                 note += "; refused"
             return Action(self.name, verb, requested=True, applied=False, clamped=True,
-                          before=step, after=step, note=note, extra=extra)
+                          before=step, after=step, note=note, step=step, halt=halt, extra=extra)
         candidates = [s for s in self.snapshots if s["step"] <= step - self.min_age]
         if not candidates:
             return Action(self.name, verb, requested=True, applied=False, clamped=True,
-                          before=step, after=step, extra=extra,
+                          before=step, after=step, step=step, extra=extra,
                           note=f"no snapshot at least min_age={self.min_age} steps old "
                                f"(snapshots at steps {[s['step'] for s in self.snapshots]}); refused")
         target = candidates[-1]["step"]
         extra.update(count_in_window=count + 1, skip_steps=1 + self.skip_batches)
         return Action(self.name, verb, requested=True, applied=True, before=step, after=target,
-                      extra=extra)
+                      step=step, extra=extra)
 
     def commit(self, action: Action) -> None:
-        step = action.extra.get("step", self._step)
-        if action.extra.get("halt"):
+        step = (action.step if action.step is not None else self._step)
+        if action.halt:
             if action.extra.get("checkpoint"):
                 save_checkpoint(self, action.extra["checkpoint"], step)
             return

@@ -12,7 +12,8 @@ touching a model.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional
 
 __all__ = ["Detector", "Actuator", "Action"]
@@ -103,11 +104,17 @@ class Action:
     :param before: the actuator's controlled value before the action.
     :param after: the controlled value after the action.
     :param note: free text, e.g. why a request was refused.
-    :param extra: more fields for the decision record (merged into the logged action; the key
-        ``"step"`` is dropped). ``extra["halt"] = True`` on an action asks the guard to stop
-        training once the action is committed (enforce mode): the ``halt`` actuator sets it, and
-        so does ``rollback`` when its anti-thrash budget is spent; ``extra["checkpoint"]`` names
-        the checkpoint file such an action saved, and the guard's ``halt`` record repeats it.
+    :param step: the step at which the action was planned (``plan``'s ``step``; the record
+        carries it, so it is not repeated in the logged action).
+    :param halt: ``True`` asks the Governor to stop training once the action is committed
+        (enforce mode): the ``halt`` actuator sets it, and so does ``rollback`` when its
+        anti-thrash budget is spent; ``extra["checkpoint"]`` names the checkpoint file such an
+        action saved, and the ``halt`` record repeats it. Logged as ``"halt": true``.
+    :param applied_step: the step the action took effect at when that is not the record's step
+        (a device gate's skip, recorded one step later). Logged when set.
+    :param extra: more fields for the decision record (merged into the logged action). For
+        plugins written against API version 1, ``extra["step"]`` and ``extra["halt"]`` are
+        moved into ``step`` and ``halt``.
     """
 
     actuator: str
@@ -119,14 +126,37 @@ class Action:
     after: Any = None
     note: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    step: Optional[int] = None
+    halt: bool = False
+    applied_step: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if "step" in self.extra:  # API version 1: the step travelled in extra
+            step = self.extra.pop("step")
+            if self.step is None:
+                self.step = step
+        if "halt" in self.extra:
+            self.halt = bool(self.extra.pop("halt")) or self.halt
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        extra = d.pop("extra")
-        if d["note"] is None:
-            d.pop("note")
-        d.update(extra)
+        """The action as logged: every field but ``step`` (the record has it) and ``extra``
+        (merged in); ``note`` only when set, ``halt`` only when true, ``applied_step`` only when
+        set."""
+        d = {"actuator": self.actuator, "verb": self.verb, "requested": self.requested,
+             "applied": self.applied, "clamped": self.clamped, "before": self.before,
+             "after": self.after}
+        if self.note is not None:
+            d["note"] = self.note
+        d.update(_plain(self.extra))
+        if self.halt:
+            d["halt"] = True
+        if self.applied_step is not None:
+            d["applied_step"] = self.applied_step
         return d
+
+
+def _plain(extra: dict) -> dict:
+    return copy.deepcopy(extra)  # the record must not alias the actuator's live state
 
 
 class Actuator:

@@ -115,10 +115,8 @@ def type_name(exc: BaseException) -> str:
 
 
 def action_dict(action: Action) -> dict:
-    """An action as logged in a record (the ``step`` key of ``extra`` dropped)."""
-    d = action.to_dict()
-    d.pop("step", None)
-    return d
+    """An action as logged in a record (:meth:`~lbw_policy.base.Action.to_dict`)."""
+    return action.to_dict()
 
 
 @dataclass
@@ -207,7 +205,8 @@ class Governor:
             (detectors' ``after_step``), called once the actuators are unwound.
         :param signals_step: the step whose signals ``emitted`` holds (default ``step``).
         :param device_actions: gate outcomes of ``signals_step`` taken on the device:
-            ``{rule, signals, action: Action}`` each; recorded as ``device: true``.
+            ``{rule, signals, action: Action}`` each (the action's ``applied_step`` set);
+            recorded as ``device: true``.
         :returns: :class:`StepOutcome`. Never raises for a plugin's or the sink's error.
         :raises RuntimeError: the Governor has already halted.
         """
@@ -249,7 +248,7 @@ class Governor:
                          "rule": dev["rule"], "priority": dev.get("priority", 0),
                          "signals": dict(dev.get("signals") or {}), "enforced": self.enforce,
                          "device": True,
-                         "actions": [dict(action_dict(action), applied_step=out.signals_step)]})
+                         "actions": [action_dict(action)]})
             self._count("action", dev["rule"], [action])
         # observe: actuators see the step and publish their own state as signals
         readable = dict(self.latest)
@@ -284,7 +283,7 @@ class Governor:
                 continue
             for action, _ in planned:
                 committed = self._commit(action, "commit")
-                # an action marked extra["halt"] (halt; rollback past its budget) stops
+                # an action marked halt (the halt actuator; rollback past its budget) stops
                 # training, even when its commit (the checkpoint) failed
                 if _halts(action) and halt_by is None:
                     halt_by = (d.rule, d.signals,
@@ -438,7 +437,7 @@ def _float(v: Any) -> Optional[float]:
 
 
 def _halts(action: Action) -> bool:
-    return bool(action.extra.get("halt") or (action.actuator == "halt" and action.applied))
+    return bool(action.halt)
 
 
 def _signal_value(val: Any, name: str) -> Any:

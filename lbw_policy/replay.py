@@ -279,7 +279,8 @@ def _device_actions(row: Optional[dict], policy: Policy) -> list:
             continue
         signals = {s: (row.get("signals") or {}).get(s) for s in rule.signals()}
         out.append({"rule": name, "priority": rule.priority, "signals": signals,
-                    "action": Action("skip_step", "apply", requested=True, applied=True)})
+                    "action": Action("skip_step", "apply", requested=True, applied=True,
+                                     applied_step=row["step"])})
     return out
 
 

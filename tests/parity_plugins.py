@@ -119,7 +119,7 @@ class FaultyActuator(Actuator):
                       after=self.commits + 1, extra={"step": step})
 
     def commit(self, action):
-        self._call("commit", action.extra.get("step"))
+        self._call("commit", action.step)
         self.commits += 1
 
     def recover(self, step):

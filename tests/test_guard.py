@@ -109,7 +109,7 @@ class Probe(Actuator):
 
     def commit(self, action):
         lines = self.log.read_bytes().splitlines()
-        Probe.seen.append((action.extra["step"], json.loads(lines[-1])))
+        Probe.seen.append((action.step, json.loads(lines[-1])))
 
 
 class Refuser(Actuator):

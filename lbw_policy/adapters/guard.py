@@ -313,7 +313,8 @@ class Guard:
                 sigs = {s: emitted.get(s) for s in rule.signals()}
                 actions.append({"rule": rule.name, "priority": rule.priority, "signals": sigs,
                                 "action": Action("skip_step", "apply", requested=True,
-                                                 applied=True, extra={"gate": self.gate_mode})})
+                                                 applied=True, applied_step=due.step,
+                                                 extra={"gate": self.gate_mode})})
         return emitted, faults, actions
 
     def _after_step(self, tel: Telemetry, stepped: bool) -> list:
