@@ -22,22 +22,28 @@ FORMAT = "lbw-policy/halt-checkpoint/v1"
 
 
 def checkpoint_path(actuator: Any) -> Optional[str]:
-    """Where the checkpoint goes (``None`` without a guard, e.g. in unit tests)."""
-    guard = getattr(actuator, "guard", None)
-    log_dir = getattr(guard, "log_dir", None)
-    return None if log_dir is None else str(Path(log_dir) / FILENAME)
+    """Where the checkpoint goes (``None`` without a run directory: replay, unit tests)."""
+    context = getattr(actuator, "context", None)
+    log_dir = getattr(context, "log_dir", None)
+    if log_dir is None or getattr(context, "save_checkpoint", None) is None:
+        return None
+    return str(Path(log_dir) / FILENAME)
 
 
 def save_checkpoint(actuator: Any, path: str, step: int) -> None:
-    """Save model, optimizer and guard state to ``path`` (atomically)."""
+    """Save model, optimizer and guard state to ``path`` through the run's
+    :class:`~lbw_policy.base.ActuatorContext` (the guard writes it, atomically)."""
+    actuator.context.save_checkpoint(path, step=int(step), actuator=actuator.name)
+
+
+def write_checkpoint(path: str, *, step: int, actuator: str, model: Any, optimizer: Any,
+                     guard_state: dict) -> None:
+    """Write the checkpoint file (the format above) to a temporary file, then rename it."""
     import torch
 
-    guard = actuator.guard
-    model = getattr(actuator, "model", None)
-    payload = {"format": FORMAT, "step": int(step), "actuator": actuator.name,
+    payload = {"format": FORMAT, "step": int(step), "actuator": actuator,
                "model": None if model is None else model.state_dict(),
-               "optimizer": actuator.optimizer.state_dict(),
-               "guard": guard.state_dict()}
+               "optimizer": optimizer.state_dict(), "guard": guard_state}
     tmp = path + ".tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)

@@ -159,7 +159,7 @@ class ScaleActuator(Actuator):
                       clamped=applied != target, before=self.scale, after=applied,
                       step=step)
 
-    def before_step(self, optimizer) -> bool:
+    def before_step(self, optimizer, step: int) -> bool:
         key = self.hyperparameter
         self._saved = [group[key] for group in optimizer.param_groups]
         if self.scale != 1.0:
@@ -167,7 +167,7 @@ class ScaleActuator(Actuator):
                 group[key] = value * self.scale
         return True
 
-    def after_step(self, optimizer, stepped: bool) -> None:
+    def after_step(self, optimizer, stepped: bool, step: int) -> None:
         if self._saved is not None:
             for group, value in zip(optimizer.param_groups, self._saved):
                 group[self.hyperparameter] = value

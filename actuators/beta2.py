@@ -164,14 +164,14 @@ class Beta2(Actuator):
                       clamped=applied != target, before=cur, after=applied,
                       step=step, extra={"neutral": False})
 
-    def before_step(self, optimizer) -> bool:
+    def before_step(self, optimizer, step: int) -> bool:
         if self.value is not None:
             self._saved = [group["betas"] for group in optimizer.param_groups]
             for group, betas in zip(optimizer.param_groups, self._saved):
                 group["betas"] = (betas[0], self.value)
         return True
 
-    def after_step(self, optimizer, stepped: bool) -> None:
+    def after_step(self, optimizer, stepped: bool, step: int) -> None:
         if self._saved is not None:
             for group, betas in zip(optimizer.param_groups, self._saved):
                 group["betas"] = betas

@@ -156,7 +156,7 @@ class GradClip(Actuator):
                       before=self.k, after=self.default, step=step)
 
     # ---------------------------------------------------------------- the step
-    def before_step(self, optimizer) -> bool:
+    def before_step(self, optimizer, step: int) -> bool:
         import torch
 
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]

@@ -95,7 +95,7 @@ class LRCap(Actuator):
     def commit(self, action: Action) -> None:
         self._ratio = float(action.applied)
 
-    def before_step(self, optimizer) -> bool:
+    def before_step(self, optimizer, step: int) -> bool:
         if self._ratio is not None:
             groups = optimizer.param_groups
             self._saved = [group["lr"] for group in groups]
@@ -103,7 +103,7 @@ class LRCap(Actuator):
                 group["lr"] = group["lr"] * factor
         return True
 
-    def after_step(self, optimizer, stepped: bool) -> None:
+    def after_step(self, optimizer, stepped: bool, step: int) -> None:
         if self._saved is not None:
             for group, value in zip(optimizer.param_groups, self._saved):
                 group["lr"] = value

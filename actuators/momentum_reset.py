@@ -179,7 +179,7 @@ class MomentumReset(Actuator):
         self.last_reset_step = (action.step if action.step is not None else self._step)
         self.warmup_left = self.warmup
 
-    def before_step(self, optimizer) -> bool:
+    def before_step(self, optimizer, step: int) -> bool:
         if self.warmup_left > 0:
             factor = self._lr_factor()
             self._saved = [(g, optimizer.param_groups[g]["lr"]) for g in self._selected]
@@ -187,14 +187,14 @@ class MomentumReset(Actuator):
                 optimizer.param_groups[g]["lr"] = lr * factor
         return True
 
-    def after_step(self, optimizer, stepped: bool) -> None:
+    def after_step(self, optimizer, stepped: bool, step: int) -> None:
         if self._saved is not None:
             for g, lr in self._saved:
                 optimizer.param_groups[g]["lr"] = lr
             self._saved = None
             if stepped:
                 self.warmup_left -= 1
-        self._step += 1
+        self._step = step + 1
 
     def state_dict(self) -> dict:
         return {"resets": self.resets, "last_reset_step": self.last_reset_step,

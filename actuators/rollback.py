@@ -215,7 +215,8 @@ class Rollback(Actuator):
         self.snapshots = (self.snapshots + [snap])[-self.keep:]
 
     # ---------------------------------------------------------------- the step
-    def before_step(self, optimizer) -> bool:
+    def before_step(self, optimizer, step: int) -> bool:
+        self._step = step
         if self.skipping > 0:
             return False
         if self._step % self.every == 0 and not (self.snapshots and
@@ -223,10 +224,10 @@ class Rollback(Actuator):
             self._take_snapshot()
         return True
 
-    def after_step(self, optimizer, stepped: bool) -> None:
+    def after_step(self, optimizer, stepped: bool, step: int) -> None:
         if self.skipping > 0:
             self.skipping -= 1
-        self._step += 1
+        self._step = step + 1
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:

@@ -87,6 +87,7 @@ class SkipStep(Actuator):
     }
     commands = {"apply": {"type": "null"}}
     signals = ("consecutive", "exhausted", "refused")
+    same_step = True  # a bad batch's update: only its own step can be skipped
 
     def __init__(self, max_consecutive: int = 3, gate: str = "host") -> None:
         super().__init__(max_consecutive=max_consecutive, gate=gate)
@@ -189,7 +190,7 @@ class SkipStep(Actuator):
         return self._dev_consecutive
 
     # ---------------------------------------------------------------- the step
-    def before_step(self, optimizer) -> bool:
+    def before_step(self, optimizer, step: int) -> bool:
         if self.pending:
             return False
         if self._keep is None:
@@ -235,7 +236,7 @@ class SkipStep(Actuator):
             b.copy_(t)
         return list(zip(live, self._buffers))
 
-    def after_step(self, optimizer, stepped: bool) -> None:
+    def after_step(self, optimizer, stepped: bool, step: int) -> None:
         if getattr(optimizer, "found_inf", None) is not None and self._keep is not None:
             del optimizer.found_inf
         if self._keep is not None:

@@ -14,9 +14,21 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
-__all__ = ["Detector", "Actuator", "Action"]
+__all__ = ["Detector", "Actuator", "Action", "ActuatorContext", "API_VERSION", "REDUCTIONS"]
+
+#: The plugin contract this package implements. A plugin class declares the version it was
+#: written against as ``api_version``; the registry refuses any other (``PluginError``).
+#: Version 2: ``Action.step`` / ``halt`` / ``applied_step`` fields; actuators get an
+#: :class:`ActuatorContext` in :meth:`Actuator.bind` and the step in ``before_step`` /
+#: ``after_step``; signals declare their cross-rank reduction.
+API_VERSION = 2
+
+#: How a signal reduces across ranks in a distributed run (the distributed adapter applies it
+#: to the step's gathered signal vector): ``max``, ``min``, ``sum``, ``mean``, ``any`` (true when
+#: any rank's value is nonzero), ``same`` (every rank holds the same value; rank 0's is used).
+REDUCTIONS = ("max", "min", "sum", "mean", "any", "same")
 
 
 class Detector:
@@ -28,6 +40,10 @@ class Detector:
     :cvar signals: names of the signals it emits; the policy sees them as ``<id>.<signal>``.
     :cvar params_schema: JSON Schema of ``params`` (an object schema); checked at policy load.
     :cvar version: plugin version written to the decision log (defaults to the package's).
+    :cvar api_version: the plugin contract the class implements (:data:`API_VERSION`).
+    :cvar reductions: ``{signal: reduction}``, how each signal reduces across ranks (one of
+        :data:`REDUCTIONS`); a signal left out reduces by :attr:`default_reduction`
+        (``"mean"`` unless the class says otherwise). See :meth:`reduction_for`.
     :ivar every: the policy's cadence for this detector (``detectors.<id>.every``), set by the
         guard before :meth:`setup`; 1 outside a guard. The guard calls :meth:`compute` on steps
         ``0, every, 2 * every, ...``; a detector with forward hooks can use it, with
@@ -42,10 +58,19 @@ class Detector:
     signals: ClassVar[tuple[str, ...]] = ()
     params_schema: ClassVar[dict] = {"type": "object", "properties": {}, "additionalProperties": False}
     version: ClassVar[Optional[str]] = None
+    api_version: ClassVar[int] = API_VERSION
+    reductions: ClassVar[Mapping[str, str]] = {}
+    default_reduction: ClassVar[str] = "mean"
     every: int = 1
 
     def __init__(self, **params: Any) -> None:
         self.params = dict(params)
+
+    @classmethod
+    def reduction_for(cls, signal: str) -> str:
+        """How ``signal`` reduces across ranks: :attr:`reductions`, else
+        :attr:`default_reduction`."""
+        return cls.reductions.get(signal, cls.default_reduction)
 
     @classmethod
     def signals_for(cls, params: Mapping[str, Any]) -> tuple[str, ...]:
@@ -159,6 +184,27 @@ def _plain(extra: dict) -> dict:
     return copy.deepcopy(extra)  # the record must not alias the actuator's live state
 
 
+@dataclass
+class ActuatorContext:
+    """What an actuator may use of the run, handed to :meth:`Actuator.bind` (instead of the
+    guard itself: no cycle between actuators and the guard's state).
+
+    :param model: the model, or ``None`` when the guard was built without one.
+    :param log_dir: the run directory, or ``None`` (replay, policy tests, unit tests).
+    :param save_checkpoint: ``save_checkpoint(path, step=..., actuator=...)`` saves model,
+        optimizer and guard state atomically (the format of ``actuators/_checkpoint.py``), or
+        ``None`` where no checkpoint can be written.
+    :param rank: this process's rank (0 outside distributed runs).
+    :param world_size: number of ranks (1 outside distributed runs).
+    """
+
+    model: Any = None
+    log_dir: Any = None
+    save_checkpoint: Optional[Callable[..., None]] = None
+    rank: int = 0
+    world_size: int = 1
+
+
 class Actuator:
     """A bounded control on the optimizer.
 
@@ -170,6 +216,10 @@ class Actuator:
     :cvar signals: names of the signals the actuator publishes about its own state (e.g.
         ``"exhausted"``); rules read them as ``<actuator name>.<signal>`` (``skip_step.exhausted``),
         which is how a policy writes escalation declaratively. See :meth:`signals_for`.
+    :cvar api_version: the plugin contract the class implements (:data:`API_VERSION`).
+    :cvar same_step: ``True`` when the action only makes sense on the step whose signals asked
+        for it (``skip_step``: a bad batch's update); under deferred transfer such commands need
+        a ``gate: device`` rule to act in time. Default ``False``.
 
     Every change goes through :meth:`plan` (pure: computes the clamped change) and then
     :meth:`commit` (applies exactly what was planned), so the guard can write the decision record
@@ -178,7 +228,7 @@ class Actuator:
     :meth:`after_step` in the reverse order of :meth:`before_step`, so actuators that change a
     param-group value around the step (``lr_scale``, ``momentum_reset``'s warm-up) unwind in turn.
 
-    Lifecycle: ``__init__(**bounds)`` -> :meth:`bind` (the model and the guard) -> :meth:`attach`
+    Lifecycle: ``__init__(**bounds)`` -> :meth:`bind` (an :class:`ActuatorContext`) -> :meth:`attach`
     (the optimizer; raise :class:`~lbw_policy.errors.ActuatorError` here) -> per step:
     :meth:`observe`, :meth:`signal_values`, :meth:`plan` / :meth:`commit` or :meth:`recover`,
     :meth:`before_step`, :meth:`after_step`.
@@ -189,6 +239,8 @@ class Actuator:
     commands: ClassVar[dict] = {}
     version: ClassVar[Optional[str]] = None
     signals: ClassVar[tuple[str, ...]] = ()
+    api_version: ClassVar[int] = API_VERSION
+    same_step: ClassVar[bool] = False
 
     def __init__(self, **bounds: Any) -> None:
         self.bounds = dict(bounds)
@@ -209,12 +261,11 @@ class Actuator:
         steps left). Values are plain numbers or bools from host state: no device sync."""
         return {}
 
-    def bind(self, *, model: Any = None, guard: Any = None) -> None:
-        """Called by the guard before :meth:`attach` with the model (``None`` when the guard was
-        built without one) and the guard itself (``guard.log_dir``, ``guard.step_count``,
-        ``guard.state_dict()``). The default keeps both as ``self.model`` / ``self.guard``."""
-        self.model = model
-        self.guard = guard
+    def bind(self, context: ActuatorContext) -> None:
+        """Called before :meth:`attach` with the run's :class:`ActuatorContext`. The default
+        keeps it as ``self.context`` and its model as ``self.model``."""
+        self.context = context
+        self.model = context.model
 
     def observe(self, telemetry: Any) -> None:
         """Called every step after the detectors ran, before the rules are evaluated, with the
@@ -239,12 +290,14 @@ class Actuator:
         firing rule commands this actuator."""
         return None
 
-    def before_step(self, optimizer: Any) -> bool:
-        """Called right before ``optimizer.step()``; return ``False`` to skip the step."""
+    def before_step(self, optimizer: Any, step: int) -> bool:
+        """Called right before ``optimizer.step()`` of step ``step``; return ``False`` to skip
+        the step."""
         return True
 
-    def after_step(self, optimizer: Any, stepped: bool) -> None:
-        """Called right after ``optimizer.step()`` (or the skip)."""
+    def after_step(self, optimizer: Any, stepped: bool, step: int) -> None:
+        """Called right after ``optimizer.step()`` of step ``step`` (or the skip: ``stepped``
+        is ``False`` when the optimizer step did not run)."""
 
     def state_dict(self) -> dict:
         """What a resumed run needs, as plain data where possible (``rollback`` keeps its

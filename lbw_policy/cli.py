@@ -106,16 +106,21 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     for kind, table in (("detector", registry.detectors), ("actuator", registry.actuators)):
         for name, reg in sorted(table.items()):
             extra = ", ".join(reg.cls.signals) if kind == "detector" else ", ".join(reg.cls.commands)
-            rows.append({"kind": kind, "name": name, "plugin": reg.plugin, "version": reg.version,
-                         "class": f"{reg.cls.__module__}.{reg.cls.__qualname__}",
-                         ("signals" if kind == "detector" else "commands"): extra})
+            row = {"kind": kind, "name": name, "plugin": reg.plugin, "version": reg.version,
+                   "class": f"{reg.cls.__module__}.{reg.cls.__qualname__}",
+                   ("signals" if kind == "detector" else "commands"): extra}
+            if kind == "detector":  # how each signal reduces across ranks
+                row["reductions"] = {s: reg.cls.reduction_for(s) for s in reg.cls.signals}
+            rows.append(row)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'kind':<9} {'name':<18} {'plugin':<24} {'version':<9} signals / commands")
+    print(f"{'kind':<9} {'name':<18} {'plugin':<24} {'version':<9} "
+          "signals (cross-rank reduction) / commands")
     for r in rows:
-        print(f"{r['kind']:<9} {r['name']:<18} {r['plugin']:<24} {r['version']:<9} "
-              f"{r.get('signals', r.get('commands'))}")
+        what = (", ".join(f"{s} ({red})" for s, red in r["reductions"].items())
+                if "reductions" in r else r["commands"])
+        print(f"{r['kind']:<9} {r['name']:<18} {r['plugin']:<24} {r['version']:<9} {what}")
     return 0
 
 

@@ -320,7 +320,7 @@ class Governor:
                 for name, actuator in self.actuators.items():
                     entered.append((name, actuator))
                     try:
-                        ok = actuator.before_step(optimizer)
+                        ok = actuator.before_step(optimizer, out.step)
                     except Exception as exc:
                         self._contain(Fault.of("actuator", name, "before_step", exc))
                         ok = not self._skip
@@ -335,7 +335,7 @@ class Governor:
         faults = []
         for name, actuator in reversed(entered):  # unwind param-group changes in reverse order
             try:
-                actuator.after_step(optimizer, out.stepped)
+                actuator.after_step(optimizer, out.stepped, out.step)
             except Exception as exc:
                 faults.append(Fault.of("actuator", name, "after_step", exc))
         if stop is not None:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import pluggy
 
 from lbw_policy import hookspecs
-from lbw_policy.base import Actuator, Detector
+from lbw_policy.base import API_VERSION, REDUCTIONS, Actuator, Detector
 from lbw_policy.errors import PluginError
 
 __all__ = [
@@ -191,6 +191,19 @@ def _build_registry(pm: pluggy.PluginManager) -> Registry:
                     raise PluginError(
                         f"plugin {_plugin!r} registered {cls!r} as a {_kind}; expected a subclass "
                         f"of lbw_policy.{_base.__name__}", plugin=_plugin)
+                api = getattr(cls, "api_version", None)
+                if api != API_VERSION:
+                    raise PluginError(
+                        f"plugin {_plugin!r} registered {_kind} class {cls.__qualname__} written "
+                        f"for plugin API version {api!r}; this lbw-policy implements version "
+                        f"{API_VERSION} (docs/plugins.md lists the changes)", plugin=_plugin)
+                bad = {s: r for s, r in (getattr(cls, "reductions", None) or {}).items()
+                       if r not in REDUCTIONS}
+                if bad or getattr(cls, "default_reduction", "mean") not in REDUCTIONS:
+                    raise PluginError(
+                        f"plugin {_plugin!r}: {_kind} class {cls.__qualname__} declares unknown "
+                        f"reductions {bad or cls.default_reduction!r}; expected one of "
+                        f"{', '.join(REDUCTIONS)}", plugin=_plugin)
                 name = getattr(cls, "name", "")
                 if not isinstance(name, str) or not name:
                     raise PluginError(

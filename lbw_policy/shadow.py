@@ -16,7 +16,8 @@ before/after step), with a stand-in step that does nothing:
 - the faults the run recorded (a detector's ``compute`` / ``after_step`` error), fed back as
   :class:`~lbw_policy.governor.Fault` values, so ``on_error`` acts as it did in the run.
 
-Actuators are bound without a guard, so nothing is ever written to disk (no halt checkpoint).
+Actuators are bound to a context without a run directory, so nothing is ever written to disk (no
+halt checkpoint).
 Records have the guard's layout (``step``, ``signals_step``, ``event``, ``rule``, ``priority``,
 ``signals``, ``enforced``, ``actions``, ``overridden``; ``error``/``where``/``fault``/``on_error``;
 ``message``) without the hash-chain fields a :class:`~lbw_policy.decision_log.DecisionLog` adds.
@@ -29,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+from lbw_policy.base import ActuatorContext
 from lbw_policy.errors import ActuatorError
 from lbw_policy.governor import DECISION_EVENTS, Fault, Governor
 from lbw_policy.policy import Policy, load_policy
@@ -110,7 +112,7 @@ class Shadow:
         for name, spec in self.policy.actuators.items():
             actuator = registry.actuators[name].cls(**dict(spec.bounds))
             try:
-                actuator.bind(model=self.model, guard=None)
+                actuator.bind(ActuatorContext(model=self.model))  # no run dir: no checkpoint
                 actuator.attach(self.optimizer)
             except ActuatorError as exc:
                 raise ActuatorError(f"actuator {name!r} cannot be simulated without a real "

@@ -53,7 +53,7 @@ class Spy(Actuator):
     commands = {}
     seen: list = []
 
-    def before_step(self, optimizer):
+    def before_step(self, optimizer, step):
         g = optimizer.param_groups[0]
         Spy.seen.append({"lr": g["lr"], "weight_decay": g.get("weight_decay"),
                          "beta2": g["betas"][1] if "betas" in g else None})
@@ -101,16 +101,23 @@ def forward_backward(model, step: int, scale: float = 1.0):
     return loss
 
 
-def run_step(opt, actuators):
+_STEPS: dict = {}
+
+
+def run_step(opt, actuators, step=None):
     """The guard's protocol around ``optimizer.step()``: before_step in order, after_step in
-    reverse order; returns whether the step was taken."""
+    reverse order; returns whether the step was taken. ``step`` defaults to a count of this
+    optimizer's run_step calls (0, 1, ...), as the guard's step index."""
+    if step is None:
+        step = _STEPS.get(id(opt), 0)
+    _STEPS[id(opt)] = step + 1
     proceed = True
     for a in actuators:
-        proceed = a.before_step(opt) and proceed
+        proceed = a.before_step(opt, step) and proceed
     if proceed:
         opt.step()
     for a in reversed(actuators):
-        a.after_step(opt, proceed)
+        a.after_step(opt, proceed, step)
     return proceed
 
 

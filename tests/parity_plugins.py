@@ -126,12 +126,12 @@ class FaultyActuator(Actuator):
         self._call("recover", step)
         return None
 
-    def before_step(self, optimizer):
-        self._call("before_step", self.step)
+    def before_step(self, optimizer, step):
+        self._call("before_step", step)
         return True
 
-    def after_step(self, optimizer, stepped):
-        self._call("after_step", self.step, bool(stepped))
+    def after_step(self, optimizer, stepped, step):
+        self._call("after_step", step, bool(stepped))
 
     def state_dict(self):
         return {"commits": self.commits}

@@ -25,14 +25,14 @@ def _backward(model):
     return loss
 
 
-def _run_step(opt, actuators):
+def _run_step(opt, actuators, step=0):
     proceed = True
     for a in actuators:
-        proceed = a.before_step(opt) and proceed
+        proceed = a.before_step(opt, step) and proceed
     if proceed:
         opt.step()
     for a in actuators:
-        a.after_step(opt, proceed)
+        a.after_step(opt, proceed, step)
     return proceed
 
 
@@ -80,11 +80,11 @@ def test_lr_scale_composes_with_scheduler_without_compounding():
     seen = []
 
     class Spy:
-        def before_step(self, o):
+        def before_step(self, o, step):
             seen.append(o.param_groups[0]["lr"])
             return True
 
-        def after_step(self, o, stepped):
+        def after_step(self, o, stepped, step):
             pass
 
     for _ in range(3):

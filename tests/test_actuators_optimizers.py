@@ -12,11 +12,12 @@ from actuator_helpers import (OPTIMIZERS, assert_same, forward_backward, make, o
                               run_step)
 from lbw_policy.actuators import (Beta2, GradClip, Halt, LRScale, MomentumReset, Rollback,
                                   SkipStep, WeightDecayScale)
+from lbw_policy.base import ActuatorContext
 from lbw_policy.errors import ActuatorError
 
 
 def _attached(actuator, opt, model=None):
-    actuator.bind(model=model, guard=None)
+    actuator.bind(ActuatorContext(model=model))
     actuator.attach(opt)
     return actuator
 
@@ -212,14 +213,14 @@ def test_grad_clip_clips_to_k_times_the_running_mean(kind):
     forward_backward(model, 3, scale=100.0)  # a spike
     spike = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
     grads = [p.grad.clone() for p in model.parameters()]
-    clip.before_step(opt)
+    clip.before_step(opt, 0)
     coef = min(1.0, 4.0 * mean / (spike + 1e-6))
     assert coef < 0.1
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g * coef, rtol=1e-5, atol=0)
     # The mean takes the clipped norm (4 x mean), not the spike.
     assert clip.state_dict()["mean"] == pytest.approx(0.5 * mean + 0.5 * 4.0 * mean, rel=1e-5)
-    clip.after_step(opt, True)
+    clip.after_step(opt, True, 0)
 
 
 def test_grad_clip_leaves_non_finite_gradients_and_the_mean_alone():
@@ -231,7 +232,7 @@ def test_grad_clip_leaves_non_finite_gradients_and_the_mean_alone():
     mean = clip.state_dict()["mean"]
     forward_backward(model, 1, scale=float("inf"))
     grads = [p.grad.clone() for p in model.parameters()]
-    clip.before_step(opt)
+    clip.before_step(opt, 0)
     for p, g in zip(model.parameters(), grads):
         assert torch.equal(p.grad, g) or (p.grad.isnan() == g.isnan()).all()
     assert clip.state_dict()["mean"] == mean

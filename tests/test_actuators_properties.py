@@ -16,6 +16,7 @@ from actuator_helpers import HEAD, Spy, decisions_of, forward_backward, make, re
 from lbw_policy.actuators import (Beta2, GradClip, LRScale, MomentumReset, Rollback, SkipStep,
                                   WeightDecayScale)
 from lbw_policy.adapters.guard import Guard
+from lbw_policy.base import ActuatorContext
 from lbw_policy.policy import loads_policy
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -89,10 +90,10 @@ def test_scale_actuators_stay_in_bounds_and_report_truthfully(cls, bounds, seq):
         a.commit(act)
         assert a.scale == act.applied
         # What the optimizer sees during the step, and what it holds after.
-        a.before_step(opt)
+        a.before_step(opt, 0)
         for g, b in zip(opt.param_groups, base):
             assert g[key] == b * a.scale
-        a.after_step(opt, True)
+        a.after_step(opt, True, 0)
         assert [g[key] for g in opt.param_groups] == base
 
 
@@ -129,9 +130,9 @@ def test_beta2_stays_in_bounds_or_at_the_users_value(lo, width, own, mc, rstep, 
         assert lo - EPS <= act.applied <= hi + EPS or act.applied == own
         a.commit(act)
         assert a.current() == act.after == act.applied
-        a.before_step(opt)
+        a.before_step(opt, 0)
         assert all(g["betas"] == (0.9, a.current()) for g in opt.param_groups)
-        a.after_step(opt, True)
+        a.after_step(opt, True, 0)
         assert all(g["betas"] == (0.9, own) for g in opt.param_groups)
 
 
@@ -178,10 +179,10 @@ def test_skip_step_never_skips_more_than_max_consecutive(max_consecutive, steps)
             assert act.applied == (not exhausted) and act.clamped == bool(exhausted)
             assert act.before == a.consecutive
             a.commit(act)
-        vetoed = not a.before_step(None)
+        vetoed = not a.before_step(None, 0)
         assert vetoed == (request and not exhausted)  # applied <=> the step was vetoed
         taken = not vetoed and not other_veto
-        a.after_step(None, taken)
+        a.after_step(None, taken, 0)
         own_streak = own_streak + 1 if vetoed else (0 if taken else own_streak)
         assert own_streak <= max_consecutive
         assert a.consecutive == own_streak
@@ -204,13 +205,13 @@ def test_momentum_reset_spacing_and_warmup_factor(min_interval, warmup, requests
             if act.applied:
                 resets.append(step)
                 assert a.warmup_left == warmup
-        a.before_step(opt)
+        a.before_step(opt, 0)
         factor = opt.param_groups[0]["lr"] / 0.01
         if resets and warmup and step - resets[-1] < warmup:
             assert factor == pytest.approx((step - resets[-1] + 1) / warmup)
         else:
             assert factor == 1.0
-        a.after_step(opt, True)
+        a.after_step(opt, True, 0)
         assert opt.param_groups[0]["lr"] == 0.01
     assert all(b - a_ >= min_interval for a_, b in zip(resets, resets[1:]))
 
@@ -222,7 +223,7 @@ def test_rollback_never_exceeds_max_rollbacks_in_any_window(max_rollbacks, windo
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     a = Rollback(every=3, keep=2, max_rollbacks=max_rollbacks, window=window, on_exhausted="refuse")
-    a.bind(model=model)
+    a.bind(ActuatorContext(model=model))
     a.attach(opt)
     done = []
     for step, command in enumerate(commands):
@@ -236,8 +237,8 @@ def test_rollback_never_exceeds_max_rollbacks_in_any_window(max_rollbacks, windo
             if act.applied:
                 done.append(step)
                 assert a.skipping == 1
-        a.before_step(opt)
-        a.after_step(opt, True)
+        a.before_step(opt, step)
+        a.after_step(opt, True, step)
         for s in done:
             assert sum(1 for d in done if s - window < d <= s) <= max_rollbacks
 

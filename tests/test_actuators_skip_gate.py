@@ -91,7 +91,7 @@ def test_first_step_before_the_state_exists_reads_the_gate_on_the_host():
 def test_arm_needs_a_0_dim_tensor_and_returns_the_gate_in_force():
     skip = SkipStep(max_consecutive=1)
     assert skip.arm(torch.tensor(False)).item() is False  # the guard arms it from gate rules
-    skip.after_step(None, True)  # the gated step: one device skip in a row
+    skip.after_step(None, True, 0)  # the gated step: one device skip in a row
     assert skip.arm(torch.tensor(False)).item() is True  # max_consecutive=1: kept on the device
     with pytest.raises(ValueError, match="keep must be a 0-dim bool tensor"):
         SkipStep(gate="device").arm(torch.tensor([True]))

@@ -248,12 +248,12 @@ class Flaky(Actuator):
     def commit(self, action):
         raise RuntimeError(f"flaky commit at step {self.step}")
 
-    def before_step(self, optimizer):
+    def before_step(self, optimizer, step):
         if self.step in self.fail.get("before", ()):
             raise RuntimeError(f"flaky before_step at step {self.step}")
         return True
 
-    def after_step(self, optimizer, stepped):
+    def after_step(self, optimizer, stepped, step):
         if self.step in self.fail.get("after", ()):
             raise RuntimeError(f"flaky after_step at step {self.step}")
 

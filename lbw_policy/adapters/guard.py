@@ -41,7 +41,7 @@ import torch
 
 from lbw_policy.adapters.gate import DeviceGate, gate_rules
 from lbw_policy.adapters.transport import Packet, make_transport
-from lbw_policy.base import Action
+from lbw_policy.base import Action, ActuatorContext
 from lbw_policy.decision_log import DecisionLog, sanitize
 from lbw_policy.errors import TrainingHalted
 from lbw_policy.governor import Fault, Governor
@@ -123,6 +123,12 @@ class Guard:
         # Build every plugin before touching files: a bad policy never half-applies, and a
         # failed construction leaves the model as it was (hooks removed).
         self.detectors, self.actuators, self._plugin_versions = {}, {}, {}
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.run_id = run_id or (self.log_dir.name if self.log_dir else uuid.uuid4().hex[:12])
+        if self.log_dir is None:
+            self.log_dir = Path("runs") / self.run_id
+        context = ActuatorContext(model=model, log_dir=self.log_dir, rank=rank,
+                                  save_checkpoint=self._save_checkpoint)
         try:
             for det_id, spec in policy.detectors.items():
                 reg = registry.detectors[spec.type]
@@ -134,7 +140,7 @@ class Guard:
                 self.actuators[name] = reg.cls(**dict(spec.bounds))
                 self._plugin_versions[f"actuator:{name}"] = {"plugin": reg.plugin, "version": reg.version}
             for name, actuator in self.actuators.items():
-                actuator.bind(model=model, guard=self)  # rollback needs the model, halt the log_dir
+                actuator.bind(context)  # rollback needs the model, halt the log_dir
                 actuator.attach(optimizer)  # ActuatorError if it cannot act on this optimizer
             for det in self.detectors.values():
                 det.setup(model, optimizer)
@@ -151,10 +157,6 @@ class Guard:
                 gated = []
         self.gate = DeviceGate(gated)
 
-        self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.run_id = run_id or (self.log_dir.name if self.log_dir else uuid.uuid4().hex[:12])
-        if self.log_dir is None:
-            self.log_dir = Path("runs") / self.run_id
         self.log_dir.mkdir(parents=True, exist_ok=True)
         from lbw_policy import __version__
 
@@ -211,6 +213,13 @@ class Guard:
     def _write(self, record: dict) -> dict:
         record = {"policy": self._policy_label(), "mode": self.policy.mode, **record}
         return self.log.append(record)
+
+    def _save_checkpoint(self, path: str, *, step: int, actuator: str) -> None:
+        """:class:`~lbw_policy.base.ActuatorContext`'s ``save_checkpoint`` (halt, rollback)."""
+        from lbw_policy.actuators._checkpoint import write_checkpoint
+
+        write_checkpoint(path, step=step, actuator=actuator, model=self.model,
+                         optimizer=self.optimizer, guard_state=self.state_dict())
 
     # ------------------------------------------------------------------ the step
     def step(self, loss: torch.Tensor) -> StepResult:
