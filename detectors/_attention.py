@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["AttentionSite", "find_attention_sites"]
+__all__ = ["AttentionSite", "find_attention_sites", "repeat_heads"]
 
 _HEAD_ATTRS = ("n_head", "num_heads", "n_heads", "num_attention_heads")
 
@@ -94,8 +94,19 @@ class AttentionSite:
         qf = wq.to(dtype).reshape(self.n_head, hs, wq.shape[-1]).transpose(1, 2)
         kf = wk.to(dtype).reshape(self.n_kv_head, hs, wk.shape[-1]).transpose(1, 2)
         if self.n_kv_head != self.n_head:
-            kf = kf.repeat_interleave(self.n_head // self.n_kv_head, dim=0)
+            kf = repeat_heads(kf, self.n_head // self.n_kv_head, dim=0)
         return qf, kf
+
+
+def repeat_heads(x: torch.Tensor, times: int, dim: int) -> torch.Tensor:
+    """``x.repeat_interleave(times, dim)`` for an int ``times``, as ``unsqueeze`` + ``expand`` +
+    ``reshape`` (one copy kernel): the same values, and plainly no host-device sync (the
+    tensor-``repeats`` overload of ``repeat_interleave`` reads the output size back from the
+    device unless ``output_size`` is given)."""
+    dim = dim % x.dim()
+    shape = list(x.shape)
+    expanded = x.unsqueeze(dim + 1).expand(*shape[:dim + 1], times, *shape[dim + 1:])
+    return expanded.reshape(*shape[:dim], shape[dim] * times, *shape[dim + 1:])
 
 
 def _heads_of(model: nn.Module, parent: str) -> Optional[int]:

@@ -28,6 +28,8 @@ from typing import Union
 
 import torch
 
+from ._ring import to_device
+
 Scalar = Union[float, torch.Tensor]
 
 
@@ -77,15 +79,21 @@ class EMAStat:
     def adopt(self, x: Scalar) -> Scalar:
         """Hold the statistics in ``x``'s representation (floats for a float, tensors on ``x``'s
         device) and return ``x`` in the statistics' dtype. A change of representation (a resumed
-        state, restored as floats, meeting a device tensor) converts once."""
+        state, restored as floats, meeting a device tensor) converts once, without a host-device
+        sync: floats are written on the device by a fill (``torch.full``), tensors on another
+        device are copied device to device (never read back with ``float()``)."""
         if self.mean is None:
             self._init(x)
         elif isinstance(x, torch.Tensor):
-            if not isinstance(self.mean, torch.Tensor) or self.mean.device != x.device:
-                state = (float(self.mean), float(self.var), float(self.count))
+            if not isinstance(self.mean, torch.Tensor):
+                state = (self.mean, self.var, self.count)
                 self._init(x)
-                self.mean, self.var, self.count = (torch.full((), v, dtype=self.mean.dtype, device=x.device)
+                self.mean, self.var, self.count = (torch.full((), float(v), dtype=self.mean.dtype, device=x.device)
                                                    for v in state)
+            elif self.mean.device != x.device:
+                dtype = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
+                self.mean, self.var, self.count = (to_device(t, x.device, dtype)
+                                                   for t in (self.mean, self.var, self.count))
         elif isinstance(self.mean, torch.Tensor):
             self.mean, self.var, self.count = float(self.mean), float(self.var), float(self.count)
         return x.to(self.mean.dtype) if isinstance(x, torch.Tensor) else float(x)

@@ -9,6 +9,13 @@ evicts a finite one); slots not yet written are invalid.
 :func:`masked_median` computes the median over the valid entries only, with fixed-size tensor
 ops (sort with invalid entries pushed to +inf, then a gather at a count-dependent index), so
 nothing synchronises with the host.
+
+:func:`to_device` moves a tensor to a device without a blocking copy: a CPU tensor bound for CUDA
+(a resumed state) goes through pinned memory with ``non_blocking=True``. A plain ``.to("cuda")``
+of pageable memory is ``cudaMemcpy`` followed by a stream synchronisation (``memcpy_and_sync`` in
+``aten/src/ATen/native/cuda/Copy.cu``; ``torch.cuda.set_sync_debug_mode`` reports it), and even a
+``non_blocking`` copy from pageable memory makes the driver synchronise the stream before staging
+it (CUDA runtime API, "API synchronization behavior"), silently.
 """
 
 from __future__ import annotations
@@ -17,12 +24,27 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Ring", "masked_median", "stat_dtype"]
+__all__ = ["Ring", "masked_median", "stat_dtype", "to_device"]
 
 
 def stat_dtype(device: torch.device) -> torch.dtype:
     """float64 where the backend has it (CPU, CUDA), float32 otherwise (MPS)."""
     return torch.float64 if torch.device(device).type in ("cpu", "cuda") else torch.float32
+
+
+def to_device(t: torch.Tensor, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``t`` on ``device`` (and ``dtype``), without a blocking host-device copy where one can be
+    avoided: no copy when it is there already; a CPU tensor bound for CUDA is staged in pinned
+    memory and copied ``non_blocking`` (the caching host allocator keeps the pinned block until
+    the copy has run: ``CachingHostAllocator_recordEvent`` in ``Copy.cu``). Device to device is
+    a plain ``.to`` (no host involved). Moving to the CPU cannot avoid waiting for the device; no
+    detector does it on a training step."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        if dtype is not None:
+            t = t.to(dtype)                            # on the CPU: converts host memory only
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device=device, dtype=dtype)
 
 
 def masked_median(x: torch.Tensor, valid: torch.Tensor, count: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -76,12 +98,15 @@ class Ring:
         return self.valid.sum()
 
     def ensure(self, device: torch.device) -> None:
-        """Create the buffers on ``device``, or move them there."""
+        """Create the buffers on ``device``, or move them there (a state restored on the CPU
+        meeting a CUDA observation: staged through pinned memory, no blocking copy; the values
+        take ``device``'s statistics dtype)."""
         if self.values is None:
             self._init(device)
         elif self.values.device != torch.device(device):
-            self.values, self.valid = self.values.to(device), self.valid.to(device)
-            self.steps, self.pos = self.steps.to(device), self.pos.to(device)
+            dtype = stat_dtype(device)
+            self.values, self.valid = to_device(self.values, device, dtype), to_device(self.valid, device)
+            self.steps, self.pos = to_device(self.steps, device, dtype), to_device(self.pos, device)
 
     def push(self, x: torch.Tensor, step: int) -> None:
         """Store the 0-dim tensor ``x`` observed at ``step`` if it is finite (else nothing
@@ -109,8 +134,11 @@ class Ring:
             return
         if len(state["values"]) != self.size:
             raise ValueError(f"ring state holds {len(state['values'])} slots, this ring has {self.size}")
-        self._init(torch.device(device))
-        self.values = torch.tensor(state["values"], dtype=self.values.dtype, device=device)
-        self.valid = torch.tensor(state["valid"], dtype=torch.bool, device=device)
-        self.steps = torch.tensor(state["steps"], dtype=self.steps.dtype, device=device)
-        self.pos = torch.tensor(int(state["pos"]), dtype=torch.long, device=device)
+        # Built in host memory, then moved by ensure(): torch.tensor(..., device="cuda") would be a
+        # blocking copy. Without a device the ring stays on the CPU until its first push.
+        dtype = stat_dtype(torch.device(device))
+        self.values = torch.tensor(state["values"], dtype=dtype)
+        self.valid = torch.tensor(state["valid"], dtype=torch.bool)
+        self.steps = torch.tensor(state["steps"], dtype=dtype)
+        self.pos = torch.tensor(int(state["pos"]), dtype=torch.long)
+        self.ensure(device)

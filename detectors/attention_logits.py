@@ -54,7 +54,7 @@ import torch
 
 from lbw_policy.base import Detector
 
-from ._attention import SITE_PARAMS_SCHEMA, find_attention_sites
+from ._attention import SITE_PARAMS_SCHEMA, find_attention_sites, repeat_heads
 
 __all__ = ["AttentionLogits", "logit_stats"]
 
@@ -195,7 +195,7 @@ class AttentionLogits(Detector):
             qh = q.float().reshape(b, tq, nh, hs).transpose(1, 2)     # (B, nh, Tq, hs)
             kh = k.float().reshape(b, t, nkv, hs).transpose(1, 2)     # (B, nkv, T, hs)
             if nkv != nh:
-                kh = kh.repeat_interleave(nh // nkv, dim=1)
+                kh = repeat_heads(kh, nh // nkv, dim=1)                # (B, nh, T, hs)
             scale = self.scale if self.scale is not None else 1.0 / math.sqrt(hs)
             mx, ent = logit_stats(qh, kh, scale, causal, t - tq, mask)
             maxes.append(mx)

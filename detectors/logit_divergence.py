@@ -46,6 +46,15 @@ from ._ring import stat_dtype
 __all__ = ["LogitDivergence"]
 
 
+def _on(v, like: torch.Tensor) -> torch.Tensor:
+    """A statistic (a 0-dim tensor, or a float restored by :meth:`LogitDivergence.load_state_dict`)
+    as a tensor on ``like``'s device and dtype. A float is written there by a fill
+    (``torch.full``: the value travels as a kernel argument, no copy, no sync)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device=like.device, dtype=like.dtype)
+    return torch.full((), v, dtype=like.dtype, device=like.device)
+
+
 class LogitDivergence(Detector):
     name = "logit_divergence"
     signals = ("logz", "drift", "max_logz")
@@ -105,7 +114,7 @@ class LogitDivergence(Detector):
         if self._sum is None or self._n == 0:
             self._sum, self._max = s, m
         else:
-            self._sum, self._max = self._sum.to(s.device) + s, torch.maximum(self._max.to(m.device), m)
+            self._sum, self._max = _on(self._sum, s) + s, torch.maximum(_on(self._max, m), m)
         self._n += lz.numel()
 
     def compute(self, telemetry) -> dict:
@@ -114,13 +123,16 @@ class LogitDivergence(Detector):
             raise ValueError(err)
         if self._n == 0:
             return {}
+        if not isinstance(self._sum, torch.Tensor):   # restored mid-step, nothing captured since
+            like = torch.empty((), dtype=stat_dtype(telemetry.device), device=telemetry.device)
+            self._sum, self._max = _on(self._sum, like), _on(self._max, like)
         logz = self._sum / self._n
         out = {"logz": logz, "max_logz": self._max}
         if self.evals < self.warmup:
-            self._base_sum = logz if self._base_sum is None else self._base_sum.to(logz.device) + logz
+            self._base_sum = logz if self._base_sum is None else _on(self._base_sum, logz) + logz
             out["drift"] = torch.zeros_like(logz)
         else:
-            out["drift"] = logz - self._base_sum.to(logz.device) / self.warmup
+            out["drift"] = logz - _on(self._base_sum, logz) / self.warmup
         self.evals += 1
         self._n = 0
         self._sum = self._max = None
@@ -136,8 +148,10 @@ class LogitDivergence(Detector):
                 "max": None if self._max is None else float(self._max)}
 
     def load_state_dict(self, state) -> None:
+        # Kept as Python floats until the next capture or evaluation writes them on its device
+        # (_on: a fill, no host-device copy).
         self.evals = int(state.get("evals", 0))
-        t = lambda v: None if v is None else torch.tensor(float(v), dtype=torch.float64)  # noqa: E731
+        t = lambda v: None if v is None else float(v)  # noqa: E731
         self._base_sum = t(state.get("base_sum"))
         self._n = int(state.get("n", 0))
         self._sum, self._max = t(state.get("sum")), t(state.get("max"))

@@ -19,7 +19,9 @@ half its end), a decaying schedule ``jump <= 1``; a warm restart of a cosine sch
 
 Signals (host floats, no device work): ``jump`` (dimensionless, max over groups), ``lr`` (group
 0's scheduled learning rate) and ``reference`` (group 0's reference; ``lr`` while it has no
-history).
+history). The rates are Python floats, as torch's optimizers and schedulers keep them: reading
+them waits for no device. (A learning rate held as a CUDA tensor, which torch allows, would be
+read back by ``float()``: a host-device sync per step.)
 
 Params: ``window`` (int >= 1, default 100 steps). The ``lr_cap`` actuator keeps the same
 reference (same ``window``) to cap the step's learning rate; see ``docs/actuators.md``.

@@ -13,6 +13,9 @@ from torch import nn
 
 from lbw_policy.demo.gpt import GPT, GPTConfig
 from lbw_policy.detectors import AttentionLogits, LogitDivergence, MoERouter, SpectralEntropy
+from lbw_policy.detectors.spectral_entropy import (_round_robin_index, factored_entropy,
+                                                   factored_entropy_sync_free, jacobi_singular_values,
+                                                   normalized_spectral_entropy, r_factor)
 from lbw_policy.telemetry import Telemetry
 
 
@@ -166,6 +169,211 @@ def test_spectral_entropy_setup_errors_name_the_problem():
         SpectralEntropy(q_pattern="0", k_pattern="1").setup(net, None)
 
 
+
+# ------------------------------------------- spectral_entropy: the CUDA route, checked on the CPU
+
+def _lapack64(f, g):
+    """Float64 LAPACK entropy of ``f g^T``: the exact values both routes approximate."""
+    f, g = f.double(), g.double()
+    s = torch.linalg.svdvals(torch.linalg.qr(f, mode="r").R @ torch.linalg.qr(g, mode="r").R.mT)
+    return normalized_spectral_entropy(s)
+
+
+def _factor_cases():
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    def orth(*shape):
+        return torch.linalg.qr(rnd(*shape)).Q
+
+    dq, p, pk = rnd(6, 40, 16), rnd(6, 40, 16), rnd(6, 40, 16)
+    return {
+        "random": (rnd(6, 48, 16), rnd(6, 48, 16)),
+        "graded 1e-6": (orth(6, 64, 32) * torch.logspace(0, -6, 32), orth(6, 64, 32)),
+        "trained-like": (rnd(4, 64, 32) @ torch.diag(torch.logspace(0, -2, 32)), rnd(4, 64, 32) * 0.02),
+        "update, keys unchanged": (torch.cat([dq * 1e-3, p], -1), torch.cat([pk, torch.zeros_like(pk)], -1)),
+        "d < 2 hs": (rnd(4, 24, 32), rnd(4, 24, 32)),
+        "d_q != d_k": (rnd(4, 20, 16), rnd(4, 12, 16)),
+        "odd hs": (rnd(3, 30, 7), rnd(3, 30, 7)),
+        "hs 128 (update 2hs of 64)": (rnd(2, 160, 128), rnd(2, 160, 128)),
+        "hs 256 (6 sweeps)": (rnd(2, 300, 256), rnd(2, 300, 256)),
+        "zero": (torch.zeros(2, 16, 8), rnd(2, 16, 8)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_factor_cases()))
+def test_spectral_entropy_sync_free_route_matches_the_lapack_route(case):
+    """The CUDA route (QR, QR passes, one-sided Jacobi; no cuSOLVER error check) gives the CPU
+    route's values: within 1e-6 of factored_entropy (float32 LAPACK, itself up to ~2e-7 off) and
+    within 1e-9 of float64 LAPACK; NaN where the form is zero."""
+    f, g = _factor_cases()[case]
+    new = factored_entropy_sync_free(f, g)
+    old = factored_entropy(f, g).double()
+    exact = _lapack64(f, g)
+    assert new.dtype == torch.float64 and new.shape == old.shape
+    assert torch.equal(new.isnan(), old.isnan()) and torch.equal(new.isnan(), exact.isnan())
+    ok = ~exact.isnan()
+    assert (new[ok] - exact[ok]).abs().max().item() <= 1e-9 if ok.any() else True
+    assert (new[ok] - old[ok]).abs().max().item() <= 1e-6 if ok.any() else True
+
+
+def test_jacobi_singular_values_of_mixed_sizes_in_one_run():
+    """Cores of different sizes (square, non-square, odd) share one Jacobi run (zero-padded):
+    each gets its own singular values, those of LAPACK."""
+    gen = torch.Generator().manual_seed(2)
+    cores = [torch.randn(3, 7, 7, generator=gen, dtype=torch.float64),
+             torch.randn(2, 10, 10, generator=gen, dtype=torch.float64),
+             torch.randn(2, 12, 9, generator=gen, dtype=torch.float64),
+             torch.randn(1, 5, 11, generator=gen, dtype=torch.float64)]
+    got = jacobi_singular_values(cores)
+    for c, s in zip(cores, got):
+        assert s.shape == (c.shape[0], min(c.shape[1:]))
+        torch.testing.assert_close(s.sort(-1, descending=True).values, torch.linalg.svdvals(c), rtol=1e-12, atol=1e-12)
+
+
+def test_r_factor_in_row_blocks_is_the_r_of_the_whole():
+    gen = torch.Generator().manual_seed(3)
+    for m, k, block in ((300, 16, 64), (257, 8, 16), (64, 16, 32), (100, 40, 64)):
+        x = torch.randn(3, m, k, generator=gen, dtype=torch.float64)
+        r = r_factor(x, block=block)
+        assert r.shape == (3, min(m, k), k)
+        torch.testing.assert_close(r.mT @ r, x.mT @ x, rtol=1e-10, atol=1e-10)
+
+
+def test_round_robin_order_meets_every_pair_once_per_sweep_and_returns():
+    """The gather index of the Jacobi rounds moves rows as the circle method: in n - 1 rounds
+    every pair of rows is a pair once, and every row is back in its place."""
+    for n in (2, 4, 6, 8, 10, 32):
+        idx = _round_robin_index(n, torch.device("cpu"))
+        rows = torch.arange(n, dtype=torch.float64)                    # player id of each row
+        z = torch.complex(rows[0::2, None].expand(-1, n), rows[1::2, None].expand(-1, n))
+        met = set()
+        for _ in range(n - 1):
+            met |= {frozenset((int(a), int(b))) for a, b in zip(z.real[:, 0], z.imag[:, 0])}
+            z = torch.view_as_complex(torch.view_as_real(z).reshape(-1)[idx].view(n // 2, n, 2))
+        assert len(met) == n * (n - 1) // 2, n
+        assert torch.equal(z.real[:, 0], rows[0::2]) and torch.equal(z.imag[:, 0], rows[1::2]), n
+
+
+def _evaluations(model, layers, steps=5, seed=1, **kw):
+    """Both routes of the detector over ``steps`` evaluations with weight changes between them
+    (step 2: layer 0 frozen; step 3: nothing moves, a skipped step), then a third detector on
+    the CUDA route restored from the CPU route's state after evaluation 2."""
+    dets = {}
+    for solver in ("lapack", "jacobi"):
+        d = SpectralEntropy(warmup=2, layers=layers, **kw)
+        d.solver = solver
+        d.setup(model, None)
+        dets[solver] = d
+    gen = torch.Generator().manual_seed(seed)
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.MultiheadAttention))]
+    outs = []
+    for step in range(steps):
+        outs.append({k: d.compute(_tel(step)) for k, d in dets.items()})
+        if step == 1:
+            restored = SpectralEntropy(warmup=2, layers=layers, **kw)
+            restored.solver = "jacobi"
+            restored.setup(model, None)
+            restored.load_state_dict(dets["lapack"].state_dict())
+            dets["restored"] = restored
+        with torch.no_grad():
+            for i, m in enumerate(linears):
+                if step == 3 or (step == 2 and i < 2):
+                    continue
+                w = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
+                w.add_(0.05 * torch.randn(w.shape, generator=gen))
+    return outs
+
+
+@pytest.mark.parametrize("model", ["gpt", "gqa", "mha"])
+def test_spectral_entropy_cuda_route_gives_the_cpu_route_signals(model):
+    """The detector on the CUDA route (solver "jacobi", forced here on the CPU) emits the CPU
+    route's signals, evaluation after evaluation and after a restore: within 2e-6, worst_layer /
+    worst_head equal, NaN where the CPU route has NaN (update_min of a step that moved nothing)."""
+    if model == "gpt":
+        net, layers, kw = _gpt(seed=5), 2, {}
+    elif model == "mha":
+        torch.manual_seed(5)
+        net, layers, kw = _MHANet(), 1, {"q_pattern": "none", "k_pattern": "none"}
+    else:
+        class GQA(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.q = nn.Linear(16, 16)   # 4 query heads of 4
+                self.k = nn.Linear(16, 8)    # 2 key heads
+        torch.manual_seed(5)
+        net, layers, kw = nn.Sequential(GQA(), GQA()), 2, {"q_pattern": "*.q", "k_pattern": "*.k", "n_head": 4}
+    outs = _evaluations(net, layers, **kw)
+    assert math.isnan(float(outs[4]["lapack"]["update_min"]))     # evaluation 4: nothing moved
+    for step, out in enumerate(outs):
+        ref = out["lapack"]
+        for solver in [k for k in out if k != "lapack"]:
+            got = out[solver]
+            assert set(got) == set(ref)
+            for key in ref:
+                if key == "cost_ms":
+                    continue
+                a, b = float(ref[key]), float(got[key])
+                assert got[key].dtype == torch.float64 and got[key].dim() == 0, key
+                if key in ("worst_layer", "worst_head"):
+                    assert a == b, (step, solver, key)
+                elif math.isnan(a):
+                    assert math.isnan(b), (step, solver, key)
+                else:
+                    assert abs(a - b) <= 2e-6, (step, solver, key, a, b)
+
+
+
+@pytest.mark.gpu
+def test_spectral_entropy_on_cuda_takes_the_sync_free_route_with_the_cpu_values():
+    """On CUDA weights the detector takes the sync-free route by itself (under
+    set_sync_debug_mode("error"), first evaluation included) and emits, evaluation after
+    evaluation, the CPU route's signals on a CPU copy of the same weights: within 2e-6, with
+    the same worst layer and head. Factors of more than 256 rows go through the block QR."""
+    for cfg in (dict(n_embd=32, n_head=4), dict(n_embd=320, n_head=5)):     # the second: d > 256
+        torch.manual_seed(7)
+        cpu = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, **cfg))
+        gpu = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, **cfg)).cuda()
+        gpu.load_state_dict(cpu.state_dict())
+        a, b = SpectralEntropy(warmup=1, layers=2), SpectralEntropy(warmup=1, layers=2)
+        a.setup(cpu, None)
+        b.setup(gpu, None)
+        gen = torch.Generator().manual_seed(1)
+        tel = Telemetry(0, torch.tensor(1.0, device="cuda"), _Opt())
+        for step in range(3):
+            ref = a.compute(_tel(step))
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = b.compute(tel)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            for key in ref:
+                if key == "cost_ms":
+                    continue
+                assert got[key].device.type == "cuda", key
+                x, y = float(ref[key]), float(got[key])
+                assert (math.isnan(x) and math.isnan(y)) or abs(x - y) <= 2e-6, (cfg, step, key, x, y)
+            with torch.no_grad():
+                for m_cpu, m_gpu in zip(cpu.modules(), gpu.modules()):
+                    if isinstance(m_cpu, nn.Linear):
+                        delta = 0.05 * torch.randn(m_cpu.weight.shape, generator=gen)
+                        m_cpu.weight.add_(delta)
+                        m_gpu.weight.add_(delta.cuda())
+
+
+def test_repeat_heads_is_repeat_interleave():
+    from lbw_policy.detectors._attention import repeat_heads
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, dim, times in (((3, 5, 4), 0, 2), ((2, 3, 7, 4), 1, 3), ((2, 3, 4), -1, 2)):
+        x = torch.randn(*shape, generator=gen)
+        for t in (x, x.transpose(-1, -2)):
+            assert torch.equal(repeat_heads(t, times, dim), t.repeat_interleave(times, dim=dim))
+
+
 # ----------------------------------------------------------------------------- attention_logits
 
 def _capture_linear(model):
@@ -285,6 +493,36 @@ def test_logit_divergence_mean_log_partition_and_drift():
         LogitDivergence(module="head").setup(model, None)
     det.close()
 
+
+
+def test_logit_divergence_restored_mid_step_and_after_warmup_continues_identically():
+    """A state saved between a capture and its evaluation, after the warm-up: the restored
+    detector (statistics kept as floats, written on the device by a fill when next used) emits
+    exactly what the uninterrupted one does, whether it captures more before its evaluation or
+    not."""
+    model = _gpt(seed=6).train()
+    gen = torch.Generator().manual_seed(0)
+    a = LogitDivergence(warmup=1, max_batch=2)
+    a.setup(model, None)
+    model(torch.randint(0, 11, (3, 10), generator=gen))
+    a.compute(_tel(0))                                       # warm-up done: a baseline exists
+    model(torch.randint(0, 11, (3, 10), generator=gen))      # captured, not yet evaluated
+    state = a.state_dict()
+    b = LogitDivergence(warmup=1, max_batch=2)               # restored, captures nothing more
+    b.load_state_dict(state)
+    c = LogitDivergence(warmup=1, max_batch=2)               # restored, captures the next forward
+    c.setup(model, None)
+    c.load_state_dict(state)
+    model(torch.randint(0, 11, (3, 10), generator=gen))      # captured by a and c
+    oa, oc = a.compute(_tel(1)), c.compute(_tel(1))
+    assert set(oa) == set(oc) == {"logz", "drift", "max_logz"}
+    for k in oa:
+        assert float(oa[k]) == float(oc[k]) and oc[k].dtype == torch.float64, k
+    ob = b.compute(_tel(1))
+    assert float(ob["logz"]) == state["sum"] / state["n"] and float(ob["max_logz"]) == state["max"]
+    assert float(ob["drift"]) == state["sum"] / state["n"] - state["base_sum"]
+    a.close()
+    c.close()
 
 # ----------------------------------------------------------------------------- moe_router
 

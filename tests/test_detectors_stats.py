@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lbw_policy.detectors import GradNormTrend, LossSpike
-from lbw_policy.detectors._ring import Ring, masked_median
+from lbw_policy.detectors._ring import Ring, masked_median, to_device
 from lbw_policy.detectors.grad_norm_trend import theil_sen_mann_kendall
 from lbw_policy.errors import PolicyError
 from lbw_policy.policy import loads_policy
@@ -68,6 +68,26 @@ def test_ring_keeps_the_last_finite_values():
     copy.load_state_dict(ring.state_dict())
     assert torch.equal(copy.values, ring.values) and torch.equal(copy.valid, ring.valid)
     assert int(copy.pos) == int(ring.pos)
+
+
+
+def test_ring_restored_stays_in_host_memory_until_its_first_push_and_to_device():
+    """A restored ring is built in host memory (torch.tensor(list, device="cuda") would be a
+    blocking copy) and moved by ensure() on its first push; to_device is a no-op on the same
+    device and converts the dtype on request."""
+    ring = Ring(4)
+    for i, x in enumerate([3.0, 1.0, 2.0]):
+        ring.push(torch.tensor(x), step=i)
+    copy = Ring(4)
+    copy.load_state_dict(ring.state_dict())
+    assert copy.values.device.type == "cpu" and copy.values.dtype == torch.float64
+    for r in (ring, copy):
+        r.push(torch.tensor(5.0), step=3)
+    assert torch.equal(copy.values, ring.values) and torch.equal(copy.steps, ring.steps)
+    assert torch.equal(copy.valid, ring.valid) and int(copy.pos) == int(ring.pos)
+    t = torch.arange(3, dtype=torch.float64)
+    assert to_device(t, "cpu") is t
+    assert to_device(t, "cpu", torch.float32).dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- loss_spike: mad
