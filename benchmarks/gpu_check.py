@@ -235,10 +235,18 @@ def sync_check(policy: str, config, device, batches: Callable, log_dir, *, amp: 
                 break  # the guard's state after a failed step is not worth a second check
     finally:
         guard.close()
-    start = _run_start(read_log(Path(log_dir) / "decisions.jsonl").records)
+    records = read_log(Path(log_dir) / "decisions.jsonl").records
+    start = _run_start(records)
+    # A policy with on_error: continue (early-warning) turns a detector's sync error into an
+    # error record and goes on: the log, not the exception, tells.
+    errors = [{"step": r.get("step"), "where": r.get("where"), "error": r.get("error")}
+              for r in records if r.get("event") == "error"]
+    for c in checks:
+        c["error_records"] = [e for e in errors if e["step"] == c["step"]]
+        c["ok"] = c["ok"] and not c["error_records"]
     return {"policy": policy, "transfer": start.get("transfer"), "gate": start.get("gate"),
-            "cadence_lcm": every, "due_step": due, "checks": checks,
-            "ok": len(checks) == 2 and all(c["ok"] for c in checks)}
+            "cadence_lcm": every, "due_step": due, "checks": checks, "error_records": errors,
+            "ok": len(checks) == 2 and all(c["ok"] for c in checks) and not errors}
 
 
 def nan_gate_check(config, device, batches: Callable, log_dir, *, policy: str = "default",
