@@ -52,6 +52,7 @@ __all__ = ["AdamUpdateStats"]
 class AdamUpdateStats(Detector):
     name = "adam_update_stats"
     signals = ("rms", "frac_large", "max_frac_large", "frac_v_small")
+    reductions = {"max_frac_large": "max"}  # the others: mean over ranks
     params_schema = {
         "type": "object",
         "additionalProperties": False,

@@ -89,6 +89,7 @@ def logit_stats(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q_
 class AttentionLogits(Detector):
     name = "attention_logits"
     signals = ("max_logit", "min_entropy", "worst_layer", "worst_head")
+    reductions = {"max_logit": "max", "min_entropy": "min", "worst_layer": "same", "worst_head": "same"}
     params_schema = {
         "type": "object",
         "additionalProperties": False,

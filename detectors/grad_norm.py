@@ -29,6 +29,7 @@ from ._ema import EMAStat, clamp_min, where
 class GradNorm(Detector):
     name = "grad_norm"
     signals = ("norm", "ratio")
+    reductions = {"norm": "same", "ratio": "same"}  # gradients are all-reduced before the step
     params_schema = {
         "type": "object",
         "additionalProperties": False,

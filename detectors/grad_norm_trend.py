@@ -68,6 +68,7 @@ def theil_sen_mann_kendall(y: torch.Tensor, x: torch.Tensor, valid: torch.Tensor
 class GradNormTrend(Detector):
     name = "grad_norm_trend"
     signals = ("slope", "growth", "p")
+    reductions = {"slope": "same", "growth": "same", "p": "same"}  # from the global grad norm
     params_schema = {
         "type": "object",
         "additionalProperties": False,

@@ -58,6 +58,7 @@ def _on(v, like: torch.Tensor) -> torch.Tensor:
 class LogitDivergence(Detector):
     name = "logit_divergence"
     signals = ("logz", "drift", "max_logz")
+    reductions = {"max_logz": "max"}  # logz, drift: mean over ranks
     params_schema = {
         "type": "object",
         "additionalProperties": False,

@@ -70,6 +70,7 @@ MAD_SCALE = 1.4826  # 1 / Phi^-1(3/4): MAD -> standard deviation for normal data
 class LossSpike(Detector):
     name = "loss_spike"
     signals = _SIGNALS["ema"]
+    reductions = {"zscore": "max", "delta": "max"}  # the most alarming rank; ema: mean
     params_schema = {
         "type": "object",
         "additionalProperties": False,

@@ -89,6 +89,7 @@ class LRJump(Detector):
 
     name = "lr_jump"
     signals = ("jump", "lr", "reference")
+    reductions = {"jump": "same", "lr": "same", "reference": "same"}  # the schedule is global
     params_schema = {
         "type": "object",
         "additionalProperties": False,

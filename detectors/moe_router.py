@@ -47,6 +47,7 @@ __all__ = ["MoERouter"]
 class MoERouter(Detector):
     name = "moe_router"
     signals = ("entropy", "imbalance", "aux", "worst_layer")
+    reductions = {"entropy": "min", "imbalance": "max", "worst_layer": "same"}  # aux: mean
     params_schema = {
         "type": "object",
         "additionalProperties": False,

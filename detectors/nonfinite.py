@@ -26,6 +26,7 @@ from lbw_policy.base import Detector
 class NonFinite(Detector):
     name = "nonfinite"
     signals = ("loss", "grads", "any")
+    reductions = {"loss": "any", "grads": "any", "any": "any"}
 
     def compute(self, telemetry):
         loss, norm = telemetry.loss_scalar, telemetry.grad_norm_scalar

@@ -108,6 +108,7 @@ class _Layout(NamedTuple):
 class UpdateRatio(Detector):
     name = "update_ratio"
     signals = ("ratio", "max", "worst")
+    reductions = {"ratio": "same", "max": "same", "worst": "same"}  # replicated weights (DDP)
     params_schema = {
         "type": "object",
         "additionalProperties": False,

@@ -289,6 +289,36 @@ def test_registering_a_class_without_a_name_is_refused():
         plugins.register_plugin(_plugin(detectors=[Nameless]), name="anon")
 
 
+def test_a_plugin_written_for_another_api_version_is_refused():
+    class Old(Detector):
+        name = "old"
+        signals = ("x",)
+        api_version = 1
+
+    with pytest.raises(PluginError, match=r"plugin 'old-plugin' registered detector class "
+                                          r".*Old written for plugin API version 1; this "
+                                          r"lbw-policy implements version 2"):
+        plugins.register_plugin(_plugin(detectors=[Old]), name="old-plugin")
+
+
+def test_signals_declare_their_cross_rank_reduction():
+    class Declared(Detector):
+        name = "declared"
+        signals = ("peak", "level")
+        reductions = {"peak": "max"}
+
+    class Wrong(Detector):
+        name = "wrong"
+        signals = ("x",)
+        reductions = {"x": "median"}
+
+    assert Declared.reduction_for("peak") == "max"
+    assert Declared.reduction_for("level") == "mean"  # the documented default
+    with pytest.raises(PluginError, match=r"declares unknown reductions \{'x': 'median'\}; "
+                                          r"expected one of max, min, sum, mean, any, same"):
+        plugins.register_plugin(_plugin(detectors=[Wrong]), name="wrong-plugin")
+
+
 def test_registering_the_same_plugin_name_or_object_twice_is_refused():
     first = _plugin(detectors=[Echo])
     plugins.register_plugin(first, name="once")
@@ -306,7 +336,8 @@ def test_registering_the_same_plugin_name_or_object_twice_is_refused():
 def test_cli_plugins_lists_every_builtin_with_plugin_and_version(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["kind", "name", "plugin", "version", "signals", "/", "commands"]
+    assert out[0].split() == ["kind", "name", "plugin", "version", "signals", "(cross-rank",
+                              "reduction)", "/", "commands"]
     rows = {line.split()[1]: line.split(None, 4) for line in out[1:]}
     assert len(rows) == len(out) - 1  # one row per name
     version = lbw_policy.__version__
@@ -318,9 +349,12 @@ def test_cli_plugins_lists_every_builtin_with_plugin_and_version(capsys):
         assert rows[name][:4] == ["actuator", name, "lbw_policy.actuators", version]
     # The six the guard tests use, written out by hand.
     expected = {
-        "loss_spike": ["detector", "loss_spike", "lbw_policy.detectors", version, "zscore, ema, delta"],
-        "grad_norm": ["detector", "grad_norm", "lbw_policy.detectors", version, "norm, ratio"],
-        "nonfinite": ["detector", "nonfinite", "lbw_policy.detectors", version, "loss, grads, any"],
+        "loss_spike": ["detector", "loss_spike", "lbw_policy.detectors", version,
+                       "zscore (max), ema (mean), delta (max)"],
+        "grad_norm": ["detector", "grad_norm", "lbw_policy.detectors", version,
+                      "norm (same), ratio (same)"],
+        "nonfinite": ["detector", "nonfinite", "lbw_policy.detectors", version,
+                      "loss (any), grads (any), any (any)"],
         "lr_scale": ["actuator", "lr_scale", "lbw_policy.actuators", version, "multiply, set"],
         "skip_step": ["actuator", "skip_step", "lbw_policy.actuators", version, "apply"],
         "halt": ["actuator", "halt", "lbw_policy.actuators", version, "apply"],
@@ -338,7 +372,8 @@ def test_cli_plugins_json_includes_code_plugins(capsys):
     assert set(by_name) == set(reg.detectors) | set(reg.actuators)
     assert "echo" in by_name and set(BUILTIN_DETECTORS) | set(BUILTIN_ACTUATORS) <= set(by_name)
     assert by_name["echo"] == {"kind": "detector", "name": "echo", "plugin": "echo-plugin",
-                               "version": "4.5.6", "class": "test_plugins.Echo", "signals": "loss"}
+                               "version": "4.5.6", "class": "test_plugins.Echo", "signals": "loss",
+                               "reductions": {"loss": "mean"}}  # undeclared: the default
     assert by_name["halt"]["class"] == "lbw_policy.actuators.halt.Halt"
 
 
