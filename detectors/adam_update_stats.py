@@ -73,7 +73,8 @@ class AdamUpdateStats(Detector):
         self.warmup = int(warmup)
         self.evals = 0
 
-    def setup(self, model, optimizer) -> None:
+    def setup(self, model, optimizer, every: int = 1) -> None:
+        self.every = int(every)
         for i, group in enumerate(optimizer.param_groups):
             if "betas" not in group or "eps" not in group:
                 raise ValueError(f"adam_update_stats needs an Adam-family optimizer (param groups with 'betas' "

@@ -119,7 +119,8 @@ class AttentionLogits(Detector):
         self._cap: list = []       # per site: {"q": ..., "k": ..., "mask": ..., "causal": ...}
         self._armed = True         # capture the next training forward (its step is due)
 
-    def setup(self, model, optimizer) -> None:
+    def setup(self, model, optimizer, every: int = 1) -> None:
+        self.every = int(every)
         p = self.params
         self.sites = find_attention_sites(model, p["q_pattern"], p["k_pattern"], p["mha_pattern"] or None,
                                           p["n_head"], who="attention_logits")

@@ -86,7 +86,8 @@ class LogitDivergence(Detector):
         self._base_sum: Optional[torch.Tensor] = None
         self._armed = True                           # capture the next training forwards (due step)
 
-    def setup(self, model, optimizer) -> None:
+    def setup(self, model, optimizer, every: int = 1) -> None:
+        self.every = int(every)
         if model is None:
             raise ValueError("logit_divergence needs the model: Guard(optimizer, policy, model=model)")
         names = [n for n, _ in model.named_modules() if fnmatch.fnmatchcase(n, self.pattern)]

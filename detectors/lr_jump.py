@@ -104,7 +104,8 @@ class LRJump(Detector):
         self.history = LRHistory(window)
         self.optimizer: Optional[Any] = None
 
-    def setup(self, model, optimizer) -> None:
+    def setup(self, model, optimizer, every: int = 1) -> None:
+        self.every = int(every)
         self.optimizer = optimizer
 
     def compute(self, telemetry):

@@ -70,7 +70,8 @@ class MoERouter(Detector):
         self._acc: list = []
         self._error = None
 
-    def setup(self, model, optimizer) -> None:
+    def setup(self, model, optimizer, every: int = 1) -> None:
+        self.every = int(every)
         if model is None:
             raise ValueError("moe_router needs the model: Guard(optimizer, policy, model=model)")
         self.routers = [n for n, _ in model.named_modules() if n and fnmatch.fnmatchcase(n, self.pattern)]

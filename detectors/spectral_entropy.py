@@ -294,7 +294,8 @@ class SpectralEntropy(Detector):
         names += [f"layer{i}.min" for i in range(int(params.get("layers", 0)))]
         return tuple(names)
 
-    def setup(self, model, optimizer) -> None:
+    def setup(self, model, optimizer, every: int = 1) -> None:
+        self.every = int(every)
         p = self.params
         self.sites = find_attention_sites(model, p["q_pattern"], p["k_pattern"], p["mha_pattern"] or None,
                                           p["n_head"], who="spectral_entropy")

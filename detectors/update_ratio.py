@@ -148,7 +148,8 @@ class UpdateRatio(Detector):
         self._pending: Optional[dict] = None  # signals measured, emitted at the next compute
         self._layout: Optional[_Layout] = None
 
-    def setup(self, model, optimizer) -> None:
+    def setup(self, model, optimizer, every: int = 1) -> None:
+        self.every = int(every)
         n = len(optimizer.param_groups)
         if self.groups > n:
             raise ValueError(f"update_ratio: params.groups is {self.groups} but the optimizer has {n} "

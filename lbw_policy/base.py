@@ -44,10 +44,7 @@ class Detector:
     :cvar reductions: ``{signal: reduction}``, how each signal reduces across ranks (one of
         :data:`REDUCTIONS`); a signal left out reduces by :attr:`default_reduction`
         (``"mean"`` unless the class says otherwise). See :meth:`reduction_for`.
-    :ivar every: the policy's cadence for this detector (``detectors.<id>.every``), set by the
-        guard before :meth:`setup`; 1 outside a guard. The guard calls :meth:`compute` on steps
-        ``0, every, 2 * every, ...``; a detector with forward hooks can use it, with
-        ``telemetry.step`` in :meth:`after_step`, to capture only the forwards of due steps.
+    :ivar every: the policy's cadence for this detector, given to :meth:`setup` (1 before it).
 
     Lifecycle: ``__init__(**params)`` (raise ``ValueError`` for params the schema cannot express,
     such as ``min > max``) -> :meth:`setup` once the model and optimizer are known -> :meth:`compute`
@@ -81,8 +78,14 @@ class Detector:
     def validate_params(cls, params: Mapping[str, Any]) -> None:
         """Cross-field checks beyond the JSON Schema. Raise ``ValueError`` naming the field."""
 
-    def setup(self, model: Any, optimizer: Any) -> None:
-        """Called once when the guard is built; may attach model hooks (keep the handles)."""
+    def setup(self, model: Any, optimizer: Any, every: int = 1) -> None:
+        """Called once when the guard is built; may attach model hooks (keep the handles).
+
+        :param every: the policy's cadence (``detectors.<id>.every``): :meth:`compute` runs on
+            steps ``0, every, 2 * every, ...``. Kept as ``self.every``; a detector with forward
+            hooks uses it, with ``telemetry.step`` in :meth:`after_step`, to capture only the
+            forwards of due steps."""
+        self.every = int(every)
 
     def compute(self, telemetry: Any) -> Mapping[str, Any]:
         """Return ``{signal_name: value}`` for this step.

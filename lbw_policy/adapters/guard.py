@@ -133,7 +133,6 @@ class Guard:
             for det_id, spec in policy.detectors.items():
                 reg = registry.detectors[spec.type]
                 self.detectors[det_id] = reg.cls(**dict(spec.params))
-                self.detectors[det_id].every = spec.every
                 self._plugin_versions[f"detector:{spec.type}"] = {"plugin": reg.plugin, "version": reg.version}
             for name, spec in policy.actuators.items():
                 reg = registry.actuators[name]
@@ -142,8 +141,8 @@ class Guard:
             for name, actuator in self.actuators.items():
                 actuator.bind(context)  # rollback needs the model, halt the log_dir
                 actuator.attach(optimizer)  # ActuatorError if it cannot act on this optimizer
-            for det in self.detectors.values():
-                det.setup(model, optimizer)
+            for det_id, det in self.detectors.items():
+                det.setup(model, optimizer, every=policy.detectors[det_id].every)
         except BaseException:
             self._close_detectors()
             raise
