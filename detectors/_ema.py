@@ -15,7 +15,7 @@ Representation: the statistics follow their input. A 0-dim tensor on an accelera
 everything there as float64 (float32 on MPS) tensors: no host sync. On the CPU, where the value
 already sits in host memory, the detectors read it as a Python float first
 (``Telemetry.loss_scalar`` / ``grad_norm_scalar``, :func:`lbw_policy.telemetry.host`; switch:
-``lbw_policy.telemetry.HOST_SCALARS_ON_CPU``) and the same formulas run on floats: IEEE double arithmetic, bit for bit what float64 tensors give
+``Telemetry(host_scalars=...)``) and the same formulas run on floats: IEEE double arithmetic, bit for bit what float64 tensors give
 (except ``sqrt``: ``math.sqrt`` is correctly rounded, torch's CPU float64 ``sqrt`` is off by
 one ulp for about 1 % of inputs), without the per-op dispatch cost of 0-dim tensors (about
 10 us each; a z-score and its EMA update are some 30 of them).

@@ -11,19 +11,14 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-__all__ = ["Telemetry", "host", "HOST_SCALARS_ON_CPU"]
-
-#: ``True``: :func:`host` reads a CPU tensor as a Python float, so the per-step scalar statistics
-#: (``detectors/_ema.py``) run on floats on the CPU. ``False`` keeps them as tensors on the CPU
-#: too, the way they run on an accelerator; the tests use it to check that path (one host
-#: transfer per step) on a machine without one.
-HOST_SCALARS_ON_CPU = True
+__all__ = ["Telemetry", "host"]
 
 
-def host(x: Any) -> Any:
+def host(x: Any, enabled: bool = True) -> Any:
     """``x`` as a Python float when it is a CPU tensor (its value is in host memory already:
-    reading it waits for no device), else ``x`` unchanged. For 0-dim or one-element tensors."""
-    if HOST_SCALARS_ON_CPU and isinstance(x, torch.Tensor) and x.device.type == "cpu":
+    reading it waits for no device) and ``enabled``, else ``x`` unchanged. For 0-dim or
+    one-element tensors."""
+    if enabled and isinstance(x, torch.Tensor) and x.device.type == "cpu":
         return float(x)
     return x
 
@@ -35,10 +30,14 @@ class Telemetry:
     :param loss: the step's loss, a 0-dim tensor (detached here; no host sync).
     :param optimizer: the governed ``torch.optim.Optimizer``.
     :param model: the model, or ``None`` when the guard was built without one.
+    :param host_scalars: ``True`` (default): :attr:`loss_scalar` and :attr:`grad_norm_scalar`
+        read CPU tensors as Python floats, so the per-step scalar statistics
+        (``detectors/_ema.py``) run on floats on the CPU. ``False`` keeps them as tensors on the
+        CPU too, the way they run on an accelerator (tests check that path on a CPU).
     """
 
     def __init__(self, step: int, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                 model: Optional[torch.nn.Module] = None) -> None:
+                 model: Optional[torch.nn.Module] = None, host_scalars: bool = True) -> None:
         if not isinstance(loss, torch.Tensor):
             loss = torch.as_tensor(float(loss))
         if loss.numel() != 1:
@@ -47,6 +46,7 @@ class Telemetry:
         self.loss = loss.detach().reshape(())
         self.optimizer = optimizer
         self.model = model
+        self.host_scalars = bool(host_scalars)
         self._grad_norm: Optional[torch.Tensor] = None
         self._grads: Optional[list] = None
         self._host: dict[str, Any] = {}  # loss_scalar / grad_norm_scalar, read once per step
@@ -62,14 +62,14 @@ class Telemetry:
         """The loss through :func:`host`: a Python float on the CPU, the 0-dim tensor on an
         accelerator. Read once per step, shared by the detectors."""
         if "loss" not in self._host:
-            self._host["loss"] = host(self.loss)
+            self._host["loss"] = host(self.loss, self.host_scalars)
         return self._host["loss"]
 
     @property
     def grad_norm_scalar(self) -> Any:
         """:attr:`grad_norm` through :func:`host` (a float on the CPU), read once per step."""
         if "grad_norm" not in self._host:
-            self._host["grad_norm"] = host(self.grad_norm)
+            self._host["grad_norm"] = host(self.grad_norm, self.host_scalars)
         return self._host["grad_norm"]
 
     def parameters(self) -> Iterator[torch.Tensor]:

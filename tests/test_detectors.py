@@ -160,18 +160,15 @@ def _series(n=300, seed=0):
 @pytest.mark.parametrize("make", [lambda: LossSpike(warmup=5), lambda: LossSpike(method="cusum", warmup=5),
                                   lambda: GradNorm(warmup=5), NonFinite],
                          ids=["ema", "cusum", "grad_norm", "nonfinite"])
-def test_cpu_floats_give_bit_for_bit_the_tensor_path(monkeypatch, make):
+def test_cpu_floats_give_bit_for_bit_the_tensor_path(make):
     """On the CPU the statistics run on Python floats (detectors/_ema.py); with the switch off
     they run as float64 tensors, as on an accelerator. Same values, across NaN, Inf, spikes and
     a resume from state_dict at step 150: to the last bit, except where a z-score divides by a
     square root (torch's CPU float64 sqrt is off by one ulp for about 1 % of inputs; math.sqrt
     is correctly rounded)."""
-    from lbw_policy import telemetry
-
     losses, grads = _series()
 
     def run(host_scalars):
-        monkeypatch.setattr(telemetry, "HOST_SCALARS_ON_CPU", host_scalars)
         p = torch.nn.Parameter(torch.zeros(3))
         det, out = make(), []
         for step, (loss, grad) in enumerate(zip(losses, grads)):
@@ -180,7 +177,8 @@ def test_cpu_floats_give_bit_for_bit_the_tensor_path(monkeypatch, make):
                 det = make()
                 det.load_state_dict(state)
             p.grad = torch.tensor(grad)
-            values = det.compute(Telemetry(step, torch.tensor(loss), _Opt([p])))
+            values = det.compute(Telemetry(step, torch.tensor(loss), _Opt([p]),
+                                           host_scalars=host_scalars))
             assert all(isinstance(v, float) == host_scalars for v in values.values())
             out.append({k: float(v) for k, v in values.items()})
         return out, det.state_dict()

@@ -18,7 +18,6 @@ from lbw_policy import TrainingHalted
 from lbw_policy.adapters.guard import Guard
 from lbw_policy.base import Action, Actuator, Detector
 from lbw_policy.decision_log import read_log, verify_log
-from lbw_policy import telemetry as telemetry_module
 from lbw_policy.errors import ActuatorError, PolicyError
 from lbw_policy.plugins import Registration, Registry, get_registry
 from lbw_policy.policy import load_policy, loads_policy
@@ -682,11 +681,10 @@ class CountHost(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("host_scalars", [False, True])
-def test_signals_cross_to_the_host_once_per_step(tmp_path, monkeypatch, host_scalars):
+def test_signals_cross_to_the_host_once_per_step(tmp_path, host_scalars):
     """The accelerator path (statistics as tensors) makes one transfer per step; on the CPU the
     statistics read the loss and the grad norm as floats (once each per step, shared by the
     detectors; no device to wait for) and the step's one transfer carries the loss alone."""
-    monkeypatch.setattr(telemetry_module, "HOST_SCALARS_ON_CPU", host_scalars)
     text = HEAD + """\
 detectors:
   loss:  {type: loss_spike, params: {warmup: 2}}
@@ -701,7 +699,8 @@ rules:
 """
     model, opt = make()
     twin, twin_opt = make()  # plain AdamW: its own .item() calls (step counts) are the baseline
-    with Guard(opt, loads_policy(text), model=model, log_dir=tmp_path / "run") as guard:
+    with Guard(opt, loads_policy(text), model=model, log_dir=tmp_path / "run",
+               host_scalars=host_scalars) as guard:
         for s in range(5):
             loss = forward_backward(model, s)
             forward_backward(twin, s)

@@ -93,6 +93,8 @@ class Guard:
         to the OS, which survives a killed process but not a power loss).
     :param transfer: ``"auto"``, ``"immediate"`` or ``"deferred"``; overrides the policy's
         ``transfer:`` (default: the policy's, itself ``auto``: deferred on CUDA).
+    :param host_scalars: on the CPU, let the scalar statistics read the loss and grad norm as
+        Python floats (default ``True``; ``False`` runs them on tensors, as on an accelerator).
     :raises PolicyError: the policy is invalid (nothing was applied).
     :raises ActuatorError: an actuator cannot act on this optimizer (nothing was applied: hooks
         a detector had attached are removed again).
@@ -102,7 +104,8 @@ class Guard:
     def __init__(self, optimizer: torch.optim.Optimizer, policy: Union[Policy, str, os.PathLike] = "default",
                  model: Optional[torch.nn.Module] = None, log_dir: Union[str, os.PathLike, None] = None,
                  run_id: Optional[str] = None, rank: int = 0, registry=None, fsync: bool = False,
-                 labels: Optional[Mapping[str, Any]] = None, transfer: Optional[str] = None) -> None:
+                 labels: Optional[Mapping[str, Any]] = None, transfer: Optional[str] = None,
+                 host_scalars: bool = True) -> None:
         if registry is None:
             from lbw_policy.plugins import get_registry
 
@@ -116,6 +119,7 @@ class Guard:
         self.model = model
         self.enforce = policy.mode == "enforce"
         self.registry = registry
+        self.host_scalars = bool(host_scalars)
         device = next((p.device for g in optimizer.param_groups for p in g["params"]),
                       torch.device("cpu"))
         self.transport = make_transport(transfer or policy.transfer, device)
@@ -236,7 +240,8 @@ class Guard:
             raise RuntimeError("Guard has halted training; build a new one to continue" if self._halted
                                else "Guard is closed")
         self._after_faults = []
-        tel = Telemetry(self._step, loss, self.optimizer, self.model)        # 1. telemetry
+        tel = Telemetry(self._step, loss, self.optimizer, self.model,         # 1. telemetry
+                        host_scalars=self.host_scalars)
         packet = self._sense(tel)                                            # 2. detect (+ gate)
         due = self.transport.send(packet)                                    # 4. transfer
         emitted, faults, device_actions = self._landed(due)
