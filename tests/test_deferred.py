@@ -238,3 +238,22 @@ def test_the_governor_imports_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_load_state_dict_is_all_or_nothing(tmp_path):
+    """A state whose actuator part is damaged (loaded after the detectors) leaves the
+    detectors, the rule timers and the step exactly as they were."""
+    _, saved, _, _ = _train(tmp_path / "a", SPIKE, 8, transfer="immediate", spike_at=(5,),
+                            state_at=8)
+    model = torch.nn.Linear(6, 3)
+    guard = Guard(torch.optim.AdamW(model.parameters()), loads_policy(SPIKE), model=model,
+                  log_dir=tmp_path / "b", transfer="immediate")
+    before = guard.state_dict()
+    bad = copy.deepcopy(saved["guard"])
+    bad["actuators"]["lr_scale"] = {"not": "an lr_scale state"}
+    with pytest.raises(ValueError, match="guard state could not be loaded, nothing was changed"):
+        guard.load_state_dict(bad)
+    assert guard.state_dict() == before
+    guard.load_state_dict(saved["guard"])  # the good one still loads
+    assert guard.step_count == 8
+    guard.close()

@@ -384,8 +384,8 @@ class Guard:
         """Restore :meth:`state_dict`'s output, all or nothing.
 
         :raises ValueError: the state was saved under a different policy revision or transfer
-            mode, or its detectors / actuators / rules differ from this policy's (nothing is
-            changed).
+            mode, its detectors / actuators / rules differ from this policy's, or a part of it
+            cannot be loaded (nothing is changed: the parts loaded so far are put back).
         """
         if state.get("policy_revision") != self.policy.revision:
             raise ValueError(
@@ -400,14 +400,23 @@ class Guard:
             raise ValueError(f"guard state was saved with transfer {saved_mode!r}, this guard "
                              f"uses {self.transport.mode!r}; resume with the same transfer")
         self.governor.check_state(state)
+        before = self.state_dict()
+        try:
+            self._load_parts(state)
+        except Exception as exc:  # all or nothing: put every part back as it was
+            self._load_parts(before)
+            raise ValueError(f"guard state could not be loaded, nothing was changed: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        self._write({"step": self._step, "event": "resume", "rule": None,
+                     "resumed_from": {"step": self._step, "log_seq": state["log"]["seq"],
+                                      "log_head": state["log"]["head"]}})
+
+    def _load_parts(self, state: Mapping[str, Any]) -> None:
         for det_id, det in self.detectors.items():
             det.load_state_dict(state["detectors"][det_id])
         self.governor.load_state_dict(state)
         self.transport.load_state_dict(state.get("transport") or {})
         self._step = int(state["step"])
-        self._write({"step": self._step, "event": "resume", "rule": None,
-                     "resumed_from": {"step": self._step, "log_seq": state["log"]["seq"],
-                                      "log_head": state["log"]["head"]}})
 
     def summary(self) -> dict:
         """Counts of decisions by event, rule and actuator, and skipped steps."""
