@@ -31,33 +31,12 @@ from typing import Any, Iterator, Optional
 
 from lbw_policy.engine import evaluate_condition
 from lbw_policy.policy import load_policy
-
-_SPECIAL = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-def _num(v: Any) -> Any:
-    return _SPECIAL.get(v, v) if isinstance(v, str) else v
-
+from lbw_policy.telemetry_log import read_telemetry as _read_telemetry
 
 def read_telemetry(path: Path) -> list[dict]:
-    """The per-step rows of ``telemetry.jsonl`` (rows without a ``loss`` are skipped), with the
-    JSON spellings of non-finite numbers turned back into floats."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
-            if "loss" not in row:
-                continue
-            row["loss"] = _num(row["loss"])
-            row["signals"] = {k: _num(v) for k, v in row.get("signals", {}).items()}
-            rows.append(row)
-    return rows
+    """The per-step rows of ``telemetry.jsonl`` (:func:`lbw_policy.telemetry_log.read_telemetry`:
+    non-finite numbers back as floats, a torn last line skipped)."""
+    return _read_telemetry(path)[0]
 
 
 def loss_event(rows: list[dict], margin: float) -> Optional[int]:

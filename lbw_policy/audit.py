@@ -26,7 +26,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 from lbw_policy.decision_log import LogRead, VerifyReport, read_log, verify_log
 from lbw_policy.engine import explain_condition
-from lbw_policy.shadow import from_json_number
+from lbw_policy.records import from_json_number
 
 __all__ = ["AuditLog", "load_audit", "parse_steps", "filter_records", "summarize", "flat_rows",
            "format_audit", "audit_json", "explain", "format_explanation"]

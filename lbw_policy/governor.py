@@ -50,17 +50,15 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from lbw_policy.base import Action
 from lbw_policy.engine import Engine
+from lbw_policy.records import action_dict
 
-__all__ = ["Governor", "Fault", "StepOutcome", "DETECTOR_PHASES", "ACTUATOR_PHASES",
-           "DECISION_EVENTS", "action_dict"]
+__all__ = ["Governor", "Fault", "StepOutcome", "DETECTOR_PHASES", "ACTUATOR_PHASES"]
 
 #: Phases in which a detector plugin runs (``compute`` on due steps, ``after_step`` every step).
 DETECTOR_PHASES = ("compute", "after_step")
 #: Phases in which an actuator plugin runs, in step order.
 ACTUATOR_PHASES = ("signals", "plan", "commit", "recover", "recover_commit", "before_step",
                    "after_step")
-#: Events the Governor records for a step.
-DECISION_EVENTS = ("fired", "action", "resolved", "recover", "error", "halt")
 
 
 @dataclass(frozen=True)
@@ -112,11 +110,6 @@ class Fault:
 
 def type_name(exc: BaseException) -> str:
     return type(exc).__name__
-
-
-def action_dict(action: Action) -> dict:
-    """An action as logged in a record (:meth:`~lbw_policy.base.Action.to_dict`)."""
-    return action.to_dict()
 
 
 @dataclass

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from lbw_policy.decision_log import read_log
-from lbw_policy.replay import read_telemetry
-from lbw_policy.shadow import from_json_number
+from lbw_policy.telemetry_log import read_telemetry
+from lbw_policy.records import from_json_number
 
 __all__ = ["plot_run", "default_signals"]
 

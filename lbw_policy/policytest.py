@@ -47,7 +47,8 @@ from typing import Any, Optional, Sequence
 
 from lbw_policy.errors import PolicyError, Problem
 from lbw_policy.policy import Policy, load_policy
-from lbw_policy.shadow import DECISION_EVENTS, STAND_IN_HYPERPARAMETERS as _HYPER, Shadow, action_rows
+from lbw_policy.records import DECISION_EVENTS, action_rows
+from lbw_policy.shadow import STAND_IN_HYPERPARAMETERS as _HYPER, Shadow
 
 __all__ = ["PolicyTestFileError", "PolicyTestFile", "PolicyTestCase", "CaseResult",
            "FileResult", "parse_series", "load_test_file", "run_case", "run_test_file",

@@ -29,44 +29,12 @@ from lbw_policy.base import Action
 from lbw_policy.governor import Fault
 from lbw_policy.decision_log import read_log
 from lbw_policy.policy import Policy, load_policy
-from lbw_policy.shadow import DECISION_EVENTS, Shadow, from_json_number
+from lbw_policy.records import DECISION_EVENTS, from_json_number
+from lbw_policy.shadow import Shadow
+from lbw_policy.telemetry_log import read_telemetry
 
-__all__ = ["read_telemetry", "replay", "ReplayResult", "ReplayStep", "format_replay",
+__all__ = ["replay", "ReplayResult", "ReplayStep", "format_replay",
            "replay_json"]
-
-
-def read_telemetry(path: Union[str, "os.PathLike[str]"]) -> tuple:
-    """Read a ``telemetry.jsonl`` leniently.
-
-    :returns: ``(rows, warnings)``: rows are dicts ``{step, loss, lr, skipped, signals}`` with
-        ``"NaN"`` / ``"Infinity"`` strings turned back into floats; a torn last line (a killed
-        run) or a damaged line is skipped with a warning naming its line.
-    :raises FileNotFoundError: the file does not exist.
-    """
-    rows, warnings = [], []
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no telemetry at {str(path)!r}: replay needs the "
-                                "telemetry.jsonl a governed run writes beside its decision log")
-    with open(path, "rb") as fh:
-        lines = fh.read().split(b"\n")
-    last = len(lines) - 1  # the text after the final "\n" ("" for a clean file)
-    for i, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int) or \
-                    not isinstance(row.get("signals", {}), dict):
-                raise ValueError("not a telemetry row")
-        except (ValueError, UnicodeDecodeError):
-            what = "torn last line (the run was interrupted)" if i == last + 1 else "damaged line"
-            warnings.append(f"telemetry line {i}: {what}; skipped")
-            continue
-        row["signals"] = {k: from_json_number(v) for k, v in (row.get("signals") or {}).items()}
-        row["loss"] = from_json_number(row.get("loss"))
-        rows.append(row)
-    return rows, warnings
 
 
 @dataclass

@@ -32,22 +32,11 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from lbw_policy.base import ActuatorContext
 from lbw_policy.errors import ActuatorError
-from lbw_policy.governor import DECISION_EVENTS, Fault, Governor
+from lbw_policy.governor import Fault, Governor
 from lbw_policy.policy import Policy, load_policy
+from lbw_policy.records import from_json_number
 
-__all__ = ["Shadow", "ShadowStep", "action_rows", "DECISION_EVENTS", "STAND_IN_HYPERPARAMETERS",
-           "from_json_number"]
-
-_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-def from_json_number(value: Any) -> Any:
-    """Undo :func:`lbw_policy.decision_log.sanitize` for one value: the strings ``"NaN"``,
-    ``"Infinity"`` and ``"-Infinity"`` become floats; anything else is returned unchanged."""
-    if isinstance(value, str) and value in _NON_FINITE:
-        return _NON_FINITE[value]
-    return value
-
+__all__ = ["Shadow", "ShadowStep", "STAND_IN_HYPERPARAMETERS"]
 
 @dataclass
 class ShadowStep:
@@ -201,24 +190,3 @@ def _stand_in(model: Any, kind: str, hyper: Mapping[str, Any]) -> Any:
     return getattr(torch.optim, kind)(model.parameters(), lr=1.0, **kw)
 
 
-def action_rows(records: Iterable[Mapping]) -> list[dict]:
-    """Flatten decision records into comparison rows, one per action.
-
-    A record with actions gives one row per action: ``{step, rule, event, actuator, value,
-    clamped}`` where ``value`` is the action's ``applied`` value; a record without actions
-    (``resolved``, ``halt``, ``error``) gives one row ``{step, rule, event}``. Records of
-    other events (``run_start``, ``run_end``, ``resume``) give none.
-    """
-    rows = []
-    for rec in records:
-        if rec.get("event") not in DECISION_EVENTS:
-            continue
-        base = {"step": rec.get("step"), "rule": rec.get("rule"), "event": rec.get("event")}
-        actions = rec.get("actions") or []
-        if not actions:
-            rows.append(base)
-        for a in actions:
-            rows.append(dict(base, actuator=a.get("actuator"),
-                             value=from_json_number(a.get("applied")),
-                             clamped=bool(a.get("clamped"))))
-    return rows

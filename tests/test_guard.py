@@ -725,7 +725,7 @@ rules:
 def test_telemetry_line_fast_path_writes_what_sanitize_writes():
     import math as _math
 
-    from lbw_policy.adapters.guard import _telemetry_line
+    from lbw_policy.telemetry_log import telemetry_line as _telemetry_line
     from lbw_policy.decision_log import sanitize
 
     finite = {"step": 3, "loss": 2.5, "lr": 1e-3, "skipped": False,

@@ -30,7 +30,7 @@ from lbw_policy.errors import PolicyError
 from lbw_policy.plugins import Registration, Registry, get_registry
 from lbw_policy.policy import load_policy, loads_policy
 from lbw_policy.replay import replay
-from lbw_policy.shadow import action_rows
+from lbw_policy.records import action_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = sorted((ROOT / "tests" / "policies_bad").glob("*.yaml"))

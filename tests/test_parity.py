@@ -45,7 +45,7 @@ from lbw_policy.errors import DecisionLogError, TrainingHalted
 from lbw_policy.policy import loads_policy
 from lbw_policy.policytest import run_test_file
 from lbw_policy.replay import replay
-from lbw_policy.shadow import action_rows, from_json_number
+from lbw_policy.records import action_rows, from_json_number
 
 REG = parity_plugins.registry()
 

@@ -11,7 +11,7 @@ from runhelpers import AUDIT_POLICY, AUDIT_SCALE_AT, make_run
 
 from lbw_policy.cli import main
 from lbw_policy.plot import default_signals, plot_run
-from lbw_policy.replay import read_telemetry
+from lbw_policy.telemetry_log import read_telemetry
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

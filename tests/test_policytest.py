@@ -14,7 +14,8 @@ from lbw_policy.cli import main
 from lbw_policy.errors import PolicyError
 from lbw_policy.policy import loads_policy
 from lbw_policy.policytest import (format_actual, load_test_file, parse_series, run_test_file)
-from lbw_policy.shadow import Shadow, action_rows
+from lbw_policy.records import action_rows
+from lbw_policy.shadow import Shadow
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ROOT / "policies"

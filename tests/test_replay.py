@@ -12,8 +12,9 @@ from runhelpers import AUDIT_POLICY, AUDIT_SCALE_AT, make_run
 
 from lbw_policy.cli import main
 from lbw_policy.decision_log import read_log
-from lbw_policy.replay import read_telemetry, replay
-from lbw_policy.shadow import action_rows
+from lbw_policy.replay import replay
+from lbw_policy.telemetry_log import read_telemetry
+from lbw_policy.records import action_rows
 
 HALTING = AUDIT_POLICY.replace("name: audit-fixture", "name: halting").replace(
     "  skip_step: {max_consecutive: 3}\n",

@@ -29,7 +29,6 @@ and the policy's ``on_error``); a failing decision log halts the guard and the s
 from __future__ import annotations
 
 import functools
-import json
 import os
 import platform
 import uuid
@@ -42,11 +41,12 @@ import torch
 from lbw_policy.adapters.gate import DeviceGate, gate_rules
 from lbw_policy.adapters.transport import Packet, make_transport
 from lbw_policy.base import Action, ActuatorContext
-from lbw_policy.decision_log import DecisionLog, sanitize
+from lbw_policy.decision_log import DecisionLog
 from lbw_policy.errors import TrainingHalted
 from lbw_policy.governor import Fault, Governor
 from lbw_policy.policy import Policy, load_policy
 from lbw_policy.telemetry import Telemetry
+from lbw_policy.telemetry_log import open_telemetry, telemetry_line
 
 __all__ = ["Guard", "StepResult"]
 
@@ -169,7 +169,7 @@ class Guard:
         run_labels.update(labels or {})
         self.log = DecisionLog(self.log_dir / "decisions.jsonl", run=run_labels, fsync=fsync)
         (self.log_dir / "policy.yaml").write_text(policy.text, encoding="utf-8")
-        self._telemetry_file = _open_telemetry(self.log_dir / "telemetry.jsonl")
+        self._telemetry_file = open_telemetry(self.log_dir / "telemetry.jsonl")
         self.governor = Governor(policy, self.actuators, self._write,
                                  rules=[r for r in policy.rules if r not in gated])
         self._step = 0
@@ -354,7 +354,7 @@ class Guard:
                 row[key] = p.meta[key]
         if p.meta.get("halted"):
             row["halted"] = True
-        self._telemetry_file.write(_telemetry_line(row) + "\n")
+        self._telemetry_file.write(telemetry_line(row) + "\n")
 
     # ------------------------------------------------------------------ state and teardown
     def state_dict(self) -> dict:
@@ -465,28 +465,6 @@ class Guard:
         self.close()
 
 
-def _open_telemetry(path: Path):
-    """Open ``telemetry.jsonl`` for appending, line-buffered (a killed run loses at most the
-    line being written); a torn last line left by a crash is cut off first, so the next line
-    does not glue onto it."""
-    if path.exists():
-        with open(path, "r+b") as fh:
-            pos = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, pos - 1))
-            if pos and fh.read(1) != b"\n":
-                while pos > 0:  # find the last newline, reading backwards in chunks
-                    start = max(0, pos - 65536)
-                    fh.seek(start)
-                    cut = fh.read(pos - start).rfind(b"\n")
-                    if cut >= 0:
-                        fh.truncate(start + cut + 1)
-                        break
-                    pos = start
-                else:
-                    fh.truncate(0)
-    return open(path, "a", encoding="utf-8", buffering=1)
-
-
 def _scalar(val: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``val`` as a 0-dim tensor of ``dtype`` on ``device``, for the step's one transfer; no
     copy when it already is one. :raises RuntimeError: ``val`` has more than one element."""
@@ -497,17 +475,6 @@ def _scalar(val: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
     if val.dtype != dtype or val.device != device:
         val = val.to(device=device, dtype=dtype)
     return val
-
-
-def _telemetry_line(record: dict) -> str:
-    """One ``telemetry.jsonl`` line: ``record`` through :func:`sanitize`, or straight to JSON
-    when every number in it is already a finite float (the usual step, and the same text)."""
-    loss, lr, sched = record["loss"], record["lr"], record.get("scheduled_lr", 0.0)
-    if (type(loss) is float and loss - loss == 0.0 and type(lr) is float and lr - lr == 0.0
-            and type(sched) is float and sched - sched == 0.0
-            and all(type(v) is float and v - v == 0.0 for v in record["signals"].values())):
-        return json.dumps(record, separators=(",", ":"))
-    return json.dumps(sanitize(record), separators=(",", ":"))
 
 
 def _host_number(val: Any) -> float:
