@@ -7,8 +7,8 @@ found and a fix. The layers, and the subclass each raises:
 
 1. syntax (``PolicySyntaxError``): UTF-8 text; one YAML document composed with ``yaml.SafeLoader``
    (nothing is ever constructed from a tag); plain tags only; string keys, none duplicated; at most
-   :data:`MAX_NODES` nodes with aliases expanded (counted, never expanded: no anchors bomb);
-   finite numbers, integers within +-:data:`MAX_INT`;
+   ``MAX_NODES`` nodes with aliases expanded (counted, never expanded: no anchors bomb); finite
+   numbers, integers within +-``MAX_INT`` (:mod:`lbw_policy.yamlsource` reads the YAML);
 2. shape (``PolicySchemaError``): ``lbw_policy/schema/policy.schema.json``;
 3. references (``PolicyReferenceError``) and values (``PolicyBoundsError``), against the plugin
    registry: detector types and params, actuators and bounds, signals, verbs and command values.
@@ -19,11 +19,9 @@ Problems of several kinds raise one exception that is an instance of each of the
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,34 +31,22 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import jsonschema
 import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from lbw_policy.decision_log import canonical_json
 from lbw_policy.errors import (PolicyBoundsError, PolicyError, PolicyReferenceError,
-                               PolicySchemaError, PolicySyntaxError, Problem)
+                               PolicySchemaError)
 from lbw_policy.spec import ActuatorSpec, Command, DetectorSpec, RuleSpec
+from lbw_policy.yamlsource import (Collector, PathT, check_plain, decode, format_path, found,
+                                   parse, path_key, suggest)
 
 __all__ = ["Policy", "load_policy", "loads_policy", "policy_schema", "canonical_json",
            "resolve_policy_path"]
 
-#: Largest policy file read, in bytes.
-MAX_BYTES = 4 << 20
-#: Most YAML nodes a document may hold once its aliases are expanded.
-MAX_NODES = 10_000
-#: Deepest nesting of mappings and lists.
-MAX_DEPTH = 64
-#: Largest integer magnitude accepted (beyond it floats lose integer precision).
-MAX_INT = 10**15
-
-_TAG = "tag:yaml.org,2002:"
-_PLAIN_TAGS = {_TAG + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_KINDS = (PolicySyntaxError, PolicySchemaError, PolicyReferenceError, PolicyBoundsError)
 _CONDITION_TEXT = "a condition must be exactly one of all/any/not or a {signal, op, value} leaf"
 _TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string",
                "integer": "an integer", "number": "a number", "boolean": "a boolean",
                "null": "null"}
 
-PathT = tuple  # of str (mapping keys) and int (list indices)
 
 
 @dataclass(frozen=True)
@@ -104,7 +90,7 @@ class Policy:
     def line_of(self, path: Union[str, Sequence]) -> Optional[int]:
         """Line of a YAML path (a string like ``rules[0].when`` or a sequence of keys and
         indices), or ``None`` when the document has no such node."""
-        return self.lines.get(path if isinstance(path, str) else _format_path(path))
+        return self.lines.get(path if isinstance(path, str) else format_path(path))
 
     def signals(self) -> dict:
         """Every declared signal ``"<detector id>.<signal>"`` -> the detector id."""
@@ -134,25 +120,19 @@ def load_policy(source: Union[str, os.PathLike, Policy], *, registry: Any = None
     except OSError as exc:
         raise PolicyError(f"cannot read policy file: {exc.strerror or exc}",
                           file=str(path)) from None
-    return _load(_decode(raw, str(path)), str(path), registry)
+    return _load(decode(raw, str(path)), str(path), registry)
 
 
 def loads_policy(text: Union[str, bytes], *, source: str = "<string>",
                  registry: Any = None) -> Policy:
     """Validate policy text (``source`` names it in error messages). See :func:`load_policy`."""
-    text = _decode(bytes(text), source) if isinstance(text, (bytes, bytearray)) else text
+    text = decode(bytes(text), source) if isinstance(text, (bytes, bytearray)) else text
     return _load(text, source, registry)
 
 
 def policy_schema() -> dict:
     """The policy JSON Schema (draft 2020-12), as a fresh dict."""
     return copy.deepcopy(_schema())
-
-
-def canonical_json(data: Any) -> bytes:
-    """UTF-8 JSON with sorted keys and no whitespace: the bytes a revision hashes."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
 
 
 def resolve_policy_path(name_or_path: Union[str, os.PathLike]) -> Path:
@@ -175,14 +155,14 @@ def resolve_policy_path(name_or_path: Union[str, os.PathLike]) -> Path:
 
 
 def _load(text: str, source: str, registry: Any) -> Policy:
-    col = _Collector(source, {})
-    data = _parse(text, col)
+    col = Collector(source, {})
+    data = parse(text, col)
     col.raise_if_any()
     if not isinstance(data, dict):
         col.add(PolicySchemaError, (), "a policy must be a mapping", expected="a mapping with "
-                "apiVersion, kind, metadata, rules", found=_found(data), line=1)
+                "apiVersion, kind, metadata, rules", found=found(data), line=1)
         col.raise_if_any()
-    _check_plain(data, (), col)
+    check_plain(data, (), col)
     col.raise_if_any()
     _schema_problems(col, PolicySchemaError, _schema(), data, ())
     col.raise_if_any(sort=True)
@@ -195,166 +175,6 @@ def _load(text: str, source: str, registry: Any) -> Policy:
     return _build(data, text, source, col.lines, signals)
 
 
-def _decode(raw: bytes, source: str) -> str:
-    if len(raw) > MAX_BYTES:
-        raise PolicySyntaxError(f"policy file too large: {len(raw)} bytes", file=source,
-                                line=1, expected=f"at most {MAX_BYTES} bytes")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PolicySyntaxError(f"not UTF-8 text at byte {exc.start}", file=source,
-                                line=raw.count(b"\n", 0, exc.start) + 1,
-                                hint="save the policy as UTF-8 YAML text") from None
-
-
-def _parse(text: str, col: "_Collector") -> Any:
-    """Text -> plain data; fills ``col.lines``; syntax problems go to ``col`` (returns None)."""
-    at = text.find("\x00")
-    if at >= 0:
-        col.add(PolicySyntaxError, (), f"not a text file: NUL character at offset {at}",
-                line=text.count("\n", 0, at) + 1)
-    elif not text.strip():
-        col.add(PolicySyntaxError, (), "empty policy file", line=None)
-    if col.items:
-        return None
-    loader = None
-    try:
-        loader = yaml.SafeLoader(text)
-        node = loader.get_single_node()
-        if node is None:
-            col.add(PolicySyntaxError, (), "empty policy file", hint="it holds only comments")
-            return None
-        size = _count_nodes(node, col)
-        if size is not None and size > MAX_NODES:
-            col.add(PolicySyntaxError, (), "document too large once its aliases are expanded",
-                    expected=f"at most {MAX_NODES} nodes", found=f"{size} nodes" if size < 10**12
-                    else f"more than 1e{len(str(size)) - 1} nodes",
-                    hint="a policy needs no deep alias chains (this looks like an anchors "
-                    "bomb)", line=_line(node))
-        if not col.items:
-            _walk(node, (), _line(node), 0, col)
-        return None if col.items else loader.construct_document(node)
-    except yaml.reader.ReaderError as exc:
-        col.add(PolicySyntaxError, (), f"invalid character: {exc.reason} (#x{exc.character:04x})"
-                if isinstance(exc.character, int) else f"invalid character: {exc.reason}",
-                line=text.count("\n", 0, exc.position) + 1)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        if "single document" in (exc.context or ""):  # ComposerError: a second document
-            message = "a policy file holds exactly one YAML document; found a second one"
-        else:
-            message = "invalid YAML: " + "; ".join(t for t in (exc.context, exc.problem) if t)
-        col.add(PolicySyntaxError, (), message, line=mark.line + 1 if mark else None)
-    except yaml.YAMLError as exc:
-        col.add(PolicySyntaxError, (), f"invalid YAML: {exc}")
-    except RecursionError:
-        col.add(PolicySyntaxError, (), "nesting too deep", expected=f"at most {MAX_DEPTH} levels")
-    finally:
-        if loader is not None:
-            loader.dispose()
-    return None
-
-
-def _count_nodes(root: Node, col: "_Collector") -> Optional[int]:
-    """Node count with aliases expanded, computed without expanding (memoized per node)."""
-    memo: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(node: Node) -> int:
-        if id(node) in active:
-            col.add(PolicySyntaxError, (), "recursive alias: a node contains itself",
-                    line=_line(node), hint="a policy is a tree; remove the self-reference")
-            raise RecursionError
-        if id(node) not in memo:
-            active.add(id(node))
-            children = node.value if isinstance(node, SequenceNode) else \
-                [n for pair in node.value for n in pair] if isinstance(node, MappingNode) else ()
-            memo[id(node)] = 1 + sum(size(child) for child in children)
-            active.discard(id(node))
-        return memo[id(node)]
-
-    try:
-        return size(root)
-    except RecursionError:
-        if not col.items:
-            col.add(PolicySyntaxError, (), "nesting too deep",
-                    expected=f"at most {MAX_DEPTH} levels")
-        return None
-
-
-def _walk(node: Node, path: PathT, line: int, depth: int, col: "_Collector") -> None:
-    """Record lines; refuse non-plain tags, non-string and duplicate keys, deep nesting."""
-    col.lines.setdefault(_format_path(path), line)
-    if depth > MAX_DEPTH:
-        col.add(PolicySyntaxError, path, "nesting too deep", expected=f"at most {MAX_DEPTH} levels",
-                line=_line(node))
-    elif node.tag not in _PLAIN_TAGS:
-        if node.tag == _TAG + "timestamp":
-            col.add(PolicySyntaxError, path, "a date or time is not plain data",
-                    found=repr(node.value),
-                    hint="quote it to make it a string", line=_line(node))
-        else:
-            tag = node.tag.replace(_TAG, "!!")
-            col.add(PolicySyntaxError, path, f"YAML tag {tag!r} is not allowed",
-                    expected="plain data (mappings, lists, strings, numbers, booleans, null)",
-                    hint="remove the tag; a policy never constructs objects", line=_line(node))
-    elif isinstance(node, SequenceNode):
-        for i, child in enumerate(node.value):
-            _walk(child, path + (i,), _line(child), depth + 1, col)
-    elif isinstance(node, MappingNode):
-        for key, (knode, vnode) in _mapping_pairs(node, path, col, depth).items():
-            _walk(vnode, path + (key,), _line(knode), depth + 1, col)
-
-
-def _mapping_pairs(node: MappingNode, path: PathT, col: "_Collector", depth: int) -> dict:
-    """``{key: (key_node, value_node)}``; merge keys (``<<``) expanded, explicit keys winning."""
-    explicit: dict = {}
-    merged: dict = {}
-    for knode, vnode in node.value:
-        if knode.tag == _TAG + "merge":
-            sources = vnode.value if isinstance(vnode, SequenceNode) else [vnode]
-            for src in sources:
-                if not isinstance(src, MappingNode) or depth > MAX_DEPTH:
-                    col.add(PolicySyntaxError, path, "a merge key `<<` takes a mapping or a list "
-                            "of mappings", line=_line(knode))
-                    continue
-                for k, pair in _mapping_pairs(src, path, col, depth + 1).items():
-                    merged.setdefault(k, pair)
-            continue
-        if not isinstance(knode, ScalarNode) or knode.tag != _TAG + "str":
-            scalar = isinstance(knode, ScalarNode)
-            col.add(PolicySyntaxError, path, "mapping keys must be strings",
-                    found=repr(knode.value) if scalar else "a " + knode.id, line=_line(knode),
-                    hint="quote the key (YAML reads unquoted yes/no/on/off as booleans)"
-                    if scalar else None)
-            continue
-        key = knode.value
-        if key in explicit:
-            col.add(PolicySyntaxError, path + (key,), f"duplicate key {key!r}",
-                    hint=f"it is already on line {_line(explicit[key][0])}; YAML would silently "
-                    "keep the last one, remove one of them", line=_line(knode))
-            continue
-        explicit[key] = (knode, vnode)
-    for key, pair in merged.items():
-        explicit.setdefault(key, pair)
-    return explicit
-
-
-def _check_plain(value: Any, path: PathT, col: "_Collector") -> None:
-    """Finite numbers, integers within +-MAX_INT (tags and keys were checked on the nodes)."""
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            col.add(PolicySyntaxError, path, "non-finite number", expected="a finite number",
-                    found=repr(value))
-    elif isinstance(value, int) and not isinstance(value, bool):
-        if abs(value) > MAX_INT:
-            col.add(PolicySyntaxError, path, "number too large", expected="an integer within "
-                    "+-1e15", found=_found(value))
-    elif isinstance(value, (dict, list)):
-        for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
-            _check_plain(item, path + (key,), col)
-
-
 # ------------------------------------------------------------------------------ JSON Schema
 
 
@@ -364,15 +184,15 @@ def _schema() -> dict:
     return json.loads(text)
 
 
-def _schema_problems(col: "_Collector", kind: type, schema: Mapping, instance: Any,
+def _schema_problems(col: "Collector", kind: type, schema: Mapping, instance: Any,
                      prefix: PathT) -> None:
     """Validate ``instance`` against ``schema``; one problem per error, paths under ``prefix``."""
     errors = jsonschema.Draft202012Validator(schema).iter_errors(instance)
-    for err in sorted(errors, key=lambda e: _path_key(tuple(e.absolute_path))):
+    for err in sorted(errors, key=lambda e: path_key(tuple(e.absolute_path))):
         _explain(col, kind, err, prefix)
 
 
-def _explain(col: "_Collector", kind: type, err: jsonschema.ValidationError, prefix: PathT) -> None:
+def _explain(col: "Collector", kind: type, err: jsonschema.ValidationError, prefix: PathT) -> None:
     path = prefix + tuple(err.absolute_path)
     schema, inst, keyword = err.schema, err.instance, err.validator
     if not isinstance(schema, dict):
@@ -389,7 +209,7 @@ def _explain(col: "_Collector", kind: type, err: jsonschema.ValidationError, pre
                 continue
             col.add(kind, path + (key,), f"unknown key {key!r}",
                     expected=f"one of {allowed}" if allowed else "no keys",
-                    hint=_suggest(key, allowed))
+                    hint=suggest(key, allowed))
     elif keyword == "required" and isinstance(inst, dict):
         for key in err.validator_value:
             if key not in inst:
@@ -412,10 +232,10 @@ def _explain(col: "_Collector", kind: type, err: jsonschema.ValidationError, pre
         if keyword == "type" and isinstance(inst, str):
             hint = _float_hint(inst)
         if keyword == "enum" and isinstance(inst, str):
-            hint = _suggest(inst, [v for v in schema["enum"] if isinstance(v, str)])
-        col.add(kind, path, message, expected=_describe(schema), found=_found(inst), hint=hint)
+            hint = suggest(inst, [v for v in schema["enum"] if isinstance(v, str)])
+        col.add(kind, path, message, expected=_describe(schema), found=found(inst), hint=hint)
     else:
-        col.add(kind, path, err.message, found=_found(inst))
+        col.add(kind, path, err.message, found=found(inst))
 
 
 def _float_hint(text: str) -> Optional[str]:
@@ -430,7 +250,7 @@ def _float_hint(text: str) -> Optional[str]:
 def _explain_condition(col, kind, err, prefix, path) -> None:
     inst = err.instance
     if not isinstance(inst, dict):
-        col.add(kind, path, _CONDITION_TEXT, expected="a mapping", found=_found(inst))
+        col.add(kind, path, _CONDITION_TEXT, expected="a mapping", found=found(inst))
         return
     keys = set(inst)
     branch = keys & {"all", "any", "not"}
@@ -476,7 +296,7 @@ def _describe(schema: Mapping) -> Optional[str]:
 # -------------------------------------------------------------------------- cross-field checks
 
 
-def _check_references(data: dict, col: "_Collector", registry: Any) -> dict:
+def _check_references(data: dict, col: "Collector", registry: Any) -> dict:
     """Check names and values against the registry; returns the declared signals."""
     det_regs, act_regs = registry.detectors, registry.actuators
     detectors, actuators = data.get("detectors", {}), data.get("actuators", {})
@@ -490,7 +310,7 @@ def _check_references(data: dict, col: "_Collector", registry: Any) -> dict:
             col.add(PolicyReferenceError, base + ("type",),
                     f"unknown detector type {det['type']!r}",
                     expected=_one_of(det_regs, "registered detector types"),
-                    found=repr(det["type"]), hint=_suggest(det["type"], det_regs)
+                    found=repr(det["type"]), hint=suggest(det["type"], det_regs)
                     or "install the plugin that provides it (`lbw-policy plugins` lists them)")
             broken.add(did)
             continue
@@ -513,7 +333,7 @@ def _check_references(data: dict, col: "_Collector", registry: Any) -> dict:
         if reg is None:
             col.add(PolicyReferenceError, ("actuators", name), f"unknown actuator {name!r}",
                     expected=_one_of(act_regs, "registered actuators"),
-                    hint=_suggest(name, act_regs) or "install the plugin that provides it")
+                    hint=suggest(name, act_regs) or "install the plugin that provides it")
         elif not _plugin_checks(col, reg, reg.cls.bounds_schema, reg.cls.validate_bounds,
                                 bounds, ("actuators", name)):
             broken.add(name)
@@ -535,7 +355,7 @@ def _check_references(data: dict, col: "_Collector", registry: Any) -> dict:
             did = sig.split(".", 1)[0]
             if sig in declared or sig in published or did in broken:
                 continue
-            hint = _suggest(sig, list(declared) + list(published))
+            hint = suggest(sig, list(declared) + list(published))
             if hint is None and did not in detectors and did not in actuators:
                 hint = f"configure a detector {did!r} under `detectors:`"
             col.add(PolicyReferenceError, lpath + ("signal",), f"unknown signal {sig!r}",
@@ -609,7 +429,7 @@ def _check_command(col, cmd, cpath, used, k, actuators, act_regs) -> None:
         if reg is None:
             col.add(PolicyReferenceError, cpath + ("actuator",), f"unknown actuator {name!r}",
                     expected=_one_of(actuators, "configured actuators"),
-                    hint=_suggest(name, list(actuators) + list(act_regs)))
+                    hint=suggest(name, list(actuators) + list(act_regs)))
         else:
             col.add(PolicyReferenceError, cpath + ("actuator",), f"actuator {name!r} is not "
                     "configured", hint=f"add `actuators: {{{name}: {{...}}}}` with its bounds")
@@ -626,7 +446,7 @@ def _check_command(col, cmd, cpath, used, k, actuators, act_regs) -> None:
                     hint=f"e.g. {{actuator: {name}, {next(iter(commands), 'VERB')}: VALUE}}")
         else:
             col.add(PolicyReferenceError, vpath, f"unknown verb {verb!r} for actuator {name!r}",
-                    expected=_one_of(commands, "verbs"), hint=_suggest(verb, commands))
+                    expected=_one_of(commands, "verbs"), hint=suggest(verb, commands))
         return
     _plugin_checks(col, reg, commands[verb], None, cmd.get(verb), vpath)
 
@@ -642,7 +462,7 @@ def _plugin_checks(col, reg, schema, validate, value, path) -> bool:
         try:
             validate(value)
         except ValueError as exc:
-            col.add(PolicyBoundsError, path, str(exc), found=_found(value))
+            col.add(PolicyBoundsError, path, str(exc), found=found(value))
         except Exception as exc:
             col.add(PolicyBoundsError, path, f"plugin {_plugin(reg)} failed checking it: {exc!r}")
     return len(col.items) == before
@@ -691,78 +511,6 @@ def _build(data: dict, text: str, source: str, lines: dict, signals: dict) -> Po
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-class _Collector:
-    """Problems found so far (with their kind and path) and the path -> line map."""
-
-    def __init__(self, file: str, lines: dict) -> None:
-        self.file = file
-        self.lines = lines
-        self.items: list[tuple[type, PathT, Problem]] = []
-
-    def line_near(self, path: PathT) -> Optional[int]:
-        """Line of the node at ``path``, or of its nearest ancestor in the document."""
-        while path and _format_path(path) not in self.lines:
-            path = path[:-1]
-        return self.lines.get(_format_path(path))
-
-    def add(self, kind: type, path: PathT, message: str, *, line: Any = "near", **kw: Any) -> None:
-        if line == "near":
-            line = self.line_near(path)
-        if line is None:  # a whole-file problem (empty, too deep): report it at line 1
-            line = 1
-        self.items.append((kind, path, Problem(message, file=self.file, line=line,
-                                               path=_format_path(path), **kw)))
-
-    def raise_if_any(self, sort: bool = False) -> None:
-        if not self.items:
-            return
-        unique = {(kind, str(problem)): (kind, path, problem) for kind, path, problem in self.items}
-        items = list(unique.values())
-        if sort:
-            items.sort(key=lambda it: _path_key(it[1]))
-        kinds = tuple(k for k in _KINDS if any(it[0] is k for it in items))
-        raise _error_class(kinds)([it[2] for it in items])
-
-
-@functools.lru_cache(maxsize=None)
-def _error_class(kinds: tuple) -> type:
-    """One kind: its class. Several: a class deriving from each, so any ``except`` matches."""
-    if len(kinds) == 1:
-        return kinds[0]
-    return type("+".join(k.__name__ for k in kinds), kinds,
-                {"__module__": __name__, "__doc__": "Problems of several kinds."})
-
-
-def _format_path(parts: Sequence) -> str:
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif _IDENT.match(str(part)):
-            out += ("." if out else "") + str(part)
-        else:
-            out += "[" + json.dumps(str(part), ensure_ascii=False) + "]"
-    return out
-
-
-def _path_key(path: PathT) -> tuple:
-    return tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in path)
-
-
-def _line(node: Node) -> int:
-    return node.start_mark.line + 1
-
-
-def _found(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _suggest(word: str, candidates: Any) -> Optional[str]:
-    close = difflib.get_close_matches(word, [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}?" if close else None
 
 
 def _one_of(names: Any, what: str, limit: int = 20) -> str:

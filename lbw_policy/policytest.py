@@ -49,6 +49,7 @@ from lbw_policy.errors import PolicyError, Problem
 from lbw_policy.policy import Policy, load_policy
 from lbw_policy.records import DECISION_EVENTS, action_rows
 from lbw_policy.shadow import STAND_IN_HYPERPARAMETERS as _HYPER, Shadow
+from lbw_policy.yamlsource import Collector, decode, format_path, parse, suggest
 
 __all__ = ["PolicyTestFileError", "PolicyTestFile", "PolicyTestCase", "CaseResult",
            "FileResult", "parse_series", "load_test_file", "run_case", "run_test_file",
@@ -247,18 +248,16 @@ def load_test_file(path: "str | Path", *, registry: Any = None) -> PolicyTestFil
     :raises PolicyError: the test file is malformed (:class:`PolicyTestFileError`, every
         problem with file, line and path) or the policy is invalid.
     """
-    # The policy loader's parser: one YAML document of plain data, lines of every node, no
-    # tags constructed, no anchors bomb.
-    from lbw_policy.policy import _Collector, _decode, _parse
-
+    # The policy loader's parser (lbw_policy.yamlsource): one YAML document of plain data, lines
+    # of every node, no tags constructed, no anchors bomb.
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise PolicyTestFileError(f"cannot read test file: {exc.strerror or exc}",
                                   file=str(path)) from None
-    col = _Collector(str(path), {})
-    data = _parse(_decode(raw, str(path)), col)
+    col = Collector(str(path), {})
+    data = parse(decode(raw, str(path)), col)
     col.raise_if_any()
     problem = _Problems(str(path), col)
     problems = problem.items
@@ -329,7 +328,7 @@ def _check_case(case: Any, p: tuple, policy: Policy, problem: _Problems) -> Opti
     for key in case:
         if key not in _CASE_KEYS:
             problem(p + (key,), f"unknown key {key!r}", expected=f"one of {list(_CASE_KEYS)}",
-                    hint=_suggest(key, _CASE_KEYS))
+                    hint=suggest(key, _CASE_KEYS))
     name = case.get("name")
     if not isinstance(name, str) or not name.strip():
         problem(p + ("name",), "missing or empty 'name'", expected="a string naming the case")
@@ -350,7 +349,7 @@ def _check_case(case: Any, p: tuple, policy: Policy, problem: _Problems) -> Opti
         if sig not in declared:
             problem(p + ("signals", sig), f"unknown signal {sig!r}",
                     expected=f"one of the policy's signals {sorted(declared)}",
-                    hint=_suggest(sig, declared))
+                    hint=suggest(sig, declared))
             continue
         try:
             series[sig] = parse_series(spec)
@@ -381,7 +380,7 @@ def _check_case(case: Any, p: tuple, policy: Policy, problem: _Problems) -> Opti
         bad = [key for key in row if key not in _ROW_KEYS]
         for key in bad:
             problem(rp + (key,), f"unknown key {key!r}", expected=f"one of {list(_ROW_KEYS)}",
-                    hint=_suggest(key, _ROW_KEYS))
+                    hint=suggest(key, _ROW_KEYS))
         if ("step" in row) == ("steps" in row):
             problem(rp, "give exactly one of 'step' and 'steps'",
                     expected="step: N or steps: \"A:B\"")
@@ -394,7 +393,7 @@ def _check_case(case: Any, p: tuple, policy: Policy, problem: _Problems) -> Opti
         if "rule" in row and row["rule"] is not None and row["rule"] not in rules:
             problem(rp + ("rule",), f"unknown rule {row['rule']!r}",
                     expected=f"one of the policy's rules {sorted(rules)}",
-                    hint=_suggest(str(row["rule"]), rules))
+                    hint=suggest(str(row["rule"]), rules))
         if "event" in row and row["event"] not in DECISION_EVENTS:
             problem(rp + ("event",), f"unknown event {row['event']!r}",
                     expected=f"one of {list(DECISION_EVENTS)}")
@@ -434,16 +433,7 @@ def _check_case(case: Any, p: tuple, policy: Policy, problem: _Problems) -> Opti
 
 
 def _fmt(p: tuple) -> str:
-    from lbw_policy.policy import _format_path
-
-    return _format_path(p)
-
-
-def _suggest(word: str, candidates) -> Optional[str]:
-    import difflib
-
-    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}?" if close else None
+    return format_path(p)
 
 
 # ------------------------------------------------------------------------------ running

@@ -1,0 +1,274 @@
+"""YAML text -> plain data, with a line for every node and problems collected, not raised.
+
+The policy loader (:mod:`lbw_policy.policy`) and the policy-test loader
+(:mod:`lbw_policy.policytest`) read their files through here: ``yaml.SafeLoader`` semantics
+(plain data only: no tags, no objects), bounded size (:data:`MAX_BYTES`, :data:`MAX_NODES`
+after alias expansion, :data:`MAX_DEPTH`), duplicate and non-string keys refused, and every
+problem reported with its file, line and YAML path (:class:`Collector`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import math
+import re
+from typing import Any, Optional, Sequence
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from lbw_policy.errors import (PolicyBoundsError, PolicyReferenceError, PolicySchemaError,
+                               PolicySyntaxError, Problem)
+
+__all__ = ["Collector", "decode", "parse", "check_plain", "format_path", "node_line", "found",
+           "suggest", "path_key", "MAX_BYTES", "MAX_NODES", "MAX_DEPTH", "MAX_INT", "PathT"]
+
+PathT = tuple  # of str (mapping keys) and int (list indices)
+
+#: Largest policy file read, in bytes.
+MAX_BYTES = 4 << 20
+#: Most YAML nodes a document may hold once its aliases are expanded.
+MAX_NODES = 10_000
+#: Deepest nesting of mappings and lists.
+MAX_DEPTH = 64
+#: Largest integer magnitude accepted (beyond it floats lose integer precision).
+MAX_INT = 10**15
+
+_TAG = "tag:yaml.org,2002:"
+_PLAIN_TAGS = {_TAG + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KINDS = (PolicySyntaxError, PolicySchemaError, PolicyReferenceError, PolicyBoundsError)
+
+
+def decode(raw: bytes, source: str) -> str:
+    if len(raw) > MAX_BYTES:
+        raise PolicySyntaxError(f"policy file too large: {len(raw)} bytes", file=source,
+                                line=1, expected=f"at most {MAX_BYTES} bytes")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PolicySyntaxError(f"not UTF-8 text at byte {exc.start}", file=source,
+                                line=raw.count(b"\n", 0, exc.start) + 1,
+                                hint="save the policy as UTF-8 YAML text") from None
+
+
+def parse(text: str, col: "Collector") -> Any:
+    """Text -> plain data; fills ``col.lines``; syntax problems go to ``col`` (returns None)."""
+    at = text.find("\x00")
+    if at >= 0:
+        col.add(PolicySyntaxError, (), f"not a text file: NUL character at offset {at}",
+                line=text.count("\n", 0, at) + 1)
+    elif not text.strip():
+        col.add(PolicySyntaxError, (), "empty policy file", line=None)
+    if col.items:
+        return None
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            col.add(PolicySyntaxError, (), "empty policy file", hint="it holds only comments")
+            return None
+        size = _count_nodes(node, col)
+        if size is not None and size > MAX_NODES:
+            col.add(PolicySyntaxError, (), "document too large once its aliases are expanded",
+                    expected=f"at most {MAX_NODES} nodes", found=f"{size} nodes" if size < 10**12
+                    else f"more than 1e{len(str(size)) - 1} nodes",
+                    hint="a policy needs no deep alias chains (this looks like an anchors "
+                    "bomb)", line=node_line(node))
+        if not col.items:
+            _walk(node, (), node_line(node), 0, col)
+        return None if col.items else loader.construct_document(node)
+    except yaml.reader.ReaderError as exc:
+        col.add(PolicySyntaxError, (), f"invalid character: {exc.reason} (#x{exc.character:04x})"
+                if isinstance(exc.character, int) else f"invalid character: {exc.reason}",
+                line=text.count("\n", 0, exc.position) + 1)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        if "single document" in (exc.context or ""):  # ComposerError: a second document
+            message = "a policy file holds exactly one YAML document; found a second one"
+        else:
+            message = "invalid YAML: " + "; ".join(t for t in (exc.context, exc.problem) if t)
+        col.add(PolicySyntaxError, (), message, line=mark.line + 1 if mark else None)
+    except yaml.YAMLError as exc:
+        col.add(PolicySyntaxError, (), f"invalid YAML: {exc}")
+    except RecursionError:
+        col.add(PolicySyntaxError, (), "nesting too deep", expected=f"at most {MAX_DEPTH} levels")
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return None
+
+
+def _count_nodes(root: Node, col: "Collector") -> Optional[int]:
+    """Node count with aliases expanded, computed without expanding (memoized per node)."""
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Node) -> int:
+        if id(node) in active:
+            col.add(PolicySyntaxError, (), "recursive alias: a node contains itself",
+                    line=node_line(node), hint="a policy is a tree; remove the self-reference")
+            raise RecursionError
+        if id(node) not in memo:
+            active.add(id(node))
+            children = node.value if isinstance(node, SequenceNode) else \
+                [n for pair in node.value for n in pair] if isinstance(node, MappingNode) else ()
+            memo[id(node)] = 1 + sum(size(child) for child in children)
+            active.discard(id(node))
+        return memo[id(node)]
+
+    try:
+        return size(root)
+    except RecursionError:
+        if not col.items:
+            col.add(PolicySyntaxError, (), "nesting too deep",
+                    expected=f"at most {MAX_DEPTH} levels")
+        return None
+
+
+def _walk(node: Node, path: PathT, line: int, depth: int, col: "Collector") -> None:
+    """Record lines; refuse non-plain tags, non-string and duplicate keys, deep nesting."""
+    col.lines.setdefault(format_path(path), line)
+    if depth > MAX_DEPTH:
+        col.add(PolicySyntaxError, path, "nesting too deep", expected=f"at most {MAX_DEPTH} levels",
+                line=node_line(node))
+    elif node.tag not in _PLAIN_TAGS:
+        if node.tag == _TAG + "timestamp":
+            col.add(PolicySyntaxError, path, "a date or time is not plain data",
+                    found=repr(node.value),
+                    hint="quote it to make it a string", line=node_line(node))
+        else:
+            tag = node.tag.replace(_TAG, "!!")
+            col.add(PolicySyntaxError, path, f"YAML tag {tag!r} is not allowed",
+                    expected="plain data (mappings, lists, strings, numbers, booleans, null)",
+                    hint="remove the tag; a policy never constructs objects", line=node_line(node))
+    elif isinstance(node, SequenceNode):
+        for i, child in enumerate(node.value):
+            _walk(child, path + (i,), node_line(child), depth + 1, col)
+    elif isinstance(node, MappingNode):
+        for key, (knode, vnode) in _mapping_pairs(node, path, col, depth).items():
+            _walk(vnode, path + (key,), node_line(knode), depth + 1, col)
+
+
+def _mapping_pairs(node: MappingNode, path: PathT, col: "Collector", depth: int) -> dict:
+    """``{key: (key_node, value_node)}``; merge keys (``<<``) expanded, explicit keys winning."""
+    explicit: dict = {}
+    merged: dict = {}
+    for knode, vnode in node.value:
+        if knode.tag == _TAG + "merge":
+            sources = vnode.value if isinstance(vnode, SequenceNode) else [vnode]
+            for src in sources:
+                if not isinstance(src, MappingNode) or depth > MAX_DEPTH:
+                    col.add(PolicySyntaxError, path, "a merge key `<<` takes a mapping or a list "
+                            "of mappings", line=node_line(knode))
+                    continue
+                for k, pair in _mapping_pairs(src, path, col, depth + 1).items():
+                    merged.setdefault(k, pair)
+            continue
+        if not isinstance(knode, ScalarNode) or knode.tag != _TAG + "str":
+            scalar = isinstance(knode, ScalarNode)
+            col.add(PolicySyntaxError, path, "mapping keys must be strings",
+                    found=repr(knode.value) if scalar else "a " + knode.id, line=node_line(knode),
+                    hint="quote the key (YAML reads unquoted yes/no/on/off as booleans)"
+                    if scalar else None)
+            continue
+        key = knode.value
+        if key in explicit:
+            col.add(PolicySyntaxError, path + (key,), f"duplicate key {key!r}",
+                    hint=f"it is already on line {node_line(explicit[key][0])}; YAML would silently "
+                    "keep the last one, remove one of them", line=node_line(knode))
+            continue
+        explicit[key] = (knode, vnode)
+    for key, pair in merged.items():
+        explicit.setdefault(key, pair)
+    return explicit
+
+
+def check_plain(value: Any, path: PathT, col: "Collector") -> None:
+    """Finite numbers, integers within +-MAX_INT (tags and keys were checked on the nodes)."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            col.add(PolicySyntaxError, path, "non-finite number", expected="a finite number",
+                    found=repr(value))
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > MAX_INT:
+            col.add(PolicySyntaxError, path, "number too large", expected="an integer within "
+                    "+-1e15", found=found(value))
+    elif isinstance(value, (dict, list)):
+        for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+            check_plain(item, path + (key,), col)
+
+
+class Collector:
+    """Problems found so far (with their kind and path) and the path -> line map."""
+
+    def __init__(self, file: str, lines: dict) -> None:
+        self.file = file
+        self.lines = lines
+        self.items: list[tuple[type, PathT, Problem]] = []
+
+    def line_near(self, path: PathT) -> Optional[int]:
+        """Line of the node at ``path``, or of its nearest ancestor in the document."""
+        while path and format_path(path) not in self.lines:
+            path = path[:-1]
+        return self.lines.get(format_path(path))
+
+    def add(self, kind: type, path: PathT, message: str, *, line: Any = "near", **kw: Any) -> None:
+        if line == "near":
+            line = self.line_near(path)
+        if line is None:  # a whole-file problem (empty, too deep): report it at line 1
+            line = 1
+        self.items.append((kind, path, Problem(message, file=self.file, line=line,
+                                               path=format_path(path), **kw)))
+
+    def raise_if_any(self, sort: bool = False) -> None:
+        if not self.items:
+            return
+        unique = {(kind, str(problem)): (kind, path, problem) for kind, path, problem in self.items}
+        items = list(unique.values())
+        if sort:
+            items.sort(key=lambda it: path_key(it[1]))
+        kinds = tuple(k for k in _KINDS if any(it[0] is k for it in items))
+        raise _error_class(kinds)([it[2] for it in items])
+
+
+@functools.lru_cache(maxsize=None)
+def _error_class(kinds: tuple) -> type:
+    """One kind: its class. Several: a class deriving from each, so any ``except`` matches."""
+    if len(kinds) == 1:
+        return kinds[0]
+    return type("+".join(k.__name__ for k in kinds), kinds,
+                {"__module__": __name__, "__doc__": "Problems of several kinds."})
+
+
+def format_path(parts: Sequence) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENT.match(str(part)):
+            out += ("." if out else "") + str(part)
+        else:
+            out += "[" + json.dumps(str(part), ensure_ascii=False) + "]"
+    return out
+
+
+def path_key(path: PathT) -> tuple:
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in path)
+
+
+def node_line(node: Node) -> int:
+    return node.start_mark.line + 1
+
+
+def found(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def suggest(word: str, candidates: Any) -> Optional[str]:
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
