@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from lbw_policy.base import Action, Actuator
-from lbw_policy.detectors.lr_jump import LRHistory, scheduled_lrs
+from lbw_policy.lr_history import LRHistory, scheduled_lrs
 from lbw_policy.errors import ActuatorError
 
 __all__ = ["LRCap"]

@@ -32,48 +32,12 @@ this project's (it complements loss-based detectors, which cannot see a step bef
 
 from __future__ import annotations
 
-import statistics
-from collections import deque
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from lbw_policy.base import Detector
+from lbw_policy.lr_history import LRHistory, scheduled_lrs
 
-__all__ = ["LRHistory", "LRJump"]
-
-
-class LRHistory:
-    """Per-param-group ring of the last ``window`` positive scheduled learning rates.
-
-    :param window: steps kept per group (>= 1).
-    """
-
-    def __init__(self, window: int) -> None:
-        self.window = int(window)
-        self.rings: list[deque] = []
-
-    def references(self, lrs: list) -> list:
-        """The median of each group's history (``None`` for a group without history). Groups
-        beyond the first call's count start with an empty history."""
-        while len(self.rings) < len(lrs):
-            self.rings.append(deque(maxlen=self.window))
-        return [statistics.median(ring) if ring else None for ring in self.rings[:len(lrs)]]
-
-    def push(self, lrs: list) -> None:
-        """Record one step's scheduled rates (non-positive ones are not a reference)."""
-        for ring, lr in zip(self.rings, lrs):
-            if lr > 0:
-                ring.append(float(lr))
-
-    def state_dict(self) -> dict:
-        return {"rings": [list(r) for r in self.rings]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.rings = [deque(map(float, r), maxlen=self.window) for r in state["rings"]]
-
-
-def scheduled_lrs(optimizer: Any) -> list:
-    """``[float(group["lr"])]`` of every param group."""
-    return [float(group["lr"]) for group in optimizer.param_groups]
+__all__ = ["LRJump"]
 
 
 def jumps(lrs: list, references: list) -> list:
