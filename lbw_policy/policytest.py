@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from lbw_policy.base import Action
+from lbw_policy.engine import evaluate_condition
 from lbw_policy.errors import PolicyError, Problem
 from lbw_policy.policy import Policy, load_policy
 from lbw_policy.records import DECISION_EVENTS, action_rows
@@ -60,7 +62,7 @@ MAX_STEPS = 1_000_000
 _ROW_KEYS = ("step", "steps", "rule", "event", "actuator", "value", "clamped")
 _CASE_KEYS = ("name", "description", "steps", "signals", "expect", "ignore", "skipped",
               "halted_at")
-_FILE_KEYS = ("policy", "description", "optimizer", "tests")
+_FILE_KEYS = ("policy", "description", "optimizer", "transfer", "tests")
 HOLD = None  # a step at which the signal is not emitted
 
 
@@ -93,6 +95,7 @@ class PolicyTestFile:
     policy: Policy
     cases: list
     optimizer: dict = field(default_factory=dict)
+    transfer: str = "immediate"
 
 
 @dataclass
@@ -282,6 +285,10 @@ def load_test_file(path: "str | Path", *, registry: Any = None) -> PolicyTestFil
             if key != "type" and key not in _HYPER[optimizer.get("type", "AdamW")]:
                 problem(("optimizer", key), f"unknown key {key!r}",
                         expected=f"type or one of {list(_HYPER[optimizer.get('type', 'AdamW')])}")
+    transfer = data.get("transfer", "immediate")
+    if transfer not in ("immediate", "deferred"):
+        problem(("transfer",), "invalid 'transfer'", found=repr(transfer),
+                expected="immediate (default) or deferred")
     if problems:
         raise PolicyTestFileError(problems)
     policy_path = Path(os.path.normpath(path.parent / data["policy"]))
@@ -306,7 +313,8 @@ def load_test_file(path: "str | Path", *, registry: Any = None) -> PolicyTestFil
             cases.append(case)
     if problems:
         raise PolicyTestFileError(problems)
-    return PolicyTestFile(path=path, policy=policy, cases=cases, optimizer=dict(optimizer))
+    return PolicyTestFile(path=path, policy=policy, cases=cases, optimizer=dict(optimizer),
+                          transfer=transfer)
 
 
 class _Problems:
@@ -440,26 +448,43 @@ def _fmt(p: tuple) -> str:
 
 
 def run_case(policy: Policy, case: PolicyTestCase, *, registry: Any = None,
-             optimizer: Optional[dict] = None) -> CaseResult:
+             optimizer: Optional[dict] = None, transfer: str = "immediate") -> CaseResult:
     """Run one case through a fresh :class:`~lbw_policy.shadow.Shadow` and compare.
 
     :param optimizer: the stand-in optimizer, ``{"type": "AdamW", "betas": [...], ...}``.
+    :param transfer: ``"immediate"`` (default): step t's signals are evaluated at step t.
+        ``"deferred"``: as the guard on CUDA, at step t+1, while ``gate: device`` rules (enforce
+        mode) skip step t itself, recorded at t+1 as ``device`` actions.
     """
     optimizer = dict(optimizer or {})
+    deferred = transfer == "deferred"
+    gate = _DeviceGateModel(policy) if deferred and policy.mode == "enforce" else None
     shadow = Shadow(policy, registry=registry, optimizer=optimizer.pop("type", "AdamW"),
-                    hyperparameters=optimizer)
+                    hyperparameters=optimizer, gated=gate.names if gate else ())
     records: list = []
     skipped: list = []
     halted_at = None
+    previous: Optional[tuple] = None  # (step, emitted, gated rule names) in flight
     for t in range(case.steps):
         emitted = {name: s[t] for name, s in case.signals.items()
                    if t < len(s) and s[t] is not HOLD}
-        out = shadow.step(t, emitted)
+        if deferred:
+            fired = gate.fire(emitted) if gate else []
+            if previous is None:
+                out = shadow.step(t, {})
+            else:
+                out = shadow.step(t, previous[1], signals_step=previous[0],
+                                  device_actions=gate.actions(*previous) if gate else ())
+            previous = (t, emitted, fired)
+        else:
+            out = shadow.step(t, emitted)
         records += out.records
         if out.halted:
             halted_at = t
             break
-        if out.skipped:
+        if gate:
+            gate.after(bool(previous[2]) and not out.skipped, out.skipped)
+        if out.skipped or (deferred and previous[2]):
             skipped.append(t)
     rows = [r for r in action_rows(records) if r["event"] not in case.ignore]
     diff = _diff_rows(case.expect, rows)
@@ -481,12 +506,45 @@ def run_test_file(path: "str | Path", *, registry: Any = None) -> FileResult:
     for case in tf.cases:
         try:
             result.cases.append(run_case(tf.policy, case, registry=registry,
-                                         optimizer=tf.optimizer))
+                                         optimizer=tf.optimizer, transfer=tf.transfer))
         except Exception as exc:  # an actuator that cannot be simulated, a plugin bug
             result.cases.append(CaseResult(name=case.name, passed=False,
                                            diff=[f"! the case could not run: "
                                                  f"{type(exc).__name__}: {exc}"]))
     return result
+
+
+class _DeviceGateModel:
+    """What the guard's device gate does, on the host: a ``gate: device`` rule fires on the
+    step's own emitted signals (missing and NaN make a leaf false, as on the device), and
+    ``skip_step``'s ``max_consecutive`` keeps the step once that many were gated in a row."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.rules = [r for r in policy.rules if r.gate == "device"]
+        self.names = [r.name for r in self.rules]
+        bounds = (policy.actuators.get("skip_step").bounds
+                  if "skip_step" in policy.actuators else {})
+        self.max_consecutive = int(bounds.get("max_consecutive", 3))
+        self.consecutive = 0
+
+    def fire(self, emitted: dict) -> list:
+        """Names of the gate rules that skip this step (none when max_consecutive keeps it)."""
+        fired = [r.name for r in self.rules if evaluate_condition(r.when, emitted)]
+        return fired if fired and self.consecutive < self.max_consecutive else []
+
+    def after(self, gated: bool, host_skipped: bool) -> None:
+        self.consecutive = self.consecutive + 1 if (gated or host_skipped) else 0
+
+    def actions(self, step: int, emitted: dict, fired: list) -> list:
+        """The device records of ``step``'s gate, as the guard writes them one step later."""
+        out = []
+        for rule in self.rules:
+            if rule.name in fired:
+                out.append({"rule": rule.name, "priority": rule.priority,
+                            "signals": {s: emitted.get(s) for s in rule.signals()},
+                            "action": Action("skip_step", "apply", requested=True, applied=True,
+                                             applied_step=step)})
+        return out
 
 
 def _matches(exp: dict, act: dict) -> bool:

@@ -257,3 +257,41 @@ def test_load_state_dict_is_all_or_nothing(tmp_path):
     guard.load_state_dict(saved["guard"])  # the good one still loads
     assert guard.step_count == 8
     guard.close()
+
+
+def test_a_deferred_policy_test_makes_the_guards_decisions(tmp_path):
+    """``lbw-policy test`` with ``transfer: deferred`` models the guard: host rules act one
+    step after the signals, the gate rule skips the step itself and is recorded one step later."""
+    from lbw_policy.policytest import run_test_file
+    from lbw_policy.records import action_rows
+
+    run = tmp_path / "run"
+    results, _, _, _ = _train(run, SPIKE, 14, transfer="deferred", spike_at=(6,), nan_at=(9, 10))
+    taken = [r for r in action_rows(read_log(run / "decisions.jsonl").records)
+             if r["event"] != "recover"]
+    (tmp_path / "p.yaml").write_text(SPIKE)
+    rows = [__import__("json").loads(line) for line in
+            (run / "telemetry.jsonl").read_text().splitlines()]
+
+    def series(name):
+        return " ".join("nan" if r["signals"].get(name) != r["signals"].get(name)
+                        or r["signals"].get(name) in ("NaN",) else
+                        ("_" if name not in r["signals"] else repr(float(r["signals"][name])))
+                        for r in rows)
+
+    text = "policy: p.yaml\ntransfer: deferred\ntests:\n  - name: the run\n    signals:\n"
+    for name in ("loss.delta", "nan.any"):
+        text += f"      {name}: \"{series(name)}\"\n"
+    text += "    expect:\n"
+    for r in taken:
+        text += "      - " + __import__("json").dumps(
+            {k: v for k, v in r.items() if k != "clamped"}) + "\n"
+    text += "    ignore: [recover]\n"
+    text += f"    skipped: {[r.step for r in results if r.skipped] + [9, 10]}\n"
+    (tmp_path / "p.test.yaml").write_text(text)
+    result = run_test_file(tmp_path / "p.test.yaml")
+    assert result.error is None, result.error
+    case = result.cases[0]
+    assert case.passed, "\n".join(case.diff)
+    assert [(r["step"], r["rule"]) for r in case.rows if r["rule"] == "nan-skip"
+            and r["event"] != "resolved"] == [(10, "nan-skip"), (11, "nan-skip")]
