@@ -258,9 +258,13 @@ class Guard:
         self._step += 1
         if outcome.halted:
             self._halted = True
-            self._finish(None)
-            if outcome.fatal is not None:
+            if outcome.fatal is not None:  # the decision log failed: close what can be closed
+                try:
+                    self._finish(None)
+                except Exception:  # noqa: BLE001 - the log's own error is the one to report
+                    pass
                 raise outcome.fatal
+            self._finish(None)
             h = outcome.halt
             raise TrainingHalted(h["message"], rule=h["rule"] or "", step=outcome.step,
                                  signals=h["signals"])
