@@ -106,6 +106,9 @@ class SkipStep(Actuator):
         self._dev_consecutive = None  # 0-dim int64 tensor on the gate's device
         self._saved_dev_consecutive = 0
         self.host_syncs = 0          # device-gated steps that had to read keep on the host
+        self._expect = False         # this step's gate outcome will be learnt next step
+        self._unresolved = False     # the last step was taken on the host; gated or not: unknown
+        self._keep_was_armed = False
 
     # ---------------------------------------------------------------- binding and signals
     def attach(self, optimizer) -> None:
@@ -121,6 +124,25 @@ class SkipStep(Actuator):
                         f"group {i} of {type(optimizer).__name__} keeps state['step'] on the CPU; "
                         f"build it with capturable=True or fused=True, or use gate: host")
         self.optimizer = optimizer
+
+    def expect_device_outcome(self) -> None:
+        """This step may be skipped by the device gate (the guard calls :meth:`arm`, which
+        implies it; a shadow evaluating the gate on plain values calls this): if the host takes
+        the step, :attr:`consecutive` is settled when the outcome is learnt, next step
+        (:meth:`device_applied`), not reset at once."""
+        self._expect = True
+
+    def device_applied(self, action: Action) -> None:
+        """The device gate skipped the last step (recorded one step late): it counts toward
+        ``consecutive`` like a host skip, so ``max_consecutive`` bounds both kinds together."""
+        if action.applied and self._unresolved:
+            self.consecutive += 1
+            self._unresolved = False
+
+    def observe(self, telemetry) -> None:
+        if self._unresolved:  # no gate outcome for the last step: it was taken
+            self.consecutive = 0
+            self._unresolved = False
 
     def signal_values(self) -> dict:
         return {"consecutive": self.consecutive,
@@ -237,6 +259,7 @@ class SkipStep(Actuator):
         return list(zip(live, self._buffers))
 
     def after_step(self, optimizer, stepped: bool, step: int) -> None:
+        self._keep_was_armed = self._keep is not None
         if getattr(optimizer, "found_inf", None) is not None and self._keep is not None:
             del optimizer.found_inf
         if self._keep is not None:
@@ -255,8 +278,12 @@ class SkipStep(Actuator):
                 self._dev_consecutive.zero_()
             else:
                 self._dev_consecutive.add_(1)
+        awaiting = self._expect or self._keep_was_armed
+        self._expect = self._keep_was_armed = False
         if self.pending:
             self.consecutive += 1
+        elif stepped and awaiting:
+            self._unresolved = True  # settled next step: device_applied() or observe()
         elif stepped:
             self.consecutive = 0
         if not self._requested:
@@ -268,12 +295,13 @@ class SkipStep(Actuator):
         dev = self._saved_dev_consecutive if self._dev_consecutive is None \
             else int(self._dev_consecutive)  # host-device sync (checkpoint time only)
         return {"consecutive": self.consecutive, "refused": self.refused,
-                "device_consecutive": dev}
+                "device_consecutive": dev, "unresolved": self._unresolved}
 
     def load_state_dict(self, state) -> None:
         self.consecutive = int(state["consecutive"])
         self.refused = int(state.get("refused", 0))
         self._saved_dev_consecutive = int(state.get("device_consecutive", 0))
+        self._unresolved = bool(state.get("unresolved", False))
         self._dev_consecutive = None
         self.pending = self._requested = False
         self._keep = self._pairs = None

@@ -293,6 +293,11 @@ class Actuator:
         firing rule commands this actuator."""
         return None
 
+    def device_applied(self, action: Action) -> None:
+        """Called when the host learns that the device carried out ``action`` for this
+        actuator by itself one step earlier (a ``gate: device`` rule's skip; the action's
+        ``applied_step``), before the rules of the current step. Default: nothing."""
+
     def before_step(self, optimizer: Any, step: int) -> bool:
         """Called right before ``optimizer.step()`` of step ``step``; return ``False`` to skip
         the step."""

@@ -57,8 +57,8 @@ __all__ = ["Governor", "Fault", "StepOutcome", "DETECTOR_PHASES", "ACTUATOR_PHAS
 #: Phases in which a detector plugin runs (``compute`` on due steps, ``after_step`` every step).
 DETECTOR_PHASES = ("compute", "after_step")
 #: Phases in which an actuator plugin runs, in step order.
-ACTUATOR_PHASES = ("signals", "plan", "commit", "recover", "recover_commit", "before_step",
-                   "after_step")
+ACTUATOR_PHASES = ("device_applied", "signals", "plan", "commit", "recover", "recover_commit",
+                   "before_step", "after_step")
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,8 @@ class Governor:
         :param device_actions: gate outcomes of ``signals_step`` taken on the device:
             ``{rule, signals, action: Action}`` each (the action's ``applied_step`` set);
             recorded as ``device: true``.
-        :returns: :class:`StepOutcome`. Never raises for a plugin's or the sink's error.
+        :returns: :class:`StepOutcome`. Never raises for a plugin's or the sink's error; an
+            exception of ``step_fn`` itself propagates, after every actuator is unwound.
         :raises RuntimeError: the Governor has already halted.
         """
         if self.halted:
@@ -228,14 +229,8 @@ class Governor:
     def _govern(self, out: StepOutcome, emitted: dict, faults: list, observation: Any,
                 device_actions: Sequence[Mapping]) -> None:
         step = out.step
-        failed = {f.name for f in faults if f.plugin == "detector"}
-        for fault in faults:
-            self._contain(fault)
-        # hold: no stale values from a detector that raised; the others sample-and-hold
-        if failed:
-            self.latest = {k: v for k, v in self.latest.items() if k.split(".", 1)[0] not in failed}
-        self.latest.update(emitted)
-        for dev in device_actions:  # what the device gate did at signals_step, learnt now
+        for dev in device_actions:  # what the device gate did at signals_step, learnt
+            # now; first, so that a fault that halts below cannot hide it
             action = dev["action"]
             self._write({"step": step, "signals_step": out.signals_step, "event": "action",
                          "rule": dev["rule"], "priority": dev.get("priority", 0),
@@ -243,6 +238,17 @@ class Governor:
                          "device": True,
                          "actions": [action_dict(action)]})
             self._count("action", dev["rule"], [action])
+            try:  # the actuator counts it (skip_step: max_consecutive over both kinds)
+                self.actuators[action.actuator].device_applied(action)
+            except Exception as exc:
+                self._contain(Fault.of("actuator", action.actuator, "device_applied", exc))
+        failed = {f.name for f in faults if f.plugin == "detector"}
+        for fault in faults:
+            self._contain(fault)
+        # hold: no stale values from a detector that raised; the others sample-and-hold
+        if failed:
+            self.latest = {k: v for k, v in self.latest.items() if k.split(".", 1)[0] not in failed}
+        self.latest.update(emitted)
         # observe: actuators see the step and publish their own state as signals
         readable = dict(self.latest)
         for name, actuator in self.actuators.items():
@@ -324,6 +330,8 @@ class Governor:
                 step_fn()
             out.stepped = proceed
         except _Stop as exc:  # a halt (or a failed sink) during before_step: not stepped
+            stop = exc
+        except BaseException as exc:  # the step function itself raised: unwind, then re-raise
             stop = exc
         faults = []
         for name, actuator in reversed(entered):  # unwind param-group changes in reverse order

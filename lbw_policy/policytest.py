@@ -45,8 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lbw_policy.base import Action
-from lbw_policy.engine import evaluate_condition
 from lbw_policy.errors import PolicyError, Problem
 from lbw_policy.policy import Policy, load_policy
 from lbw_policy.records import DECISION_EVENTS, action_rows
@@ -457,34 +455,27 @@ def run_case(policy: Policy, case: PolicyTestCase, *, registry: Any = None,
         mode) skip step t itself, recorded at t+1 as ``device`` actions.
     """
     optimizer = dict(optimizer or {})
-    deferred = transfer == "deferred"
-    gate = _DeviceGateModel(policy) if deferred and policy.mode == "enforce" else None
     shadow = Shadow(policy, registry=registry, optimizer=optimizer.pop("type", "AdamW"),
-                    hyperparameters=optimizer, gated=gate.names if gate else ())
+                    hyperparameters=optimizer, transfer=transfer)
     records: list = []
     skipped: list = []
     halted_at = None
-    previous: Optional[tuple] = None  # (step, emitted, gated rule names) in flight
+    previous: Optional[tuple] = None  # (step, emitted): the signals in flight (deferred)
     for t in range(case.steps):
         emitted = {name: s[t] for name, s in case.signals.items()
                    if t < len(s) and s[t] is not HOLD}
-        if deferred:
-            fired = gate.fire(emitted) if gate else []
-            if previous is None:
-                out = shadow.step(t, {})
-            else:
-                out = shadow.step(t, previous[1], signals_step=previous[0],
-                                  device_actions=gate.actions(*previous) if gate else ())
-            previous = (t, emitted, fired)
+        if transfer == "deferred":  # host rules read the previous step's signals
+            out = shadow.step(t, previous[1] if previous else {},
+                              signals_step=previous[0] if previous else None,
+                              gate_signals=emitted)
+            previous = (t, emitted)
         else:
             out = shadow.step(t, emitted)
         records += out.records
         if out.halted:
             halted_at = t
             break
-        if gate:
-            gate.after(bool(previous[2]) and not out.skipped, out.skipped)
-        if out.skipped or (deferred and previous[2]):
+        if out.skipped or out.gated:
             skipped.append(t)
     rows = [r for r in action_rows(records) if r["event"] not in case.ignore]
     diff = _diff_rows(case.expect, rows)
@@ -512,39 +503,6 @@ def run_test_file(path: "str | Path", *, registry: Any = None) -> FileResult:
                                            diff=[f"! the case could not run: "
                                                  f"{type(exc).__name__}: {exc}"]))
     return result
-
-
-class _DeviceGateModel:
-    """What the guard's device gate does, on the host: a ``gate: device`` rule fires on the
-    step's own emitted signals (missing and NaN make a leaf false, as on the device), and
-    ``skip_step``'s ``max_consecutive`` keeps the step once that many were gated in a row."""
-
-    def __init__(self, policy: Policy) -> None:
-        self.rules = [r for r in policy.rules if r.gate == "device"]
-        self.names = [r.name for r in self.rules]
-        bounds = (policy.actuators.get("skip_step").bounds
-                  if "skip_step" in policy.actuators else {})
-        self.max_consecutive = int(bounds.get("max_consecutive", 3))
-        self.consecutive = 0
-
-    def fire(self, emitted: dict) -> list:
-        """Names of the gate rules that skip this step (none when max_consecutive keeps it)."""
-        fired = [r.name for r in self.rules if evaluate_condition(r.when, emitted)]
-        return fired if fired and self.consecutive < self.max_consecutive else []
-
-    def after(self, gated: bool, host_skipped: bool) -> None:
-        self.consecutive = self.consecutive + 1 if (gated or host_skipped) else 0
-
-    def actions(self, step: int, emitted: dict, fired: list) -> list:
-        """The device records of ``step``'s gate, as the guard writes them one step later."""
-        out = []
-        for rule in self.rules:
-            if rule.name in fired:
-                out.append({"rule": rule.name, "priority": rule.priority,
-                            "signals": {s: emitted.get(s) for s in rule.signals()},
-                            "action": Action("skip_step", "apply", requested=True, applied=True,
-                                             applied_step=step)})
-        return out
 
 
 def _matches(exp: dict, act: dict) -> bool:

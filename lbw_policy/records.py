@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 from lbw_policy.base import Action
 
-__all__ = ["DECISION_EVENTS", "action_dict", "action_rows", "from_json_number"]
+__all__ = ["DECISION_EVENTS", "action_dict", "action_rows", "from_json_number", "gate_action"]
 
 #: Events the Governor records for a step (the others: ``run_start``, ``resume``, ``run_end``).
 DECISION_EVENTS = ("fired", "action", "resolved", "recover", "error", "halt")
@@ -27,6 +27,17 @@ def from_json_number(value: Any) -> Any:
     if isinstance(value, str) and value in _NON_FINITE:
         return _NON_FINITE[value]
     return value
+
+
+def gate_action(rule: Any, emitted: Mapping, step: int, mode: Any = None) -> dict:
+    """What the device gate did at ``step`` for ``rule`` (a ``gate: device``
+    :class:`~lbw_policy.spec.RuleSpec`), as the Governor's ``device_actions`` entry: the rule,
+    the signals it read with their values, and a ``skip_step`` action applied at ``step``."""
+    return {"rule": rule.name, "priority": rule.priority,
+            "signals": {s: emitted.get(s) for s in rule.signals()},
+            "action": Action("skip_step", "apply", requested=True, applied=True, before=False,
+                             after=True, applied_step=step,
+                             extra={} if mode is None else {"gate": mode})}
 
 
 def action_dict(action: Action) -> dict:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lbw_policy.audit import record_text
-from lbw_policy.base import Action
 from lbw_policy.governor import Fault
 from lbw_policy.decision_log import read_log
 from lbw_policy.policy import Policy, load_policy
@@ -153,11 +152,12 @@ def _initial_scale(bounds: dict) -> float:
 def _replay_segment(result, counts, policy, registry, records, rows) -> None:
     start = next((r for r in records if r.get("event") == "run_start"), {})
     delay = int(start.get("delay") or 0)  # 1: the run evaluated step t's signals at t + 1
-    gated = list((start.get("gate") or {}).get("rules") or ())
+    # the run's device gate ran only where it could (run_start's gate.mode); the shadow policy's
+    # gate rules are evaluated as the device would, on each step's own signals
+    gate_ran = delay and (start.get("gate") or {}).get("mode") is not None
     shadow = Shadow(policy, registry=registry, optimizer=str(start.get("optimizer", "AdamW")),
                     hyperparameters=start.get("optimizer_hyperparameters") or {},
-                    gated=gated if policy.revision == (start.get("policy") or {}).get("revision")
-                    else ())
+                    transfer="deferred" if gate_ran else "immediate")
     by_step: dict = {}
     taken_scale = _initial_scale((start.get("actuators") or {}).get("lr_scale") or {})
     for r in records:
@@ -194,7 +194,7 @@ def _replay_segment(result, counts, policy, registry, records, rows) -> None:
                           loss=(src or {}).get("loss", 0.0), scheduled_lr=row.get("scheduled_lr"),
                           signals_step=None if src is None else src["step"],
                           after_faults=_faults(row, "after_faults"),
-                          device_actions=_device_actions(src, policy) if delay else ())
+                          gate_signals=row.get("signals") or {} if gate_ran else None)
         s_skip, s_halt = out.skipped, out.halted
         s_scale = math.nan if s_halt else out.lr_scale  # no optimizer step: no learning rate
         counts["shadow_records"] += len(out.records)
@@ -231,24 +231,6 @@ def _faults(row: Optional[dict], key: str) -> list:
             out.append(Fault.from_dict(f))
         except (KeyError, TypeError, AttributeError):
             continue  # a damaged entry: the comparison will show the difference
-    return out
-
-
-def _device_actions(row: Optional[dict], policy: Policy) -> list:
-    """The device gate's outcomes a telemetry row recorded (``gated``: rule names), for the
-    shadow to record as the guard did."""
-    if not row or not row.get("gated"):
-        return []
-    rules = {r.name: r for r in policy.rules}
-    out = []
-    for name in row["gated"]:
-        rule = rules.get(name)
-        if rule is None:
-            continue
-        signals = {s: (row.get("signals") or {}).get(s) for s in rule.signals()}
-        out.append({"rule": name, "priority": rule.priority, "signals": signals,
-                    "action": Action("skip_step", "apply", requested=True, applied=True,
-                                     applied_step=row["step"])})
     return out
 
 

@@ -34,9 +34,10 @@ from lbw_policy.base import ActuatorContext
 from lbw_policy.errors import ActuatorError
 from lbw_policy.governor import Fault, Governor
 from lbw_policy.policy import Policy, load_policy
-from lbw_policy.records import from_json_number
+from lbw_policy.engine import evaluate_condition
+from lbw_policy.records import from_json_number, gate_action
 
-__all__ = ["Shadow", "ShadowStep", "STAND_IN_HYPERPARAMETERS"]
+__all__ = ["Shadow", "ShadowStep", "GateModel", "STAND_IN_HYPERPARAMETERS"]
 
 @dataclass
 class ShadowStep:
@@ -52,6 +53,8 @@ class ShadowStep:
         that actuator, and in ``audit`` mode where nothing is committed).
     :param halted: training would have stopped at this step (its optimizer step not taken).
     :param signals: every signal's held value after this step.
+    :param gated: the ``gate: device`` rules that skipped this step on the device (deferred
+        transfer; the step is not in ``skipped``, which counts host skips).
     """
 
     step: int
@@ -61,6 +64,38 @@ class ShadowStep:
     lr_scale: float = 1.0
     halted: bool = False
     signals: dict = field(default_factory=dict)
+    gated: list = field(default_factory=list)
+
+
+class GateModel:
+    """What the guard's device gate (:mod:`lbw_policy.adapters.gate`) does, on plain values: a
+    ``gate: device`` rule fires on the step's own emitted signals (missing and NaN make a leaf
+    false, as on the device and in the engine), and ``skip_step``'s ``max_consecutive`` keeps the
+    step once that many steps in a row were skipped (gated or host-skipped), as
+    :meth:`~lbw_policy.actuators.SkipStep.arm` does on the device.
+
+    :param policy: the validated policy.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self.rules = [r for r in policy.rules if r.gate == "device"]
+        self.names = [r.name for r in self.rules]
+        bounds = policy.actuators["skip_step"].bounds if "skip_step" in policy.actuators else {}
+        self.max_consecutive = int(bounds.get("max_consecutive", 3))
+        self.consecutive = 0
+
+    def fire(self, emitted: Mapping[str, Any]) -> list:
+        """Names of the gate rules that skip this step (none when max_consecutive keeps it)."""
+        fired = [r.name for r in self.rules if evaluate_condition(r.when, emitted)]
+        return fired if fired and self.consecutive < self.max_consecutive else []
+
+    def after(self, gated: bool, host_skipped: bool) -> None:
+        """Count the step: skipped on the device or the host, or taken."""
+        self.consecutive = self.consecutive + 1 if (gated or host_skipped) else 0
+
+    def actions(self, step: int, emitted: Mapping[str, Any], fired: Sequence[str]) -> list:
+        """The Governor's ``device_actions`` for ``step``'s gate, recorded one step later."""
+        return [gate_action(r, emitted, step) for r in self.rules if r.name in fired]
 
 
 class Shadow:
@@ -74,9 +109,10 @@ class Shadow:
         ``weight_decay``, ``amsgrad``, ``momentum``, ``dampening``, ``nesterov``); others are
         ignored. Actuators that read them (``beta2`` recovers toward the optimizer's own beta2)
         then behave as in the run.
-    :param gated: names of the rules the run's device gate carried out (the guard's
-        ``run_start`` record, ``gate.rules``): the shadow's engine leaves them out, as the
-        guard's did; their outcomes come in as ``device_actions``.
+    :param transfer: ``"immediate"`` (default) or ``"deferred"``. With ``deferred`` in
+        ``enforce`` mode the policy's ``gate: device`` rules are evaluated as the guard's device
+        gate does (:class:`GateModel`), on each step's own signals (``gate_signals`` of
+        :meth:`step`), and recorded one step later; the engine leaves them out, as the guard's.
     :raises PolicyError: the policy file is invalid.
     :raises ActuatorError: an actuator cannot be simulated (it refuses the stand-in optimizer).
     :raises ValueError: the hyperparameters are invalid for that optimizer.
@@ -84,7 +120,7 @@ class Shadow:
 
     def __init__(self, policy: Union[Policy, str, "os.PathLike[str]"], *, registry: Any = None,
                  optimizer: str = "AdamW", hyperparameters: Optional[Mapping[str, Any]] = None,
-                 gated: Sequence[str] = ()) -> None:
+                 transfer: str = "immediate") -> None:
         if registry is None:
             from lbw_policy.plugins import get_registry
 
@@ -108,8 +144,11 @@ class Shadow:
                                     f"training run: {exc}") from exc
             actuators[name] = actuator
         self.actuators = actuators
+        self.gate = GateModel(self.policy) if transfer == "deferred" and self.enforce else None
+        gated = set(self.gate.names) if self.gate else set()
         self.governor = Governor(self.policy, actuators, _keep,
-                                 rules=[r for r in self.policy.rules if r.name not in set(gated)])
+                                 rules=[r for r in self.policy.rules if r.name not in gated])
+        self._in_flight: Optional[tuple] = None  # (step, signals, fired rules) of the last gate
         self.engine = self.governor.engine
 
     @property
@@ -128,7 +167,7 @@ class Shadow:
     def step(self, step: int, emitted: Mapping[str, Any], faults: Iterable[Fault] = (), *,
              loss: Any = 0.0, scheduled_lr: Any = None, signals_step: Optional[int] = None,
              after_faults: Iterable[Fault] = (),
-             device_actions: Sequence[Mapping] = ()) -> ShadowStep:
+             gate_signals: Optional[Mapping[str, Any]] = None) -> ShadowStep:
         """Run one step on the signals emitted for it.
 
         :param step: the step index (increasing; need not be consecutive).
@@ -141,22 +180,34 @@ class Shadow:
         :param signals_step: the step the signals were emitted at (deferred transport: one
             before ``step``); default ``step``.
         :param after_faults: the detectors' ``after_step`` faults of this step.
-        :param device_actions: the device gate's outcomes of ``signals_step`` (see
-            :meth:`~lbw_policy.governor.Governor.step`).
+        :param gate_signals: deferred transfer: the signals emitted *at* ``step``, which the
+            device gate judges (``emitted`` holds the previous step's, for the host rules).
         :raises RuntimeError: the shadow run has already halted.
         """
         if self.halted:
             raise RuntimeError("the shadow run has halted; build a new Shadow to start again")
         lr = from_json_number(scheduled_lr)
         self.optimizer.param_groups[0]["lr"] = float(lr) if isinstance(lr, (int, float)) else 1.0
+        device_actions = self.gate.actions(*self._in_flight) if self._in_flight else []
+        self._in_flight = None
+        gate_signals = {k: from_json_number(v) for k, v in (gate_signals or {}).items()}
+        fired = self.gate.fire(gate_signals) if self.gate else []
+        if self.gate and "skip_step" in self.actuators:  # as the guard arms it every step
+            self.actuators["skip_step"].expect_device_outcome()
         out = self.governor.step(
             step, {k: from_json_number(v) for k, v in emitted.items()}, faults,
             observation=self._observation(step, loss), optimizer=self.optimizer,
             after_step=lambda stepped: after_faults, signals_step=signals_step,
             device_actions=device_actions)
+        gated = fired if not out.skipped else []  # the gate acts on a step the host took
+        if self.gate:
+            self.gate.after(bool(gated), out.skipped)
+            if gated:
+                self._in_flight = (step, gate_signals, gated)
         return ShadowStep(step, records=out.records, skipped=out.skipped,
                           lr_factor=out.lr_factor if self.enforce else 1.0,
-                          lr_scale=out.lr_scale, halted=out.halted, signals=dict(self.latest))
+                          lr_scale=out.lr_scale, halted=out.halted, signals=dict(self.latest),
+                          gated=list(gated))
 
     def _observation(self, step: int, loss: Any) -> Any:
         import torch

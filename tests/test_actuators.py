@@ -146,7 +146,8 @@ def test_skip_step_refuses_beyond_max_consecutive():
     # skip, skip, refused (step taken), skip again
     assert results == [(True, False, False), (True, False, False), (False, True, True), (True, False, False)]
     # consecutive: skips in a row; refused: refusals since the last step with no skip request
-    assert skip.state_dict() == {"consecutive": 1, "refused": 1, "device_consecutive": 0}
+    assert skip.state_dict() == {"consecutive": 1, "refused": 1, "device_consecutive": 0,
+                                 "unresolved": False}
     assert skip.signal_values() == {"consecutive": 1, "exhausted": 0, "refused": 1}
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch
 
 from lbw_policy import Guard
 from lbw_policy.decision_log import read_log
-from lbw_policy.errors import PolicyError
+from lbw_policy.errors import PolicyError, TrainingHalted
 from lbw_policy.policy import loads_policy
 from lbw_policy.replay import replay
 
@@ -295,3 +296,111 @@ def test_a_deferred_policy_test_makes_the_guards_decisions(tmp_path):
     assert case.passed, "\n".join(case.diff)
     assert [(r["step"], r["rule"]) for r in case.rows if r["rule"] == "nan-skip"
             and r["event"] != "resolved"] == [(10, "nan-skip"), (11, "nan-skip")]
+
+
+MIXED = HEAD + """\
+detectors:
+  nan:  {type: nonfinite}
+  loss: {type: loss_spike, params: {warmup: 2}}
+actuators:
+  skip_step: {max_consecutive: 3}
+  halt: {checkpoint: true}
+rules:
+  - name: nan-halt
+    priority: 200
+    when: {signal: nan.any, op: ">", value: 0}
+    for: 12
+    then: [{actuator: halt}]
+  - name: gate-nan
+    priority: 100
+    gate: device
+    when: {signal: nan.any, op: ">", value: 0}
+    then: [{actuator: skip_step}]
+  - name: host-nan
+    priority: 90
+    when: {signal: nan.any, op: ">", value: 0}
+    then: [{actuator: skip_step}]
+"""
+
+
+def _nan_run(run, policy_text, steps, nan_from, nan_to):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(opt, loads_policy(policy_text), model=model, log_dir=run, transfer="deferred")
+    x = torch.randn(8, 4)
+    unchanged, halted = [], None
+    try:
+        for t in range(steps):
+            w = model.weight.detach().clone()
+            loss = model(x).pow(2).mean()
+            if nan_from <= t <= nan_to:
+                loss = loss * float("nan")
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+            unchanged.append(torch.equal(w, model.weight))
+    except TrainingHalted as exc:
+        halted = exc.step
+    guard.close()
+    return unchanged, halted
+
+
+def test_max_consecutive_bounds_gate_and_host_skips_together(tmp_path):
+    """Steps skipped on the device and on the host count as one run: never more than
+    max_consecutive steps in a row leave the weights unchanged, and replay agrees."""
+    unchanged, _ = _nan_run(tmp_path / "run", MIXED, 14, 5, 9)
+    run = best = 0
+    for u in unchanged:
+        run = run + 1 if u else 0
+        best = max(best, run)
+    assert best == 3
+    result = replay(tmp_path / "run", tmp_path / "run" / "policy.yaml")
+    assert result.summary["differing_steps"] == 0, [s for s in result.steps if s.differs]
+    records = read_log(tmp_path / "run" / "decisions.jsonl").records
+    # a step the host skipped is never also recorded as a device skip
+    device_steps = {r["actions"][0]["applied_step"] for r in records if r.get("device")}
+    host_skips = {r["step"] for r in records if r.get("rule") == "host-nan"
+                  and r["actions"] and r["actions"][0]["applied"]}
+    assert device_steps and not device_steps & host_skips
+
+
+def test_a_deferred_halt_writes_each_telemetry_row_once_and_replays(tmp_path):
+    run = tmp_path / "run"
+    _, halted = _nan_run(run, MIXED.replace("for: 12", "for: 4"), 30, 3, 30)
+    assert halted is not None
+    steps = [json.loads(line)["step"] for line in (run / "telemetry.jsonl").read_text().splitlines()]
+    assert steps == list(range(halted + 1))  # the halt checkpoint landed the last one early
+    result = replay(run, run / "policy.yaml")
+    assert result.warnings == [] and result.summary["differing_steps"] == 0
+    assert result.summary["shadow_halted_at"] == halted
+
+
+def test_replay_with_another_revision_evaluates_its_own_gate(tmp_path):
+    """A shadow policy that differs only elsewhere makes the same gate decisions."""
+    run = tmp_path / "run"
+    _nan_run(run, MIXED, 14, 5, 6)
+    other = tmp_path / "other.yaml"
+    other.write_text(MIXED.replace("for: 12", "for: 13"))
+    result = replay(run, other)
+    assert result.summary["differing_steps"] == 0, [s for s in result.steps if s.differs]
+
+
+def test_an_optimizer_step_that_raises_unwinds_the_actuators_and_halts_the_guard(tmp_path):
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    text = HEAD + "actuators:\n  lr_scale: {min: 0.1, max: 1.0}\nrules:\n" \
+        "  - {name: r, when: {signal: lr_scale.scale, op: '>', value: 0.6}, " \
+        "then: [{actuator: lr_scale, set: 0.5}]}\n"
+    guard = Guard(opt, loads_policy(text), model=model, log_dir=tmp_path / "run")
+    model(torch.randn(2, 4)).sum().backward()
+
+    def boom():
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    opt.step = boom
+    with pytest.raises(RuntimeError, match="out of memory"):
+        guard.step(torch.tensor(1.0))
+    assert opt.param_groups[0]["lr"] == 0.01  # lr_scale's change was unwound
+    with pytest.raises(RuntimeError, match="halted"):
+        guard.step(torch.tensor(1.0))

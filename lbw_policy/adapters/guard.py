@@ -40,11 +40,12 @@ import torch
 
 from lbw_policy.adapters.gate import DeviceGate, gate_rules
 from lbw_policy.adapters.transport import Packet, make_transport
-from lbw_policy.base import Action, ActuatorContext
+from lbw_policy.base import ActuatorContext
 from lbw_policy.decision_log import DecisionLog
 from lbw_policy.errors import TrainingHalted
 from lbw_policy.governor import Fault, Governor
 from lbw_policy.policy import Policy, load_policy
+from lbw_policy.records import gate_action
 from lbw_policy.telemetry import Telemetry
 from lbw_policy.telemetry_log import open_telemetry, telemetry_line
 
@@ -174,6 +175,7 @@ class Guard:
                                  rules=[r for r in policy.rules if r not in gated])
         self._step = 0
         self._after_faults: list = []
+        self._due_in_step: Any = "in flight"
         self._halted = False
         self._closed = False
         self._write({"step": 0, "event": "run_start", "mode": policy.mode,
@@ -245,17 +247,27 @@ class Guard:
         packet = self._sense(tel)                                            # 2. detect (+ gate)
         due = self.transport.send(packet)                                    # 4. transfer
         emitted, faults, device_actions = self._landed(due)
-        outcome = self.governor.step(                                        # 5. govern, 6. step
-            self._step, emitted, faults, observation=tel, optimizer=self.optimizer,
-            step_fn=self.optimizer.step, after_step=functools.partial(self._after_step, tel),
-            signals_step=None if due is None else due.step, device_actions=device_actions)
+        self._due_in_step = due  # what a mid-step state_dict (halt checkpoint) saves as in flight
+        try:
+            outcome = self.governor.step(                                    # 5. govern, 6. step
+                self._step, emitted, faults, observation=tel, optimizer=self.optimizer,
+                step_fn=self.optimizer.step, after_step=functools.partial(self._after_step, tel),
+                signals_step=None if due is None else due.step, device_actions=device_actions)
+        except BaseException:  # optimizer.step() raised (out of memory, ...): the actuators are
+            self._halted = True  # unwound; rule timers have moved, so this guard cannot go on
+            try:
+                self._finish(None)
+            except Exception:  # noqa: BLE001 - the step's own error is the one to report
+                pass
+            raise
         packet.meta.update(lr=outcome.lr, scheduled_lr=outcome.scheduled_lr,
                            skipped=outcome.skipped, halted=outcome.halted,
                            after_faults=[f.to_dict() for f in self._after_faults])
+        self._due_in_step = "in flight"
+        self._step += 1  # first: a failing telemetry write must not leave the step half-counted
         for p in (due, packet) if due is not packet else (packet,):
             if p is not None and p.values is not None and "skipped" in p.meta:
                 self._write_row(p)
-        self._step += 1
         if outcome.halted:
             self._halted = True
             if outcome.fatal is not None:  # the decision log failed: close what can be closed
@@ -321,18 +333,12 @@ class Guard:
         emitted = dict(zip(due.names, values[1:len(values) - n_gates]))
         emitted.update(due.host)
         faults = [Fault.from_dict(f) for f in due.meta["faults"]]
-        gated = [rule.name for rule, flag in zip(self.gate.rules, values[len(values) - n_gates:])
-                 if flag]
-        due.meta["gated"] = gated
-        actions = []
-        for rule in self.gate.rules:
-            if rule.name in gated:
-                sigs = {s: emitted.get(s) for s in rule.signals()}
-                actions.append({"rule": rule.name, "priority": rule.priority, "signals": sigs,
-                                "action": Action("skip_step", "apply", requested=True,
-                                                 applied=True, applied_step=due.step,
-                                                 extra={"gate": self.gate_mode})})
-        return emitted, faults, actions
+        # the gate acted only on a step the host took (a host skip or a halt came first)
+        taken = not (due.meta.get("skipped") or due.meta.get("halted"))
+        gated = [rule for rule, flag in zip(self.gate.rules, values[len(values) - n_gates:])
+                 if flag and taken]
+        due.meta["gated"] = [rule.name for rule in gated]
+        return emitted, faults, [gate_action(r, emitted, due.step, self.gate_mode) for r in gated]
 
     def _after_step(self, tel: Telemetry, stepped: bool) -> list:
         """Detectors that measure what the step changed; their faults, as data."""
@@ -348,6 +354,9 @@ class Guard:
 
     def _write_row(self, p: Packet) -> None:
         """One ``telemetry.jsonl`` line for a landed packet whose step is done."""
+        if p.meta.get("written"):  # a mid-step state_dict (halt checkpoint) landed it early
+            return
+        p.meta["written"] = True
         values, n_gates = p.values, p.meta["gates"]
         row = {"step": p.step, "loss": values[0], "lr": p.meta["lr"],
                "scheduled_lr": p.meta["scheduled_lr"],
@@ -378,7 +387,8 @@ class Guard:
             "detectors": {k: d.state_dict() for k, d in self.detectors.items()},
             "engine": gov["engine"],
             "actuators": gov["actuators"],
-            "transport": {"mode": self.transport.mode, **self.transport.state_dict()},
+            "transport": {"mode": self.transport.mode,
+                          **self.transport.state_dict(self._due_in_step)},
             "log": {"seq": self.log.seq, "head": self.log.last_hash},
             "counts": gov["counts"],
             "skipped_steps": gov["skipped_steps"],

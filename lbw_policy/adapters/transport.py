@@ -74,7 +74,7 @@ class Transport:
         """The packet still in flight (landed now), or ``None``."""
         return None
 
-    def state_dict(self) -> dict:
+    def state_dict(self, pending: Any = "in flight") -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -154,12 +154,16 @@ class DeferredTransport(Transport):
         """The packet in flight, landed (reads wait for its copy: call at checkpoint time)."""
         return self._land(self._pending)
 
-    def state_dict(self) -> dict:
-        p = self.pending()
+    def state_dict(self, pending: Any = "in flight") -> dict:
+        """The packet in flight (landed; or ``pending`` when given: a halt checkpoint taken in
+        the middle of a step saves the packet that step evaluated, so that a resumed run
+        evaluates it again at the re-run step), as plain data."""
+        p = self.pending() if pending == "in flight" else pending
         if p is None:
             return {"pending": None}
+        meta = {k: v for k, v in p.meta.items() if k != "written"}
         return {"pending": {"step": p.step, "names": list(p.names), "values": list(p.values),
-                            "host": dict(p.host), "meta": p.meta}}
+                            "host": dict(p.host), "meta": meta}}
 
     def load_state_dict(self, state: dict) -> None:
         p = state.get("pending")
