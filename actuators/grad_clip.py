@@ -168,8 +168,9 @@ class GradClip(Actuator):
             norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
         norm = norm.detach().float()
         if self._mean is None:
-            self._mean = torch.tensor(self._saved_mean[0], dtype=torch.float32, device=norm.device)
-            self._seen = torch.tensor(self._saved_mean[1], dtype=torch.bool, device=norm.device)
+            # fills on the device (torch.tensor would copy from the host: a sync)
+            self._mean = torch.full((), self._saved_mean[0], dtype=torch.float32, device=norm.device)
+            self._seen = torch.full((), self._saved_mean[1], dtype=torch.bool, device=norm.device)
         finite = torch.isfinite(norm)
         sample = norm
         if self.k is not None and self.observed >= self.warmup:

@@ -404,3 +404,18 @@ def test_an_optimizer_step_that_raises_unwinds_the_actuators_and_halts_the_guard
     assert opt.param_groups[0]["lr"] == 0.01  # lr_scale's change was unwound
     with pytest.raises(RuntimeError, match="halted"):
         guard.step(torch.tensor(1.0))
+
+
+def test_an_optimizer_the_gate_cannot_undo_warns(tmp_path, monkeypatch):
+    """(On CUDA: Adam/AdamW neither fused nor capturable; under transfer: auto the guard then
+    falls back to immediate.) Asked for deferred, it warns that gate rules act one step late."""
+    from lbw_policy.actuators import SkipStep
+
+    monkeypatch.setattr(SkipStep, "device_gate_mode", lambda self, optimizer: None)
+    model = torch.nn.Linear(6, 3)
+    with pytest.warns(UserWarning, match=r"cannot skip a step on the device; with transfer: "
+                                         r"deferred they act one step late"):
+        guard = Guard(torch.optim.AdamW(model.parameters()), loads_policy(SPIKE), model=model,
+                      log_dir=tmp_path / "b", transfer="deferred")
+    assert guard.transport.mode == "deferred" and not guard.gate and guard.gate_mode is None
+    guard.close()

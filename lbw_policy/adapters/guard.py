@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 import platform
 import uuid
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class Guard:
         self.host_scalars = bool(host_scalars)
         device = next((p.device for g in optimizer.param_groups for p in g["params"]),
                       torch.device("cpu"))
+        self.device = device  # where the signal vector is built: the parameters' device
         self.transport = make_transport(transfer or policy.transfer, device)
 
         # Build every plugin before touching files: a bad policy never half-applies, and a
@@ -158,6 +160,18 @@ class Guard:
         if gated:
             self.gate_mode = self.actuators["skip_step"].device_gate_mode(optimizer)
             if self.gate_mode is None:  # this optimizer cannot be gated without the host
+                chosen = transfer or policy.transfer
+                message = (f"{type(optimizer).__name__} keeps its step counts on the CPU (neither "
+                           f"fused=True nor capturable=True), so the device gate of rules "
+                           f"{[r.name for r in gated]} cannot skip a step on the device")
+                if chosen == "auto":  # safety first: same-step skips, one sync per step
+                    self.transport = make_transport("immediate", device)
+                    warnings.warn(message + "; falling back to transfer: immediate (one host "
+                                  "sync per step). Build the optimizer with fused=True to keep "
+                                  "the step free of syncs.", stacklevel=2)
+                else:
+                    warnings.warn(message + "; with transfer: deferred they act one step late, "
+                                  "so a non-finite step reaches the weights.", stacklevel=2)
                 gated = []
         self.gate = DeviceGate(gated)
 
@@ -289,7 +303,7 @@ class Guard:
         """Stage 2: due detectors -> one vector ``[loss, *tensor signals, *gate flags]`` on the
         loss's device; host values and faults beside it."""
         step = tel.step
-        device = tel.loss.device
+        device = self.device
         dtype = torch.float64 if device.type != "mps" else torch.float32
         flat: list = [tel.loss.reshape(()).to(device=device, dtype=dtype)]
         names: list = []

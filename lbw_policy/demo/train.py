@@ -91,8 +91,10 @@ def _train(config: TrainConfig) -> dict:
     val = corpus.fixed_batches("val", config.eval_batches, config.batch_size, config.block_size, seed=1234)
     model = GPT(GPTConfig(vocab_size=corpus.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd)).to(config.device)
+    # fused on CUDA: one kernel, and the device gate skips a non-finite step through found_inf
+    fused = True if torch.device(config.device).type == "cuda" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas),
-                                  eps=config.eps, weight_decay=config.weight_decay)
+                                  eps=config.eps, weight_decay=config.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     out = Path(config.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-lr{config.lr:g}-s{config.seed}")
     guard = Guard(optimizer, policy, model=model, log_dir=out,
