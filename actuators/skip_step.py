@@ -37,11 +37,11 @@ Bounds:
   state, cannot be undone by a select (the state would exist afterwards), so it reads ``keep`` on
   the host (one sync, once). On CUDA, Adam / AdamW keep ``state["step"]`` on the CPU unless
   built with ``capturable=True`` or ``fused=True``; ``gate: device`` then raises
-  :class:`~lbw_policy.errors.ActuatorError` at attach. The guard does not arm the gate yet (its
-  rules still decide on host values, one step's transfer); user code or a later guard stage
-  calls :meth:`SkipStep.arm` between ``loss.backward()`` and ``guard.step(loss)``. Outcomes of
-  the device gate are on the device: :meth:`SkipStep.device_consecutive` (a tensor) and
-  ``state_dict()`` (which syncs: call it at checkpoint time).
+  :class:`~lbw_policy.errors.ActuatorError` at attach. The guard arms the gate every step from
+  the policy's ``gate: device`` rules under deferred transfer (user code may arm it too, between
+  ``loss.backward()`` and ``guard.step(loss)``); torch's fused Adam / AdamW take it through
+  ``found_inf`` instead of the select (:meth:`device_gate_mode`). The host learns a gated step
+  one step later (:meth:`device_applied`) and counts it in ``consecutive``.
 
 Signals (host values, the state before this step's commands):
 

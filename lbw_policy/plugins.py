@@ -10,6 +10,7 @@ this), a comma-separated list loads only those entry-point names.
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import os
 import threading
 from dataclasses import dataclass
@@ -169,6 +170,34 @@ def _plugin_versions(pm: pluggy.PluginManager) -> dict:
     return versions
 
 
+#: The methods whose arguments changed in plugin API version 2, and how many positional
+#: parameters (self included) each takes now.
+_V2_ARITY = {"detector": {"setup": 4}, "actuator": {"bind": 2, "before_step": 3, "after_step": 4}}
+_V2_CALLS = {"detector": "setup(model, optimizer, every)",
+             "actuator": "bind(context), before_step(optimizer, step), "
+                         "after_step(optimizer, stepped, step)"}
+
+
+def _v1_methods(cls: type) -> list:
+    """Methods a class overrides with the version-1 arguments (``name(args)``), if any."""
+    kind = "detector" if issubclass(cls, Detector) else "actuator"
+    out = []
+    for name, arity in _V2_ARITY[kind].items():
+        fn = getattr(cls, name, None)
+        if fn is None or fn is getattr(Detector if kind == "detector" else Actuator, name):
+            continue
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is p.VAR_POSITIONAL for p in params):
+            continue
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) < arity:
+            out.append(f"{name}({', '.join(p.name for p in positional[1:])})")
+    return out
+
+
 def _build_registry(pm: pluggy.PluginManager) -> Registry:
     dist_versions = _plugin_versions(pm)
     registry = Registry(detectors={}, actuators={})
@@ -192,6 +221,13 @@ def _build_registry(pm: pluggy.PluginManager) -> Registry:
                         f"plugin {_plugin!r} registered {cls!r} as a {_kind}; expected a subclass "
                         f"of lbw_policy.{_base.__name__}", plugin=_plugin)
                 api = getattr(cls, "api_version", None)
+                old = _v1_methods(cls) if isinstance(cls, type) else []
+                if old:
+                    raise PluginError(
+                        f"plugin {_plugin!r} registered {_kind} class {cls.__qualname__} written "
+                        f"for plugin API version 1: {', '.join(old)}; version {API_VERSION} "
+                        f"passes {_V2_CALLS[_kind]} (docs/plugins.md, 'Plugin API version 2')",
+                        plugin=_plugin)
                 if api != API_VERSION:
                     raise PluginError(
                         f"plugin {_plugin!r} registered {_kind} class {cls.__qualname__} written "

@@ -301,6 +301,22 @@ def test_a_plugin_written_for_another_api_version_is_refused():
         plugins.register_plugin(_plugin(detectors=[Old]), name="old-plugin")
 
 
+def test_a_plugin_with_version_1_methods_is_refused_with_the_migration():
+    class OldActuator(Actuator):
+        name = "old_actuator"
+
+        def bind(self, *, model=None, guard=None):
+            pass
+
+        def before_step(self, optimizer):
+            return True
+
+    with pytest.raises(PluginError, match=r"class .*OldActuator written for plugin API version "
+                                          r"1: bind\(\), before_step\(optimizer\); version 2 "
+                                          r"passes bind\(context\), before_step\(optimizer, step\)"):
+        plugins.register_plugin(_plugin(actuators=[OldActuator]), name="old-actuator-plugin")
+
+
 def test_signals_declare_their_cross_rank_reduction():
     class Declared(Detector):
         name = "declared"
