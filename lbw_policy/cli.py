@@ -39,8 +39,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _print_run_summary(s: dict) -> None:
     print(f"run directory     {s['run_dir']}")
     print(f"policy            {s['policy']['name']} ({s['policy']['mode']}, revision {s['policy']['revision'][:12]})")
-    print(f"steps             {s['steps_run']} run, {s['skipped_steps']} skipped, "
-          f"{s['steps_per_second']:.1f} steps/s")
+    gated = s.get("gated_steps") or 0
+    skipped = f"{s['skipped_steps'] + gated} skipped" + (f" ({gated} on the device)" if gated else "")
+    print(f"steps             {s['steps_run']} run, {skipped}, {s['steps_per_second']:.1f} steps/s")
     print(f"final train loss  {s['final_train_loss']:.4f} nats")
     print(f"final val loss    {s['final_val_loss']:.4f} nats")
     if s["halted"]:

@@ -175,7 +175,8 @@ class Governor:
         self.engine = Engine(policy.rules if rules is None else rules)
         self.latest: dict = {}
         self.halted = False
-        self.skipped_steps = 0
+        self.skipped_steps = 0          # optimizer steps the host did not take
+        self.gated_steps = 0            # steps the device gate undid (learnt one step late)
         self.counts: Counter = Counter()  # decisions by "event:", "rule:", "actuator:"
 
     # ------------------------------------------------------------------ the step
@@ -229,6 +230,7 @@ class Governor:
     def _govern(self, out: StepOutcome, emitted: dict, faults: list, observation: Any,
                 device_actions: Sequence[Mapping]) -> None:
         step = out.step
+        self.gated_steps += bool(device_actions)  # one step's gate, however many rules fired
         for dev in device_actions:  # what the device gate did at signals_step, learnt
             # now; first, so that a fault that halts below cannot hide it
             action = dev["action"]
@@ -406,7 +408,8 @@ class Governor:
     def state_dict(self) -> dict:
         return {"latest": dict(self.latest), "engine": self.engine.state_dict(),
                 "actuators": {k: a.state_dict() for k, a in self.actuators.items()},
-                "counts": dict(self.counts), "skipped_steps": self.skipped_steps}
+                "counts": dict(self.counts), "skipped_steps": self.skipped_steps,
+                "gated_steps": self.gated_steps}
 
     def check_state(self, state: Mapping) -> None:
         """Raise ``ValueError`` when ``state`` cannot be loaded (nothing changed)."""
@@ -423,6 +426,7 @@ class Governor:
                        for k, v in state["latest"].items()}
         self.counts = Counter(state.get("counts", {}))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.gated_steps = int(state.get("gated_steps", 0))
 
 
 def _first_group(optimizer: Any) -> Optional[dict]:

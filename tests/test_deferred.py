@@ -188,6 +188,8 @@ def test_the_device_gate_undoes_a_nan_step_bitwise_in_the_same_step(tmp_path, ki
     assert gate[0]["actions"][0]["applied_step"] == 4
     assert records[0]["gate"]["mode"] == mode
     assert not results[4].skipped  # the host called optimizer.step(); the device undid it
+    end = records[-1]["summary"]
+    assert (end["skipped_steps"], end["gated_steps"]) == (0, 1)
 
 
 def _params_after(log_dir, kind, steps):

@@ -406,6 +406,7 @@ class Guard:
             "log": {"seq": self.log.seq, "head": self.log.last_hash},
             "counts": gov["counts"],
             "skipped_steps": gov["skipped_steps"],
+            "gated_steps": gov["gated_steps"],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -447,12 +448,15 @@ class Guard:
         self._step = int(state["step"])
 
     def summary(self) -> dict:
-        """Counts of decisions by event, rule and actuator, and skipped steps."""
+        """Counts of decisions by event, rule and actuator; skipped steps (``skipped_steps``: the
+        host did not take them; ``gated_steps``: the device gate undid them, as learnt so
+        far)."""
         by = {"event": {}, "rule": {}, "actuator": {}}
         for key, n in self.counts.items():
             kind, _, name = key.partition(":")
             by[kind][name] = n
         return {"steps": self._step, "skipped_steps": self.skipped_steps,
+                "gated_steps": self.governor.gated_steps,
                 "decisions_by_event": by["event"], "decisions_by_rule": by["rule"],
                 "decisions_by_actuator": by["actuator"],
                 "log": {"records": self.log.seq, "head": self.log.last_hash}}
