@@ -101,16 +101,14 @@ def forward_backward(model, step: int, scale: float = 1.0):
     return loss
 
 
-_STEPS: dict = {}
-
-
 def run_step(opt, actuators, step=None):
     """The guard's protocol around ``optimizer.step()``: before_step in order, after_step in
     reverse order; returns whether the step was taken. ``step`` defaults to a count of this
-    optimizer's run_step calls (0, 1, ...), as the guard's step index."""
+    optimizer's run_step calls (0, 1, ...), as the guard's step index (kept on the optimizer
+    object: an id could be reused by a later test's optimizer)."""
     if step is None:
-        step = _STEPS.get(id(opt), 0)
-    _STEPS[id(opt)] = step + 1
+        step = getattr(opt, "_test_run_steps", 0)
+    opt._test_run_steps = step + 1
     proceed = True
     for a in actuators:
         proceed = a.before_step(opt, step) and proceed
