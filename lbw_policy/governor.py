@@ -230,20 +230,7 @@ class Governor:
     def _govern(self, out: StepOutcome, emitted: dict, faults: list, observation: Any,
                 device_actions: Sequence[Mapping]) -> None:
         step = out.step
-        self.gated_steps += bool(device_actions)  # one step's gate, however many rules fired
-        for dev in device_actions:  # what the device gate did at signals_step, learnt
-            # now; first, so that a fault that halts below cannot hide it
-            action = dev["action"]
-            self._write({"step": step, "signals_step": out.signals_step, "event": "action",
-                         "rule": dev["rule"], "priority": dev.get("priority", 0),
-                         "signals": dict(dev.get("signals") or {}), "enforced": self.enforce,
-                         "device": True,
-                         "actions": [action_dict(action)]})
-            self._count("action", dev["rule"], [action])
-            try:  # the actuator counts it (skip_step: max_consecutive over both kinds)
-                self.actuators[action.actuator].device_applied(action)
-            except Exception as exc:
-                self._contain(Fault.of("actuator", action.actuator, "device_applied", exc))
+        self._record_device(out, device_actions)
         failed = {f.name for f in faults if f.plugin == "detector"}
         for fault in faults:
             self._contain(fault)
@@ -309,6 +296,35 @@ class Governor:
             self.counts["event:recover"] += 1
             if self.enforce:
                 self._commit(action, "recover_commit")
+
+    def _record_device(self, out: StepOutcome, device_actions: Sequence[Mapping]) -> None:
+        """What the device gate did at ``signals_step``, learnt now: recorded first, so that a
+        fault that halts after it cannot hide it; the actuator counts it."""
+        self.gated_steps += bool(device_actions)  # one step's gate, however many rules fired
+        for dev in device_actions:
+            action = dev["action"]
+            self._write({"step": out.step, "signals_step": out.signals_step, "event": "action",
+                         "rule": dev["rule"], "priority": dev.get("priority", 0),
+                         "signals": dict(dev.get("signals") or {}), "enforced": self.enforce,
+                         "device": True,
+                         "actions": [action_dict(action)]})
+            self._count("action", dev["rule"], [action])
+            try:  # the actuator counts it (skip_step: max_consecutive over both kinds)
+                self.actuators[action.actuator].device_applied(action)
+            except Exception as exc:
+                self._contain(Fault.of("actuator", action.actuator, "device_applied", exc))
+
+    def record_device(self, step: int, signals_step: int,
+                      device_actions: Sequence[Mapping]) -> list:
+        """Record the device gate's outcome of the last step when no step follows (the guard's
+        ``close()``). :returns: the records written."""
+        out = StepOutcome(step, signals_step)
+        self._out = out
+        try:
+            self._record_device(out, device_actions)
+        except _Stop:
+            pass
+        return out.records
 
     def _take_step(self, out: StepOutcome, optimizer: Any, group: Optional[dict],
                    step_fn: Optional[Callable[[], None]]) -> None:

@@ -421,3 +421,12 @@ def test_an_optimizer_the_gate_cannot_undo_warns(tmp_path, monkeypatch):
                       log_dir=tmp_path / "b", transfer="deferred")
     assert guard.transport.mode == "deferred" and not guard.gate and guard.gate_mode is None
     guard.close()
+
+
+def test_a_gate_on_the_last_step_is_recorded_at_close(tmp_path):
+    results, _, model, _ = _train(tmp_path / "run", SPIKE, 6, transfer="deferred", nan_at=(5,))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    records = read_log(tmp_path / "run" / "decisions.jsonl").records
+    gate = [(r["step"], r["signals_step"], r["rule"]) for r in records if r.get("device")]
+    assert gate == [(6, 5, "nan-skip")] and records[-1]["event"] == "run_end"
+    assert records[-1]["summary"]["gated_steps"] == 1

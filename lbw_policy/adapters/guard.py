@@ -270,7 +270,7 @@ class Guard:
         except BaseException:  # optimizer.step() raised (out of memory, ...): the actuators are
             self._halted = True  # unwound; rule timers have moved, so this guard cannot go on
             try:
-                self._finish(None)
+                self._finish()
             except Exception:  # noqa: BLE001 - the step's own error is the one to report
                 pass
             raise
@@ -286,11 +286,11 @@ class Guard:
             self._halted = True
             if outcome.fatal is not None:  # the decision log failed: close what can be closed
                 try:
-                    self._finish(None)
+                    self._finish()
                 except Exception:  # noqa: BLE001 - the log's own error is the one to report
                     pass
                 raise outcome.fatal
-            self._finish(None)
+            self._finish()
             h = outcome.halt
             raise TrainingHalted(h["message"], rule=h["rule"] or "", step=outcome.step,
                                  signals=h["signals"])
@@ -468,13 +468,16 @@ class Guard:
             except Exception:  # closing must not mask the run's outcome
                 pass
 
-    def _finish(self, end_record: Optional[dict]) -> None:
+    def _finish(self, run_end: bool = False) -> None:
         last = self.transport.drain()  # the vector still in flight: its telemetry row
         if last is not None and "skipped" in last.meta:
-            self._landed(last)
+            _, _, device_actions = self._landed(last)
             self._write_row(last)
-        if end_record is not None:
-            self._write(end_record)
+            if device_actions and not self._halted:  # the last step's gate, learnt at close
+                self.governor.record_device(self._step, last.step, device_actions)
+        if run_end:  # after the drain: its gate counts in the summary
+            self._write({"step": self._step, "event": "run_end", "rule": None,
+                         "summary": {k: v for k, v in self.summary().items() if k != "log"}})
         self._close_detectors()
         self._telemetry_file.close()
         self.log.close()
@@ -486,8 +489,7 @@ class Guard:
         :return: :meth:`summary`.
         """
         if not self._closed:
-            self._finish({"step": self._step, "event": "run_end", "rule": None,
-                          "summary": {k: v for k, v in self.summary().items() if k != "log"}})
+            self._finish(run_end=True)
         return self.summary()
 
     def __enter__(self) -> "Guard":
