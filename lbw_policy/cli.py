@@ -42,8 +42,9 @@ def _print_run_summary(s: dict) -> None:
     gated = s.get("gated_steps") or 0
     skipped = f"{s['skipped_steps'] + gated} skipped" + (f" ({gated} on the device)" if gated else "")
     print(f"steps             {s['steps_run']} run, {skipped}, {s['steps_per_second']:.1f} steps/s")
-    print(f"final train loss  {s['final_train_loss']:.4f} nats")
-    print(f"final val loss    {s['final_val_loss']:.4f} nats")
+    for title, key in (("final train loss", "final_train_loss"), ("final val loss", "final_val_loss")):
+        value = s.get(key)
+        print(f"{title:<18}" + ("- (no step was taken)" if value is None else f"{value:.4f} nats"))
     if s["halted"]:
         print(f"HALTED            {s['halted']['message']}")
     for title, key in (("decisions by rule", "decisions_by_rule"),
@@ -87,10 +88,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     summary_file = path.parent / "summary.json"
     if not args.no_summary and summary_file.exists():
         try:
-            log = json.loads(summary_file.read_text(encoding="utf-8")).get("log", {})
-            expected_count, expected_head = log.get("records"), log.get("head")
-        except (json.JSONDecodeError, OSError) as exc:
-            print(f"warning: cannot read {summary_file}: {exc}", file=sys.stderr)
+            data = json.loads(summary_file.read_text(encoding="utf-8"))
+            log = data.get("log") if isinstance(data, dict) else None
+            if not (isinstance(log, dict) and isinstance(log.get("records"), int)
+                    and isinstance(log.get("head"), str)):
+                raise ValueError("expected {\"log\": {\"records\": int, \"head\": str}}, "
+                                 f"found {json.dumps(data)[:80]}")
+            expected_count, expected_head = log["records"], log["head"]
+        except (ValueError, OSError, UnicodeDecodeError) as exc:  # JSONDecodeError included
+            print(f"warning: cannot use {summary_file} (record count and head not checked): "
+                  f"{exc}", file=sys.stderr)
     if not path.exists():
         print(f"error: no decision log at {path}", file=sys.stderr)
         return 2
@@ -207,15 +214,19 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lbw-policy", description=(
         "Declarative, auditable training-control governance for PyTorch."))
+    from lbw_policy import __version__
+
+    parser.add_argument("--version", action="version", version=f"lbw-policy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="train the demo GPT under a policy and log every decision")
     run.add_argument("--data", default=None, help="text file to train on (default: the Python standard library's sources)")
     run.add_argument("--policy", default="default", help="policy file or built-in name (default: default)")
     run.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
-    run.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    run.add_argument("--steps", type=_positive_int, default=300, help="training steps (default: 300)")
     run.add_argument("--seed", type=int, default=0, help="seed for init and batch order (default: 0)")
-    run.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    run.add_argument("--device", type=_device, default="cpu",
+                     help="cpu, cuda or cuda:N (default: cpu)")
     run.add_argument("--out", default=None, help="run directory (default: runs/<time>-lr<lr>-s<seed>)")
     run.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
     run.add_argument("--block-size", type=int, default=64, help="context length in characters (default: 64)")
@@ -284,6 +295,35 @@ def build_parser() -> argparse.ArgumentParser:
     sch = sub.add_parser("schema", help="print the policy JSON Schema (for editors)")
     sch.set_defaults(func=_cmd_schema)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """argparse type: a torch device this machine has (cpu, cuda, cuda:N, mps)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, found {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device "
+                                         "(torch.cuda.is_available() is False)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, found {text!r}")
+    return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

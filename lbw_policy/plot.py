@@ -156,7 +156,8 @@ def plot_run(run_dir: Union[str, "os.PathLike[str]"], out: Union[str, "os.PathLi
     fig.suptitle(title or f"{run.name}: policy {pol.get('name', '?')} "
                  f"(revision {str(pol.get('revision', '?'))[:12]})")
     if out is not None:
-        fig.savefig(out, dpi=110)
+        # PNG whatever the name says (matplotlib would append ".png" to a name without a suffix)
+        fig.savefig(out, dpi=110, format="png")
     return fig
 
 

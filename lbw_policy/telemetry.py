@@ -23,11 +23,17 @@ def host(x: Any, enabled: bool = True) -> Any:
     return x
 
 
+_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 class Telemetry:
     """Per-step view of the loss, optimizer and model.
 
     :param step: 0-based count of ``Guard.step`` calls.
-    :param loss: the step's loss, a 0-dim tensor (detached here; no host sync).
+    :param loss: the step's loss, a 0-dim real tensor (detached here; no host sync) or a Python
+        number.
+    :raises TypeError: the loss is not a real number (a string, a bool, a complex tensor).
+    :raises ValueError: the loss has more than one element, or lives on the meta device.
     :param optimizer: the governed ``torch.optim.Optimizer``.
     :param model: the model, or ``None`` when the guard was built without one.
     :param host_scalars: ``True`` (default): :attr:`loss_scalar` and :attr:`grad_norm_scalar`
@@ -39,9 +45,17 @@ class Telemetry:
     def __init__(self, step: int, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                  model: Optional[torch.nn.Module] = None, host_scalars: bool = True) -> None:
         if not isinstance(loss, torch.Tensor):
-            loss = torch.as_tensor(float(loss))
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+                raise TypeError(f"loss must be a 0-dim tensor or a real number, found "
+                                f"{type(loss).__name__} {loss!r:.60}")
+            loss = torch.tensor(float(loss), dtype=torch.float64)
         if loss.numel() != 1:
             raise ValueError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}")
+        if loss.is_complex() or not (loss.is_floating_point() or loss.dtype in _INTS):
+            raise TypeError(f"loss must be a real-valued tensor, found dtype {loss.dtype}")
+        if loss.device.type == "meta":
+            raise ValueError("loss is on the meta device (it has no value); compute it on the "
+                             "device that holds the model")
         self.step = step
         self.loss = loss.detach().reshape(())
         self.optimizer = optimizer

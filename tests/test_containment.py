@@ -1,0 +1,214 @@
+"""Containment and clear errors (part of the issue "Nothing escapes, nothing half-applies, every
+error helps"): plugin values that are not numbers, a failed ``Guard()``, losses that are not real
+numbers, and command-line inputs that used to end in "internal error" (exit 4)."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from lbw_policy import Actuator, Detector, Guard
+from lbw_policy.cli import main
+from lbw_policy.decision_log import read_log
+from lbw_policy.plugins import Registration, Registry, get_registry
+from lbw_policy.policy import loads_policy
+
+HEAD = """\
+apiVersion: lbw-policy/v1
+kind: Policy
+metadata: {name: containment}
+mode: enforce
+on_error: continue
+"""
+
+
+class Chatty(Actuator):
+    """Publishes a signal whose value is whatever the test says (a tensor, a string)."""
+
+    name = "chatty"
+    signals = ("level",)
+    bounds_schema = {"type": "object", "additionalProperties": False,
+                     "properties": {"value": {"type": "string"}}}
+
+    def __init__(self, value="tensor"):
+        super().__init__(value=value)
+        self.value = value
+
+    def signal_values(self):
+        return {"level": torch.tensor(1.0) if self.value == "tensor" else "1e3"}
+
+
+class Hooker(Detector):
+    """Attaches a forward hook in setup; raises in setup when told to."""
+
+    name = "hooker"
+    signals = ("x",)
+    params_schema = {"type": "object", "additionalProperties": False,
+                     "properties": {"fail": {"type": "boolean"}}}
+
+    def __init__(self, fail=False):
+        super().__init__(fail=fail)
+        self.fail = fail
+        self.handle = None
+
+    def setup(self, model, optimizer, every=1):
+        super().setup(model, optimizer, every)
+        if self.fail:
+            raise RuntimeError("setup failed on purpose")
+        self.handle = model.register_forward_hook(lambda *a: None)
+
+    def compute(self, telemetry):
+        return {"x": telemetry.loss}
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def _registry() -> Registry:
+    base = get_registry()
+    dets, acts = dict(base.detectors), dict(base.actuators)
+    dets["hooker"] = Registration("hooker", "detector", Hooker, "tests", "0")
+    acts["chatty"] = Registration("chatty", "actuator", Chatty, "tests", "0")
+    return Registry(detectors=dets, actuators=acts)
+
+
+@pytest.mark.parametrize("value", ["tensor", "string"])
+def test_an_actuator_signal_that_is_not_a_number_is_contained(tmp_path, value):
+    reg = _registry()
+    policy = loads_policy(HEAD + f"""\
+actuators:
+  chatty: {{value: {value}}}
+  skip_step: {{}}
+rules:
+  - name: r
+    when: {{signal: chatty.level, op: ">", value: 0}}
+    then: [{{actuator: skip_step}}]
+""", registry=reg)
+    model = torch.nn.Linear(2, 1)
+    guard = Guard(torch.optim.SGD(model.parameters(), lr=0.1), policy, model=model,
+                  log_dir=tmp_path / "run", registry=reg)
+    model(torch.ones(1, 2)).sum().backward()
+    result = guard.step(torch.tensor(1.0))  # nothing escapes; on_error: continue
+    assert not result.skipped  # the rule never saw the value
+    guard.close()
+    errors = [r for r in read_log(tmp_path / "run" / "decisions.jsonl").records
+              if r["event"] == "error"]
+    assert [(e["fault"]["name"], e["fault"]["phase"]) for e in errors] == [("chatty", "signals")]
+    assert "signal 'chatty.level' must be a number, bool or None" in errors[0]["error"]
+
+
+def test_a_failed_guard_leaves_no_hook_on_the_model(tmp_path):
+    reg = _registry()
+    policy = loads_policy(HEAD + """\
+detectors:
+  first: {type: hooker}
+  second: {type: hooker, params: {fail: true}}
+actuators:
+  skip_step: {}
+rules: []
+""", registry=reg)
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(RuntimeError, match="setup failed on purpose"):
+        Guard(torch.optim.SGD(model.parameters(), lr=0.1), policy, model=model,
+              log_dir=tmp_path / "run", registry=reg)
+    assert not model._forward_hooks  # the first detector's hook was removed again
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
+@pytest.mark.parametrize("loss, error, match", [
+    ("1e3", TypeError, r"loss must be a 0-dim tensor or a real number, found str '1e3'"),
+    (True, TypeError, r"found bool"),
+    (torch.tensor(1 + 2j), TypeError, r"real-valued tensor, found dtype torch.complex64"),
+    (torch.empty((), device="meta"), ValueError, r"on the meta device"),
+    (torch.ones(2), ValueError, r"scalar tensor, got shape \(2,\)"),
+])
+def test_a_loss_that_is_not_a_real_number_is_refused_before_anything_changes(
+        tmp_path, loss, error, match):
+    model = torch.nn.Linear(2, 1)
+    guard = Guard(torch.optim.SGD(model.parameters(), lr=0.1), "default", model=model,
+                  log_dir=tmp_path / "run")
+    before = guard.state_dict()
+    with pytest.raises(error, match=match):
+        guard.step(loss)
+    assert guard.state_dict() == before and guard.step_count == 0
+    model(torch.ones(1, 2)).sum().backward()
+    assert guard.step(torch.tensor(0.5)).step == 0  # the guard goes on
+    guard.close()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--steps", "0"], "argument --steps: expected an integer >= 1, found 0"),
+    (["run", "--steps", "-1"], "argument --steps: expected an integer >= 1, found -1"),
+    (["run", "--device", "bogus"], "argument --device: expected cpu, cuda, cuda:N or mps"),
+])
+def test_bad_run_arguments_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_run_on_cuda_without_cuda_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--device", "cuda"])
+    assert exc.value.code == 2
+    assert "this machine has no CUDA device" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import lbw_policy
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lbw-policy {lbw_policy.__version__}"
+
+
+def test_a_policy_that_halts_at_step_0_exits_3_with_a_summary(tmp_path, capsys):
+    policy = tmp_path / "halt0.yaml"
+    policy.write_text(HEAD.replace("on_error: continue", "on_error: halt") + """\
+detectors:
+  loss: {type: loss_spike}
+actuators:
+  halt: {checkpoint: false}
+rules:
+  - name: stop-now
+    when: {signal: loss.ema, op: ">", value: -1}
+    then: [{actuator: halt}]
+""")
+    code = main(["run", "--policy", str(policy), "--steps", "3", "--out", str(tmp_path / "run"),
+                 "--no-progress", "--n-layer", "1", "--n-embd", "32", "--n-head", "2"])
+    out = capsys.readouterr().out
+    assert code == 3
+    assert "final train loss  - (no step was taken)" in out
+    assert "HALTED            training halted at step 0 by rule 'stop-now'" in out
+
+
+@pytest.mark.parametrize("summary", ['{"log": null}', "[1, 2]", "not json"])
+def test_verify_with_a_garbage_summary_warns_and_checks_the_chain(tmp_path, capsys, summary):
+    model = torch.nn.Linear(2, 1)
+    with Guard(torch.optim.SGD(model.parameters(), lr=0.1), "default", model=model,
+               log_dir=tmp_path / "run"):
+        pass
+    (tmp_path / "run" / "summary.json").write_text(summary)
+    assert main(["verify", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    assert "warning: cannot use" in captured.err and "record count and head not checked" in captured.err
+    assert ": OK: " in captured.out
+
+
+def test_plot_writes_the_file_it_names_or_fails_cleanly(tmp_path, capsys):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Guard(opt, "default", model=model, log_dir=tmp_path / "run") as guard:
+        for _ in range(3):
+            model(torch.ones(1, 2)).sum().backward()
+            guard.step(torch.tensor(1.0))
+            opt.zero_grad()
+    assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "timeline")]) == 0
+    assert (tmp_path / "timeline").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "timeline.png").exists()
+    assert main(["plot", str(tmp_path / "run"), "-o", "/dev/full"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
