@@ -10,7 +10,9 @@ Commands: ``multiply: f`` requests ``scale * f``; ``set: s`` requests ``s`` (``f
 
 Bounds, applied in this order to every command and every recovery move:
 
-- ``min`` (default 0.01), ``max`` (default 1.0): the scale stays in ``[min, max]``.
+- ``min`` (default 0.01, at most 1), ``max`` (default 1.0, from 1 to 1e6): the scale stays in
+  ``[min, max]``. It starts at 1.0 (the value as scheduled), so ``[min, max]`` must contain 1: a
+  policy that does not is refused when it loads, never applied silently from step 0.
 - ``max_change_per_step`` (default: unlimited): the largest absolute change of the scale in one
   step.
 - ``recover: {factor, every}`` (default: no recovery): while no firing rule holds the actuator,
@@ -36,17 +38,25 @@ def _round(x: float) -> float:
     return float(f"{x:.12g}")
 
 
+#: Largest scale, factor or change a policy may write: anything beyond makes no hyperparameter
+#: sense, and 1e300-sized values overflow the optimizer's arithmetic mid-step.
+MAX_SCALE = 1e6
+
+
 def scale_bounds_schema(what: str) -> dict:
     """JSON Schema of a scale actuator's bounds; ``what`` names the hyperparameter in words."""
     return {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "min": {"type": "number", "exclusiveMinimum": 0,
-                    "description": f"smallest scale of the {what}; default 0.01"},
-            "max": {"type": "number", "exclusiveMinimum": 0,
-                    "description": f"largest scale of the {what}; default 1.0"},
+            "min": {"type": "number", "exclusiveMinimum": 0, "maximum": 1.0,
+                    "description": f"smallest scale of the {what}, <= 1 (the scale starts at "
+                                   "1: the value as scheduled); default 0.01"},
+            "max": {"type": "number", "minimum": 1.0, "maximum": MAX_SCALE,
+                    "description": f"largest scale of the {what}, in [1, {MAX_SCALE:g}]; "
+                                   "default 1.0"},
             "max_change_per_step": {"type": "number", "exclusiveMinimum": 0,
+                                    "maximum": MAX_SCALE,
                                     "description": "largest absolute change of the scale per step"},
             "recover": {
                 "type": "object",
@@ -55,7 +65,7 @@ def scale_bounds_schema(what: str) -> dict:
                 "description": "move the scale toward 1.0 by `factor` every `every` steps while "
                                "no rule holds it",
                 "properties": {
-                    "factor": {"type": "number", "exclusiveMinimum": 1,
+                    "factor": {"type": "number", "exclusiveMinimum": 1, "maximum": MAX_SCALE,
                                "description": "recovery factor > 1"},
                     "every": {"type": "integer", "minimum": 1,
                               "description": "steps between recovery moves"},
@@ -78,8 +88,8 @@ class ScaleActuator(Actuator):
 
     hyperparameter: ClassVar[str] = ""
     commands = {
-        "multiply": {"type": "number", "exclusiveMinimum": 0},
-        "set": {"type": "number", "exclusiveMinimum": 0},
+        "multiply": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SCALE},
+        "set": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SCALE},
     }
     signals = ("scale",)
 
@@ -93,7 +103,7 @@ class ScaleActuator(Actuator):
         self.max_change = None if max_change_per_step is None else float(max_change_per_step)
         self.recover_factor = None if not recover else float(recover["factor"])
         self.recover_every = None if not recover else int(recover["every"])
-        self.scale = 1.0 if self.min <= 1.0 <= self.max else self.max
+        self.scale = 1.0  # [min, max] contains 1 (the schema's bounds)
         self.last_change_step = -1
         self._saved: Optional[list] = None
 

@@ -144,11 +144,6 @@ def replay(run_dir: Union[str, "os.PathLike[str]"], policy: Union[Policy, str, "
     return result
 
 
-def _initial_scale(bounds: dict) -> float:
-    lo, hi = float(bounds.get("min", 0.01)), float(bounds.get("max", 1.0))
-    return 1.0 if lo <= 1.0 <= hi else hi
-
-
 def _replay_segment(result, counts, policy, registry, records, rows) -> None:
     start = next((r for r in records if r.get("event") == "run_start"), {})
     delay = int(start.get("delay") or 0)  # 1: the run evaluated step t's signals at t + 1
@@ -159,7 +154,7 @@ def _replay_segment(result, counts, policy, registry, records, rows) -> None:
                     hyperparameters=start.get("optimizer_hyperparameters") or {},
                     transfer="deferred" if gate_ran else "immediate")
     by_step: dict = {}
-    taken_scale = _initial_scale((start.get("actuators") or {}).get("lr_scale") or {})
+    taken_scale = 1.0  # every scale starts at 1 (its bounds contain 1)
     for r in records:
         if r.get("event") in DECISION_EVENTS and isinstance(r.get("step"), int):
             by_step.setdefault(r["step"], []).append(r)

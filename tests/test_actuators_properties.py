@@ -46,8 +46,8 @@ ops = st.lists(st.one_of(
 
 @st.composite
 def scale_bounds(draw):
-    lo = draw(st.floats(min_value=0.001, max_value=2.0))
-    hi = draw(st.floats(min_value=lo, max_value=4.0))
+    lo = draw(st.floats(min_value=0.001, max_value=1.0))  # [min, max] contains 1: the start
+    hi = draw(st.floats(min_value=1.0, max_value=4.0))
     bounds = {"min": lo, "max": hi}
     if draw(st.booleans()):
         bounds["max_change_per_step"] = draw(st.floats(min_value=0.01, max_value=2.0))
