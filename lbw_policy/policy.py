@@ -165,6 +165,8 @@ def _load(text: str, source: str, registry: Any) -> Policy:
     check_plain(data, (), col)
     col.raise_if_any()
     _schema_problems(col, PolicySchemaError, _schema(), data, ())
+    if not col.items:  # on a well-formed document only
+        _check_line_breaks(data, col)
     col.raise_if_any(sort=True)
     if registry is None:
         from lbw_policy.plugins import get_registry
@@ -176,6 +178,25 @@ def _load(text: str, source: str, registry: Any) -> Policy:
 
 
 # ------------------------------------------------------------------------------ JSON Schema
+
+
+def _check_line_breaks(data: dict, col: Collector) -> None:
+    """Names a schema pattern checks with ``$`` (which also matches before a final newline):
+    detector ids, actuator names, rule names and the signals rules read hold no line break."""
+    names = [(("detectors", k), k) for k in (data.get("detectors") or {})]
+    names += [(("actuators", k), k) for k in (data.get("actuators") or {})]
+    for i, rule in enumerate(data.get("rules") or ()):
+        if isinstance(rule, dict):
+            names.append((("rules", i, "name"), rule.get("name")))
+            if isinstance(rule.get("when"), dict):
+                names += [(p + ("signal",), leaf.get("signal"))
+                          for p, leaf in _leaves(rule["when"], ("rules", i, "when"))
+                          if isinstance(leaf, dict)]
+    for path, name in names:
+        if isinstance(name, str) and ("\n" in name or "\r" in name):
+            col.add(PolicySchemaError, path, "a name must not contain a line break",
+                    found=repr(name), hint="remove the trailing newline (from a `|` block or a "
+                    "quoted \"...\\n\")")
 
 
 @functools.lru_cache(maxsize=None)

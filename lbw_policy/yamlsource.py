@@ -80,7 +80,16 @@ def parse(text: str, col: "Collector") -> Any:
                     "bomb)", line=node_line(node))
         if not col.items:
             _walk(node, (), node_line(node), 0, col)
-        return None if col.items else loader.construct_document(node)
+        if col.items:
+            return None
+        try:
+            return loader.construct_document(node)
+        except (ValueError, KeyError, IndexError, TypeError, yaml.constructor.ConstructorError):
+            _unreadable(node, (), col)  # a plain tag whose text it cannot read: !!bool maybe
+            if not col.items:
+                col.add(PolicySyntaxError, (), "a tagged value cannot be read",
+                        hint="remove the YAML tags (!!int, !!float, !!bool)")
+            return None
     except yaml.reader.ReaderError as exc:
         col.add(PolicySyntaxError, (), f"invalid character: {exc.reason} (#x{exc.character:04x})"
                 if isinstance(exc.character, int) else f"invalid character: {exc.reason}",
@@ -91,7 +100,12 @@ def parse(text: str, col: "Collector") -> Any:
             message = "a policy file holds exactly one YAML document; found a second one"
         else:
             message = "invalid YAML: " + "; ".join(t for t in (exc.context, exc.problem) if t)
-        col.add(PolicySyntaxError, (), message, line=mark.line + 1 if mark else None)
+        indent = any(s in message for s in ("mapping values are not allowed",
+                                             "expected <block end>", "could not find expected ':'",
+                                             "did not find expected key"))
+        col.add(PolicySyntaxError, (), message, line=mark.line + 1 if mark else None,
+                hint="check the indentation of this line and the one above it: YAML nests by "
+                "indentation, with spaces only" if indent else None)
     except yaml.YAMLError as exc:
         col.add(PolicySyntaxError, (), f"invalid YAML: {exc}")
     except RecursionError:
@@ -187,9 +201,35 @@ def _mapping_pairs(node: MappingNode, path: PathT, col: "Collector", depth: int)
     return explicit
 
 
+def _unreadable(node: Node, path: PathT, col: "Collector") -> None:
+    """Report each scalar whose explicit plain tag cannot read its text (``!!bool maybe``,
+    ``!!int abc``), with its line."""
+    if isinstance(node, ScalarNode):
+        if node.tag in _PLAIN_TAGS and node.tag != _TAG + "str":
+            try:
+                yaml.constructor.SafeConstructor().construct_object(node)
+            except Exception:  # noqa: BLE001 - any failure to read the text is the finding
+                kind = node.tag.replace(_TAG, "")
+                col.add(PolicySyntaxError, path, f"{node.value!r} is not a valid {kind}",
+                        line=node_line(node), hint=f"remove the !!{kind} tag, or write a "
+                        f"value YAML reads as {kind}")
+    elif isinstance(node, SequenceNode):
+        for i, child in enumerate(node.value):
+            _unreadable(child, path + (i,), col)
+    elif isinstance(node, MappingNode):
+        for knode, vnode in node.value:
+            _unreadable(vnode, path + (str(knode.value),), col)
+
+
 def check_plain(value: Any, path: PathT, col: "Collector") -> None:
-    """Finite numbers, integers within +-MAX_INT (tags and keys were checked on the nodes)."""
-    if isinstance(value, float):
+    """Finite numbers, integers within +-MAX_INT, strings without lone surrogates (tags and
+    keys were checked on the nodes)."""
+    if isinstance(value, str):
+        if any("\ud800" <= c <= "\udfff" for c in value):
+            col.add(PolicySyntaxError, path, "a lone surrogate (\\ud800-\\udfff) in a string",
+                    expected="text that is valid Unicode", found=found(value),
+                    hint="write the character itself, or both halves of its surrogate pair")
+    elif isinstance(value, float):
         if not math.isfinite(value):
             col.add(PolicySyntaxError, path, "non-finite number", expected="a finite number",
                     found=repr(value))
