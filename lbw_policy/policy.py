@@ -486,6 +486,18 @@ def _plugin_checks(col, reg, schema, validate, value, path) -> bool:
             col.add(PolicyBoundsError, path, str(exc), found=found(value))
         except Exception as exc:
             col.add(PolicyBoundsError, path, f"plugin {_plugin(reg)} failed checking it: {exc!r}")
+    if len(col.items) == before and isinstance(value, Mapping):
+        # The guard builds the plugin as cls(**params): try it now (no model needed), so a
+        # plugin that cannot take its params fails here, named, not in the middle of a run.
+        try:
+            reg.cls(**dict(value))
+        except ValueError as exc:
+            col.add(PolicyBoundsError, path, str(exc), found=found(value))
+        except Exception as exc:
+            col.add(PolicyBoundsError, path, f"plugin {_plugin(reg)} ({reg.cls.__qualname__}) "
+                    f"cannot be built with these values: {type(exc).__name__}: {exc}",
+                    hint="a plugin's __init__ takes its params (detectors) or bounds (actuators) "
+                    "as keyword arguments (docs/plugins.md)")
     return len(col.items) == before
 
 

@@ -212,3 +212,27 @@ def test_plot_writes_the_file_it_names_or_fails_cleanly(tmp_path, capsys):
     assert not (tmp_path / "timeline.png").exists()
     assert main(["plot", str(tmp_path / "run"), "-o", "/dev/full"]) == 2
     assert "No space left on device" in capsys.readouterr().err
+
+
+def test_a_plugin_that_cannot_take_its_params_fails_validation_named(tmp_path):
+    from lbw_policy.errors import PolicyBoundsError
+
+    class Positional(Detector):
+        name = "positional"
+        signals = ("x",)
+        params_schema = {"type": "object", "properties": {"alpha": {"type": "number"}}}
+
+        def __init__(self, params=None):  # wrong: params arrive as keyword arguments
+            super().__init__()
+
+    base = get_registry()
+    reg = Registry(detectors={**base.detectors, "positional": Registration(
+        "positional", "detector", Positional, "my-plugin", "1.0")}, actuators=dict(base.actuators))
+    with pytest.raises(PolicyBoundsError, match=r"<string>:7: detectors\.p\.params: plugin "
+                                                r"'my-plugin' \(.*Positional\) cannot be built "
+                                                r"with these values: TypeError"):
+        loads_policy(HEAD + """\
+detectors:
+  p: {type: positional, params: {alpha: 0.5}}
+rules: []
+""", registry=reg)

@@ -159,7 +159,7 @@ def run_guard(run_dir: Path, text: str, steps: int = STEPS,
     guard = Guard(opt, loads_policy(text, registry=REG), model=model, log_dir=run_dir,
                   registry=REG)
     mine = FaultyActuator.instances[first:]
-    out.actuator = mine[0] if mine else None
+    out.actuator = mine[-1] if mine else None  # the guard's (loading the policy builds one to try its bounds)
     try:
         for s in range(steps):
             now["step"] = s
