@@ -93,9 +93,17 @@ def get_plugin_manager() -> pluggy.PluginManager:
             if setting is None:
                 pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
             elif setting.strip():
-                for name in (n.strip() for n in setting.split(",")):
-                    if name:
-                        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+                wanted = [n.strip() for n in setting.split(",") if n.strip()]
+                known = {ep.name for ep in importlib.metadata.entry_points(
+                    group=ENTRY_POINT_GROUP)}
+                missing = [n for n in wanted if n not in known]
+                if missing:
+                    raise PluginError(
+                        f"LBW_POLICY_LOAD_PLUGINS names {missing}, which no installed package "
+                        f"provides in the {ENTRY_POINT_GROUP!r} entry-point group; installed: "
+                        f"{sorted(known) or 'none'}", plugin=missing[0])
+                for name in wanted:
+                    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
             _pm = pm
         return _pm
 

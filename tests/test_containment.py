@@ -236,3 +236,19 @@ detectors:
   p: {type: positional, params: {alpha: 0.5}}
 rules: []
 """, registry=reg)
+
+
+def test_a_plain_loop_gets_a_summary_that_verify_uses(tmp_path, capsys):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Guard(opt, "default", model=model, log_dir=tmp_path / "run") as guard:
+        for _ in range(3):
+            model(torch.ones(1, 2)).sum().backward()
+            guard.step(torch.tensor(1.0))
+            opt.zero_grad()
+    summary = __import__("json").loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["log"]["records"] == guard.log.seq
+    log = tmp_path / "run" / "decisions.jsonl"
+    log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-1]))  # cut the tail
+    assert main(["verify", str(tmp_path / "run")]) == 1
+    assert "records deleted from the end" in capsys.readouterr().out

@@ -125,7 +125,7 @@ rules:
 """
 
 
-@pytest.mark.parametrize("setting", [None, "constant", "other,constant"])
+@pytest.mark.parametrize("setting", [None, "constant", " constant ,"])
 def test_entry_point_plugin_is_loaded_with_its_distribution_version(installed_plugin, monkeypatch,
                                                                     tmp_path, setting):
     builtins = plugins.get_registry()  # built under the test setting (LBW_POLICY_LOAD_PLUGINS="")
@@ -162,7 +162,18 @@ def test_entry_point_plugin_is_loaded_with_its_distribution_version(installed_pl
         "plugin": "lbw_policy.actuators", "version": lbw_policy.__version__}
 
 
-@pytest.mark.parametrize("setting", ["", "other"])
+def test_naming_an_entry_point_no_package_provides_is_an_error(installed_plugin, monkeypatch):
+    monkeypatch.setenv("LBW_POLICY_LOAD_PLUGINS", "other")
+    plugins.reset()
+    with pytest.raises(PluginError, match=r"LBW_POLICY_LOAD_PLUGINS names \['other'\], which no "
+                                          r"installed package provides.*installed: \["):
+        plugins.get_registry()
+    monkeypatch.setenv("LBW_POLICY_LOAD_PLUGINS", "")
+    plugins.reset()
+    assert "constant" not in plugins.get_registry().detectors
+
+
+@pytest.mark.parametrize("setting", [""])
 def test_entry_point_plugin_not_loaded_when_not_selected(installed_plugin, monkeypatch, setting):
     monkeypatch.setenv("LBW_POLICY_LOAD_PLUGINS", setting)
     plugins.reset()

@@ -29,6 +29,7 @@ and the policy's ``on_error``); a failing decision log halts the guard and the s
 from __future__ import annotations
 
 import functools
+import json
 import os
 import warnings
 import platform
@@ -291,6 +292,7 @@ class Guard:
                     pass
                 raise outcome.fatal
             self._finish()
+            self._write_summary()
             h = outcome.halt
             raise TrainingHalted(h["message"], rule=h["rule"] or "", step=outcome.step,
                                  signals=h["signals"])
@@ -484,13 +486,22 @@ class Guard:
         self._closed = True
 
     def close(self) -> dict:
-        """Write the ``run_end`` record, remove detector hooks, close files. Idempotent.
+        """Write the ``run_end`` record, remove detector hooks, close files, and write
+        ``summary.json`` (:meth:`summary`: the log's record count and head hash let
+        ``lbw-policy verify`` detect records cut from the end). Idempotent.
 
         :return: :meth:`summary`.
         """
         if not self._closed:
             self._finish(run_end=True)
+            self._write_summary()
         return self.summary()
+
+    def _write_summary(self) -> None:
+        path = self.log_dir / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.summary(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # whole or absent, never torn
 
     def __enter__(self) -> "Guard":
         return self
