@@ -4,8 +4,10 @@ numbers, and command-line inputs that used to end in "internal error" (exit 4)."
 
 from __future__ import annotations
 
-import torch
+import json
+
 import pytest
+import torch
 
 from lbw_policy import Actuator, Detector, Guard
 from lbw_policy.cli import main
@@ -199,14 +201,20 @@ def test_verify_with_a_garbage_summary_warns_and_checks_the_chain(tmp_path, caps
     assert ": OK: " in captured.out
 
 
-def test_plot_writes_the_file_it_names_or_fails_cleanly(tmp_path, capsys):
+def _three_steps(run_dir):
+    """A plain loop of three governed steps under the default policy; returns the guard."""
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Guard(opt, "default", model=model, log_dir=tmp_path / "run") as guard:
+    with Guard(opt, "default", model=model, log_dir=run_dir) as guard:
         for _ in range(3):
             model(torch.ones(1, 2)).sum().backward()
             guard.step(torch.tensor(1.0))
             opt.zero_grad()
+    return guard
+
+
+def test_plot_writes_the_file_it_names_or_fails_cleanly(tmp_path, capsys):
+    _three_steps(tmp_path / "run")
     assert main(["plot", str(tmp_path / "run"), "-o", str(tmp_path / "timeline")]) == 0
     assert (tmp_path / "timeline").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "timeline.png").exists()
@@ -239,14 +247,8 @@ rules: []
 
 
 def test_a_plain_loop_gets_a_summary_that_verify_uses(tmp_path, capsys):
-    model = torch.nn.Linear(2, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Guard(opt, "default", model=model, log_dir=tmp_path / "run") as guard:
-        for _ in range(3):
-            model(torch.ones(1, 2)).sum().backward()
-            guard.step(torch.tensor(1.0))
-            opt.zero_grad()
-    summary = __import__("json").loads((tmp_path / "run" / "summary.json").read_text())
+    guard = _three_steps(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["log"]["records"] == guard.log.seq
     log = tmp_path / "run" / "decisions.jsonl"
     log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-1]))  # cut the tail
