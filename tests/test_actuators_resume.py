@@ -67,7 +67,7 @@ def _policy(kind):
 def _setup(kind, policy, log_dir, seed=0):
     model, opt = make(kind, seed=seed, lr=0.02, wd=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.01 * s))
-    guard = Guard(opt, policy, model=model, log_dir=log_dir, registry=REG)
+    guard = Guard(opt, policy, model=model, log_dir=log_dir, registry=REG, resume=True)
     return model, opt, sched, guard
 
 

@@ -254,3 +254,19 @@ def test_a_plain_loop_gets_a_summary_that_verify_uses(tmp_path, capsys):
     log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-1]))  # cut the tail
     assert main(["verify", str(tmp_path / "run")]) == 1
     assert "records deleted from the end" in capsys.readouterr().out
+
+
+def test_a_second_run_into_the_same_log_dir_is_refused_unless_resuming(tmp_path, capsys):
+    _three_steps(tmp_path / "run")
+    before = (tmp_path / "run" / "decisions.jsonl").read_bytes()
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(FileExistsError, match=r"already holds a run: pass resume=True"):
+        Guard(torch.optim.SGD(model.parameters(), lr=0.1), "default", model=model,
+              log_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "decisions.jsonl").read_bytes() == before
+    Guard(torch.optim.SGD(model.parameters(), lr=0.1), "default", model=model,
+          log_dir=tmp_path / "run", resume=True).close()
+    assert main(["verify", str(tmp_path / "run")]) == 0  # one chain, continued
+    code = main(["run", "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress",
+                 "--n-layer", "1", "--n-embd", "32", "--n-head", "2"])
+    assert code == 2 and "already holds a run" in capsys.readouterr().err

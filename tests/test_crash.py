@@ -45,7 +45,7 @@ rules:
 
 def governed_steps(run_dir: Path, policy: Path, steps: int) -> None:
     model, opt = make_model()
-    with Guard(opt, policy, model=model, log_dir=run_dir) as guard:
+    with Guard(opt, policy, model=model, log_dir=run_dir, resume=True) as guard:
         for s in range(steps):
             x, y = batch(s)
             loss = F.mse_loss(model(x), y)

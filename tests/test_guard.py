@@ -482,7 +482,7 @@ def test_resume_makes_the_same_decisions_and_weights(tmp_path):
     model2, opt2 = make(seed=123, lr=0.01)  # fresh objects with different initial weights
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
-    guard2 = Guard(opt2, SPIKE_BRAKE, model=model2, log_dir=tmp_path / "resumed")
+    guard2 = Guard(opt2, SPIKE_BRAKE, model=model2, log_dir=tmp_path / "resumed", resume=True)
     guard2.load_state_dict(saved["guard"])
     assert guard2.step_count == 30
     _train(guard2, model2, opt2, 30, 60)

@@ -183,7 +183,7 @@ def test_resume_keeps_the_histories(tmp_path):
         opt.zero_grad(set_to_none=True)
     state = json.loads(json.dumps(guard.state_dict()))  # plain data
     guard.close()
-    guard2 = Guard(opt, policy, model=model, log_dir=tmp_path / "a", registry=REG)
+    guard2 = Guard(opt, policy, model=model, log_dir=tmp_path / "a", registry=REG, resume=True)
     guard2.load_state_dict(state)
     for s in range(95, 105):
         opt.param_groups[0]["lr"] = 1e-3 * schedule(s)

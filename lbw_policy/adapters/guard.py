@@ -87,7 +87,8 @@ class Guard:
         built-in policy (``"default"``, ``"audit-only"``).
     :param model: the model (detectors that inspect weights or attach hooks need it).
     :param log_dir: run directory for ``decisions.jsonl``, ``telemetry.jsonl`` and
-        ``policy.yaml``; created if missing; an existing decision log is continued (resume).
+        ``policy.yaml``; created if missing; an existing decision log is continued only with
+        ``resume=True``.
         Default ``runs/<run_id>``.
     :param run_id: label written into every record (default: ``log_dir``'s name, else random).
     :param rank: distributed rank label (default 0).
@@ -96,19 +97,24 @@ class Guard:
         to the OS, which survives a killed process but not a power loss).
     :param transfer: ``"auto"``, ``"immediate"`` or ``"deferred"``; overrides the policy's
         ``transfer:`` (default: the policy's, itself ``auto``: deferred on CUDA).
+    :param resume: continue the decision log already in ``log_dir`` (a resumed run; load the
+        saved state with :meth:`load_state_dict`). Default ``False``: a ``log_dir`` that
+        already holds a run is refused, so two runs never share one log by accident.
     :param host_scalars: on the CPU, let the scalar statistics read the loss and grad norm as
         Python floats (default ``True``; ``False`` runs them on tensors, as on an accelerator).
     :raises PolicyError: the policy is invalid (nothing was applied).
     :raises ActuatorError: an actuator cannot act on this optimizer (nothing was applied: hooks
         a detector had attached are removed again).
     :raises ValueError: an unknown ``transfer``.
+    :raises FileExistsError: ``log_dir`` already holds a decision log and ``resume`` is false
+        (nothing was applied).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: Union[Policy, str, os.PathLike] = "default",
                  model: Optional[torch.nn.Module] = None, log_dir: Union[str, os.PathLike, None] = None,
                  run_id: Optional[str] = None, rank: int = 0, registry=None, fsync: bool = False,
                  labels: Optional[Mapping[str, Any]] = None, transfer: Optional[str] = None,
-                 host_scalars: bool = True) -> None:
+                 host_scalars: bool = True, resume: bool = False) -> None:
         if registry is None:
             from lbw_policy.plugins import get_registry
 
@@ -177,6 +183,12 @@ class Guard:
         self.gate = DeviceGate(gated)
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / "decisions.jsonl"
+        if not resume and log_path.exists() and log_path.stat().st_size > 0:
+            self._close_detectors()
+            raise FileExistsError(
+                f"{log_path} already holds a run: pass resume=True to continue it (then load "
+                f"the saved guard state with load_state_dict), or choose another log_dir")
         from lbw_policy import __version__
 
         run_labels = {"run_id": self.run_id, "rank": rank, "lbw_policy": __version__,
