@@ -164,7 +164,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print(json.dumps(replay_json(result), indent=2, default=str))
     else:
         print(format_replay(result, all_steps=args.all, limit=args.limit))
-    return 0
+    return 1 if args.strict and result.warnings else 0
 
 
 def _split(values) -> list:
@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--all", action="store_true", help="show every step with a decision, not only the differing ones")
     rep.add_argument("--limit", type=int, default=200, help="most steps listed (0: all; default 200)")
     rep.add_argument("--format", choices=("text", "json"), default="text")
+    rep.add_argument("--strict", action="store_true",
+                     help="exit 1 on any warning (a rule reads a signal the run never recorded, "
+                          "a damaged telemetry line)")
     rep.set_defaults(func=_cmd_replay)
 
     aud = sub.add_parser("audit", help="summarize, filter and explain a run's decisions",

@@ -141,6 +141,16 @@ def replay(run_dir: Union[str, "os.PathLike[str]"], policy: Union[Policy, str, "
     for seg_records, seg_rows in zip(merged, tel_segs):
         _replay_segment(result, counts, shadow_policy, registry, seg_records, seg_rows)
     result.summary = counts
+    # A rule that reads a detector signal the run never recorded cannot decide anything here.
+    recorded = {name for row in rows for name in (row.get("signals") or {})}
+    published = {f"{name}.{sig}" for name, spec in shadow_policy.actuators.items()
+                 for sig in _actuator_signals(registry, name, spec.bounds)}
+    for rule in shadow_policy.rules:
+        missing = [s for s in rule.signals() if s not in recorded and s not in published]
+        if missing:
+            warnings.append(f"rule {rule.name!r} reads {', '.join(map(repr, missing))}, which "
+                            "the run never recorded: it cannot fire in this replay (add the "
+                            "detector to the run's policy to record it)")
     return result
 
 
@@ -227,6 +237,15 @@ def _faults(row: Optional[dict], key: str) -> list:
         except (KeyError, TypeError, AttributeError):
             continue  # a damaged entry: the comparison will show the difference
     return out
+
+
+def _actuator_signals(registry: Any, name: str, bounds: Any) -> tuple:
+    if registry is None:
+        from lbw_policy.plugins import get_registry
+
+        registry = get_registry()
+    reg = registry.actuators.get(name)
+    return tuple(reg.cls.signals_for(bounds)) if reg is not None else ()
 
 
 def _close(a: float, b: float) -> bool:

@@ -270,3 +270,26 @@ def test_a_second_run_into_the_same_log_dir_is_refused_unless_resuming(tmp_path,
     code = main(["run", "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress",
                  "--n-layer", "1", "--n-embd", "32", "--n-head", "2"])
     assert code == 2 and "already holds a run" in capsys.readouterr().err
+
+
+def test_replay_warns_about_rules_reading_signals_the_run_never_recorded(tmp_path, capsys):
+    _three_steps(tmp_path / "run")
+    other = tmp_path / "other.yaml"
+    other.write_text(HEAD + """\
+detectors:
+  qk: {type: spectral_entropy}
+actuators:
+  skip_step: {}
+rules:
+  - name: qk-collapse
+    when: {signal: qk.drop, op: ">", value: 0.4}
+    then: [{actuator: skip_step}]
+  - name: escalate
+    when: {signal: skip_step.exhausted, op: ">", value: 0}
+    then: [{actuator: skip_step}]
+""")
+    assert main(["replay", str(tmp_path / "run"), "--policy", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: rule 'qk-collapse' reads 'qk.drop', which the run never recorded" in out
+    assert "rule 'escalate'" not in out  # actuator signals exist in any replay
+    assert main(["replay", str(tmp_path / "run"), "--policy", str(other), "--strict"]) == 1
