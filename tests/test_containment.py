@@ -293,3 +293,24 @@ rules:
     assert "warning: rule 'qk-collapse' reads 'qk.drop', which the run never recorded" in out
     assert "rule 'escalate'" not in out  # actuator signals exist in any replay
     assert main(["replay", str(tmp_path / "run"), "--policy", str(other), "--strict"]) == 1
+
+
+def test_foot_guns_are_warned_once(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = Guard(opt, "default", model=model, log_dir=tmp_path / "run")
+    with pytest.warns(UserWarning, match=r"found no gradient on any parameter: call "
+                                         r"loss.backward\(\) first"):
+        guard.step(torch.tensor(1.0))  # backward() forgotten
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()  # and then the optimizer stepped by hand as well
+    with pytest.warns(UserWarning, match=r"optimizer.step\(\) was called outside guard.step\(\)"):
+        guard.step(torch.tensor(1.0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once each: no second warning
+        opt.step()
+        guard.step(torch.tensor(1.0))
+    guard.close()
+    assert not opt._optimizer_step_post_hooks  # the guard's hook is removed at close

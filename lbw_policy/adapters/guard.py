@@ -201,6 +201,12 @@ class Guard:
         self.governor = Governor(policy, self.actuators, self._write,
                                  rules=[r for r in policy.rules if r not in gated])
         self._step = 0
+        # foot-guns, each warned once: optimizer.step() called outside guard.step (a second
+        # step per batch), guard.step(loss) without loss.backward() (no gradient at all)
+        self._in_step = False
+        self._outside_steps = 0
+        self._warned: set = set()
+        self._step_hook = optimizer.register_step_post_hook(self._count_outside_step)
         self._after_faults: list = []
         self._due_in_step: Any = "in flight"
         self._halted = False
@@ -246,6 +252,23 @@ class Guard:
         record = {"policy": self._policy_label(), "mode": self.policy.mode, **record}
         return self.log.append(record)
 
+    def _count_outside_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._in_step:
+            self._outside_steps += 1
+
+    def _warn_foot_guns(self, tel: Telemetry) -> None:
+        """Warn once each: optimizer.step() outside the guard; no gradient at all."""
+        if self._outside_steps and "outside" not in self._warned:
+            self._warned.add("outside")
+            warnings.warn("optimizer.step() was called outside guard.step(): guard.step() "
+                          "replaces it (calling both steps twice per batch, and the policy "
+                          "cannot skip or scale the other one)", stacklevel=3)
+        if self._step < 3 and "no-grad" not in self._warned and not tel.grads():
+            self._warned.add("no-grad")
+            warnings.warn("guard.step(loss) found no gradient on any parameter: call "
+                          "loss.backward() first (the gradient-norm signals read 0 and the "
+                          "optimizer step changes nothing)", stacklevel=3)
+
     def _save_checkpoint(self, path: str, *, step: int, actuator: str) -> None:
         """:class:`~lbw_policy.base.ActuatorContext`'s ``save_checkpoint`` (halt, rollback)."""
         from lbw_policy.actuators._checkpoint import write_checkpoint
@@ -271,10 +294,12 @@ class Guard:
         self._after_faults = []
         tel = Telemetry(self._step, loss, self.optimizer, self.model,         # 1. telemetry
                         host_scalars=self.host_scalars)
+        self._warn_foot_guns(tel)
         packet = self._sense(tel)                                            # 2. detect (+ gate)
         due = self.transport.send(packet)                                    # 4. transfer
         emitted, faults, device_actions = self._landed(due)
         self._due_in_step = due  # what a mid-step state_dict (halt checkpoint) saves as in flight
+        self._in_step = True
         try:
             outcome = self.governor.step(                                    # 5. govern, 6. step
                 self._step, emitted, faults, observation=tel, optimizer=self.optimizer,
@@ -291,6 +316,7 @@ class Guard:
                            skipped=outcome.skipped, halted=outcome.halted,
                            after_faults=[f.to_dict() for f in self._after_faults])
         self._due_in_step = "in flight"
+        self._in_step = False
         self._step += 1  # first: a failing telemetry write must not leave the step half-counted
         for p in (due, packet) if due is not packet else (packet,):
             if p is not None and p.values is not None and "skipped" in p.meta:
@@ -476,6 +502,9 @@ class Guard:
                 "log": {"records": self.log.seq, "head": self.log.last_hash}}
 
     def _close_detectors(self) -> None:
+        hook = getattr(self, "_step_hook", None)
+        if hook is not None:
+            hook.remove()
         for det in self.detectors.values():
             try:
                 det.close()
