@@ -29,14 +29,20 @@ __all__ = ["plot_run", "default_signals"]
 
 #: Most signal panels drawn when none are chosen.
 MAX_DEFAULT_SIGNALS = 4
+#: Most "fired" markers labelled with their rule's name (more would be unreadable).
+MAX_RULE_LABELS = 20
 _EVENT_STYLE = {"fired": ("tab:red", "-"), "resolved": ("tab:green", "--"),
                 "halt": ("black", "-"), "error": ("magenta", ":")}
 
 
-def default_signals(run_dir: Path, available: Sequence[str]) -> list:
-    """The signals the run's policy rules read (from ``policy.yaml``), in rule order, that the
-    telemetry holds; else the first telemetry signals. At most :data:`MAX_DEFAULT_SIGNALS`."""
-    wanted = [s for s, _ in _thresholds(run_dir) if s in available]
+def default_signals(run_dir: Path, available: Sequence[str], records: Sequence[dict] = ()) -> list:
+    """The signals that drove decisions first (those read by rules that fired, in order of
+    first firing), then the other signals the run's policy rules read (``policy.yaml``, rule
+    order), then the first telemetry signals; only signals the telemetry holds. At most
+    :data:`MAX_DEFAULT_SIGNALS`."""
+    fired = [s for r in records if r.get("event") in ("fired", "action")
+             for s in (r.get("signals") or {})]
+    wanted = [s for s in fired + [s for s, _ in _thresholds(run_dir)] if s in available]
     seen = list(dict.fromkeys(wanted)) or list(available)
     return seen[:MAX_DEFAULT_SIGNALS]
 
@@ -88,15 +94,15 @@ def plot_run(run_dir: Union[str, "os.PathLike[str]"], out: Union[str, "os.PathLi
     if not rows:
         raise ValueError(f"{run / 'telemetry.jsonl'}: no telemetry rows to plot")
     available = list(dict.fromkeys(k for r in rows for k in r["signals"]))
+    records = []
+    if (run / "decisions.jsonl").is_file():
+        records = read_log(run / "decisions.jsonl").records
     if signals is None:
-        signals = default_signals(run, available)
+        signals = default_signals(run, available, records)
     unknown = [s for s in signals if s not in available]
     if unknown:
         raise ValueError(f"signal(s) {unknown} not in {run / 'telemetry.jsonl'}; it holds "
                          f"{available}")
-    records = []
-    if (run / "decisions.jsonl").is_file():
-        records = read_log(run / "decisions.jsonl").records
 
     steps = [r["step"] for r in rows]
     losses = [_float(r.get("loss")) for r in rows]
@@ -138,6 +144,7 @@ def plot_run(run_dir: Union[str, "os.PathLike[str]"], out: Union[str, "os.PathLi
         ax.set_ylabel(name)
 
     marked: set = set()
+    marked_rules: list = []
     for r in records:
         style = _EVENT_STYLE.get(r.get("event"))
         if style is None or not isinstance(r.get("step"), int):
@@ -146,6 +153,10 @@ def plot_run(run_dir: Union[str, "os.PathLike[str]"], out: Union[str, "os.PathLi
             ax.axvline(r["step"], color=style[0], ls=style[1], lw=0.8, alpha=0.7,
                        label=r["event"] if r["event"] not in marked and ax is axes[0] else None)
         marked.add(r["event"])
+        if r["event"] == "fired" and r.get("rule") and len(marked_rules) < MAX_RULE_LABELS:
+            marked_rules.append(r["rule"])  # which rule fired, over the loss panel
+            axes[0].annotate(r["rule"], (r["step"], 1.0), xycoords=("data", "axes fraction"),
+                             rotation=90, fontsize=6, va="top", ha="right", color=style[0])
     axes[-1].set_xlabel("step")
     for ax in axes:
         ax.grid(True, alpha=0.3)

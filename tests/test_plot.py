@@ -10,6 +10,7 @@ import pytest
 from runhelpers import AUDIT_POLICY, AUDIT_SCALE_AT, make_run
 
 from lbw_policy.cli import main
+from lbw_policy.decision_log import read_log
 from lbw_policy.plot import default_signals, plot_run
 from lbw_policy.telemetry_log import read_telemetry
 
@@ -51,14 +52,20 @@ def test_line_data_are_the_telemetry_values(run):
     assert list(skipped.get_xdata()) == [30, 31]
     lr_line = axes[1].lines[0]
     assert same(lr_line.get_ydata(), [r["lr"] for r in rows])
-    signals = default_signals(run, list(rows[0]["signals"]))
-    assert signals == ["nan.any", "loss.delta", "gn.ratio"]  # the rules' signals, rule order
+    records = read_log(run / "decisions.jsonl").records
+    assert default_signals(run, list(rows[0]["signals"])) == [
+        "nan.any", "loss.delta", "gn.ratio"]  # without records: the rules' signals, rule order
+    available = list(dict.fromkeys(k for r in rows for k in r["signals"]))
+    signals = default_signals(run, available, records)
+    fired = [s for r in records if r["event"] in ("fired", "action") for s in r["signals"]]
+    assert signals[0] == fired[0]  # with them: the signals of the rules that fired, first
+    assert sorted(signals) == ["gn.ratio", "loss.delta", "nan.any"]
     for ax, name in zip(axes[2:], signals):
         line = ax.lines[0]
         assert ax.get_ylabel() == name
         assert same(line.get_xdata(), [r["step"] for r in rows if name in r["signals"]])
         assert same(line.get_ydata(), [r["signals"][name] for r in rows if name in r["signals"]])
-    gn = axes[4].lines[0]
+    gn = axes[2 + signals.index("gn.ratio")].lines[0]
     assert list(gn.get_xdata()) == list(range(0, 40, 3))  # emitted every 3 steps, not held
 
 
