@@ -279,15 +279,26 @@ def format_audit(log: AuditLog, records: Sequence[dict], *, limit: int = 50,
     shown = [r for r in records if list_meta or r.get("event") not in _META_EVENTS]
     lines += ["", f"decisions ({len(shown)})" + ("" if shown else ": none")]
     if shown:
-        width = max(len(str(r.get("id"))) for r in shown)
-        lines.append(f"  {'id':<{width}}  {'step':>6}  {'event':<9} {'rule':<22} what")
-        for r in shown[: limit or None]:
-            lines.append(f"  {str(r.get('id')):<{width}}  {_num(r.get('step')):>6}  "
-                         f"{str(r.get('event')):<9} {str(r.get('rule') or '-'):<22} "
-                         f"{record_text(r)}")
-        if limit and len(shown) > limit:
-            lines.append(f"  ... {len(shown) - limit} more (--limit 0 shows all; filter with "
-                         "--rule, --steps, --event)")
+        # consecutive records that say the same thing (a rule clamped at its bound for 40 steps)
+        # are one line: "id..id  steps a..b  ... (xN)"
+        groups: list = []
+        for r in shown:
+            key = (r.get("event"), r.get("rule"), record_text(r))
+            if groups and groups[-1][0] == key and r.get("event") not in ("error", "halt"):
+                groups[-1][1].append(r)
+            else:
+                groups.append((key, [r]))
+        ids = [str(g[0].get("id")) + (f"..{g[-1].get('id')}" if len(g) > 1 else "")
+               for _, g in groups]
+        width = max(len(i) for i in ids)
+        lines.append(f"  {'id':<{width}}  {'step':>9}  {'event':<9} {'rule':<22} what")
+        for ident, (key, g) in list(zip(ids, groups))[: limit or None]:
+            steps = _num(g[0].get("step")) + (f"..{_num(g[-1].get('step'))}" if len(g) > 1 else "")
+            lines.append(f"  {ident:<{width}}  {steps:>9}  {str(key[0]):<9} "
+                         f"{str(key[1] or '-'):<22} {key[2]}" + (f"  (x{len(g)})" if len(g) > 1 else ""))
+        if limit and len(groups) > limit:
+            lines.append(f"  ... {len(groups) - limit} more lines (--limit 0 shows all; filter "
+                         "with --rule, --steps, --event)")
     return "\n".join(lines)
 
 

@@ -314,3 +314,26 @@ def test_foot_guns_are_warned_once(tmp_path):
         guard.step(torch.tensor(1.0))
     guard.close()
     assert not opt._optimizer_step_post_hooks  # the guard's hook is removed at close
+
+
+def test_audit_groups_consecutive_identical_decisions(tmp_path, capsys):
+    policy = loads_policy(HEAD + """\
+actuators:
+  lr_scale: {min: 0.1, max: 1.0}
+rules:
+  - name: always
+    when: {signal: lr_scale.scale, op: ">", value: 0}
+    then: [{actuator: lr_scale, multiply: 0.5}]
+""")
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Guard(opt, policy, model=model, log_dir=tmp_path / "run") as guard:
+        for _ in range(30):
+            model(torch.ones(1, 2)).sum().backward()
+            guard.step(torch.tensor(1.0))
+            opt.zero_grad()
+    assert main(["audit", str(tmp_path / "run"), "--limit", "0"]) == 0
+    out = capsys.readouterr().out
+    clamped = [line for line in out.splitlines() if "lr_scale 0.1 -> 0.1" in line]
+    assert len(clamped) == 1 and clamped[0].endswith("(x26)")  # steps 4..29, one line
+    assert " 4..29 " in clamped[0]
