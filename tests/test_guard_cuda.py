@@ -65,7 +65,8 @@ def test_a_nan_gradient_is_skipped_on_the_device_without_a_sync(setup, tmp_path)
     gc, config, batches = setup
     res = gc.nan_gate_check(config, torch.device("cuda"), batches, tmp_path / "run", policy="default", amp=True)
     assert res["transfer"] == "deferred"
-    assert res["gate"] == {"mode": "found_inf", "rules": ["nonfinite-skip"]}  # fused AdamW
+    assert res["gate"]["mode"] == "found_inf"  # fused AdamW
+    assert "nonfinite-skip" in res["gate"]["rules"]
     assert res["sync_error"] is None, f"{res['sync_error']}\n{res['where']}"
     assert res["weights_unchanged"]
     assert res["optimizer_state_unchanged"]
