@@ -159,3 +159,18 @@ def test_spikes_and_first_action_follow_their_definitions():
                           "applied_step": 5}]}
     assert mod.first_action_step([rec(9, "fired", 1.0, 0.5), gated]) == 5
     assert mod.gated_skips([gated, rec(9, "fired", 0, 1)]) == 1
+
+
+def test_gpu_profile_tiny_profiles_each_arm(tmp_path):
+    """``benchmarks/gpu_profile.py --tiny``: plain and each policy profiled, one table each."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_profile", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--out", str(tmp_path), "--steps", "2"]) == 0
+    text = (tmp_path / "profile.txt").read_text()
+    heads = [line.split(":")[0] for line in text.splitlines() if line.startswith("=====")]
+    assert heads == ["===== plain", "===== default", "===== early-warning"]
+    assert "cudaLaunchKernel" not in text and "Self CPU time total" in text
