@@ -306,12 +306,16 @@ class Guard:
                 step_fn=self.optimizer.step, after_step=functools.partial(self._after_step, tel),
                 signals_step=None if due is None else due.step, device_actions=device_actions)
         except BaseException:  # optimizer.step() raised (out of memory, ...): the actuators are
-            self._halted = True  # unwound; rule timers have moved, so this guard cannot go on
-            try:
-                self._finish()
-            except Exception:  # noqa: BLE001 - the step's own error is the one to report
-                pass
+            self._stop()       # unwound; rule timers have moved, so this guard cannot go on
             raise
+        self._end_step(outcome, due, packet)
+        return StepResult(step=outcome.step, loss=due.values[0] if due else float("nan"),
+                          skipped=outcome.skipped, lr=outcome.lr, decisions=outcome.records,
+                          signals=dict(self.governor.latest),
+                          signals_step=None if due is None else due.step)
+
+    def _end_step(self, outcome: Any, due: Optional[Packet], packet: Packet) -> None:
+        """Count the step, write the telemetry rows of the steps done, raise a halt."""
         packet.meta.update(lr=outcome.lr, scheduled_lr=outcome.scheduled_lr,
                            skipped=outcome.skipped, halted=outcome.halted,
                            after_faults=[f.to_dict() for f in self._after_faults])
@@ -321,23 +325,25 @@ class Guard:
         for p in (due, packet) if due is not packet else (packet,):
             if p is not None and p.values is not None and "skipped" in p.meta:
                 self._write_row(p)
-        if outcome.halted:
-            self._halted = True
-            if outcome.fatal is not None:  # the decision log failed: close what can be closed
-                try:
-                    self._finish()
-                except Exception:  # noqa: BLE001 - the log's own error is the one to report
-                    pass
-                raise outcome.fatal
+        if not outcome.halted:
+            return
+        if outcome.fatal is not None:  # the decision log failed: close what can be closed
+            self._stop()
+            raise outcome.fatal
+        self._halted = True
+        self._finish()
+        self._write_summary()
+        h = outcome.halt
+        raise TrainingHalted(h["message"], rule=h["rule"] or "", step=outcome.step,
+                             signals=h["signals"])
+
+    def _stop(self) -> None:
+        """Halt after an error that is not the policy's: close what can be closed."""
+        self._halted = True
+        try:
             self._finish()
-            self._write_summary()
-            h = outcome.halt
-            raise TrainingHalted(h["message"], rule=h["rule"] or "", step=outcome.step,
-                                 signals=h["signals"])
-        return StepResult(step=outcome.step, loss=due.values[0] if due else float("nan"),
-                          skipped=outcome.skipped, lr=outcome.lr, decisions=outcome.records,
-                          signals=dict(self.governor.latest),
-                          signals_step=None if due is None else due.step)
+        except Exception:  # noqa: BLE001 - the step's own error is the one to report
+            pass
 
     def _sense(self, tel: Telemetry) -> Packet:
         """Stage 2: due detectors -> one vector ``[loss, *tensor signals, *gate flags]`` on the
