@@ -231,7 +231,7 @@ class Governor:
                 device_actions: Sequence[Mapping]) -> None:
         step = out.step
         self._record_device(out, device_actions)
-        failed = {f.name for f in faults if f.plugin == "detector"}
+        failed = {f.name for f in faults if f.plugin == "detector" and f.phase == "compute"}
         for fault in faults:
             self._contain(fault)
         # hold: no stale values from a detector that raised; the others sample-and-hold
