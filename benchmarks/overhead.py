@@ -11,6 +11,11 @@ Usage::
 
     python benchmarks/overhead.py                        # default policy, CPU
     python benchmarks/overhead.py --policy early-warning --device cuda
+    python benchmarks/overhead.py --nproc 2 --threads 1    # DDP on 2 processes (gloo)
+
+With ``--nproc N`` both loops are ``DistributedDataParallel`` on N processes (gloo on the CPU),
+each rank drawing its own batches; the governed one adds the guard's one all-gather per step
+of a ``k``-float vector (``k`` is reported as ``collective_floats``). Rank 0 reports.
 
 Prints the figures and appends a JSON line to ``benchmarks/results/overhead.jsonl``.
 """
@@ -44,8 +49,36 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="DDP processes (gloo; default 1: this process, no DDP)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.jsonl"))
     args = parser.parse_args(argv)
+    if args.nproc > 1:
+        import os
+
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_rank_main, args=(args, os.path.join(tmp, "store")), nprocs=args.nproc,
+                     join=True)
+        return 0
+    return measure(args)
+
+
+def _rank_main(rank: int, args, store: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=args.nproc)
+    try:
+        measure(args, rank=rank, world=args.nproc)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(args, rank: int = 0, world: int = 1) -> int:
+    """The alternating plain/governed blocks of the module docstring; rank 0 reports."""
 
     import torch
 
@@ -65,6 +98,8 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model = GPT(config).to(args.device)
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model)
         return model, opt
 
     def sync():
@@ -94,14 +129,18 @@ def main(argv=None) -> int:
         gov_model, gov_opt = make()
         with tempfile.TemporaryDirectory() as tmp:
             guard = Guard(gov_opt, policy, model=gov_model, log_dir=tmp)
-            g_plain = torch.Generator().manual_seed(1)
-            g_gov = torch.Generator().manual_seed(1)
+            g_plain = torch.Generator().manual_seed(1 + rank)
+            g_gov = torch.Generator().manual_seed(1 + rank)
             block(plain_model, plain_opt, None, g_plain, args.block)  # warm-up, not counted
             block(gov_model, gov_opt, guard, g_gov, args.block)
             plain, governed = [], []
             for _ in range(args.rounds):
                 plain.append(block(plain_model, plain_opt, None, g_plain, args.block))
                 governed.append(block(gov_model, gov_opt, guard, g_gov, args.block))
+            k = None
+            if guard.reducer is not None:
+                names, slots = guard.reducer.layout(0)
+                k = 1 + 2 * len(names) + len(slots)
             guard.close()
         ratios = [g / p for g, p in zip(governed, plain)]
         ci = _median_ci(ratios)
@@ -111,12 +150,17 @@ def main(argv=None) -> int:
                "median_ratio": statistics.median(ratios), "median_ratio_ci95": ci,
                "ratios": [round(r, 4) for r in ratios],
                "rounds": args.rounds, "block": args.block, "threads": torch.get_num_threads(),
+               "nproc": world, "collective_floats": k,
                "torch": torch.__version__,
                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         results.append(row)
+        if rank:
+            continue
         print(f"{policy:<16} plain {row['plain_steps_per_s']:.2f} steps/s, governed "
               f"{row['governed_steps_per_s']:.2f} steps/s, median ratio {row['median_ratio']:.3f} "
               f"(95 % CI {ci[0]:.3f} to {ci[1]:.3f}; rounds: {', '.join(f'{r:.3f}' for r in ratios)})")
+    if rank:
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as fh:

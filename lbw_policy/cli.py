@@ -30,9 +30,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = TrainConfig(data=args.data, policy=args.policy, steps=args.steps, lr=args.lr, seed=args.seed,
                          device=args.device, out=args.out, batch_size=args.batch_size,
                          block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                         n_embd=args.n_embd, warmup_steps=args.warmup_steps, progress=not args.no_progress)
+                         n_embd=args.n_embd, warmup_steps=args.warmup_steps, progress=not args.no_progress,
+                         nproc=args.nproc)
     summary = train(config)
-    _print_run_summary(summary)
+    if summary.get("rank", 0) == 0:  # under torchrun, rank 0 reports for the run
+        _print_run_summary(summary)
     return 3 if summary["halted"] else 0
 
 
@@ -41,7 +43,8 @@ def _print_run_summary(s: dict) -> None:
     print(f"policy            {s['policy']['name']} ({s['policy']['mode']}, revision {s['policy']['revision'][:12]})")
     gated = s.get("gated_steps") or 0
     skipped = f"{s['skipped_steps'] + gated} skipped" + (f" ({gated} on the device)" if gated else "")
-    print(f"steps             {s['steps_run']} run, {skipped}, {s['steps_per_second']:.1f} steps/s")
+    ranks = f" on each of {s['world_size']} ranks (DDP)" if s.get("world_size", 1) > 1 else ""
+    print(f"steps             {s['steps_run']} run{ranks}, {skipped}, {s['steps_per_second']:.1f} steps/s")
     for title, key in (("final train loss", "final_train_loss"), ("final val loss", "final_val_loss")):
         value = s.get(key)
         print(f"{title:<18}" + ("- (no step was taken)" if value is None else f"{value:.4f} nats"))
@@ -235,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-embd", type=int, default=128, help="model width (default: 128)")
     run.add_argument("--warmup-steps", type=int, default=15, help="linear LR warm-up steps (default: 15)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--nproc", type=_positive_int, default=1,
+                     help="train with DistributedDataParallel on N processes (gloo on the CPU, "
+                          "one GPU each with --device cuda); rank 0 writes the run directory "
+                          "(default: 1)")
     run.set_defaults(func=_cmd_run)
 
     val = sub.add_parser("validate", help="validate policy files; non-zero exit on any error")

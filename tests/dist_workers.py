@@ -57,12 +57,12 @@ def count_collectives():
             setattr(dist, name, fn)
 
 
-def model_and_optimizer(lr: float, ddp: bool = True):
+def model_and_optimizer(lr: float, ddp: bool = True, fused: bool = False):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32))
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), fused=fused or None)
     return model, opt
 
 
@@ -93,22 +93,24 @@ def flat_weights(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def ddp_fault(rank: int, world: int, out: Path, steps: int, alone: bool) -> None:
+def ddp_fault(rank: int, world: int, out: Path, steps: int, alone: bool,
+              transfer: str = "immediate") -> None:
     """DDP under the default policy at a high LR, with rank 1's faults; reduced (and, when
-    ``alone``, also each rank governing alone)."""
+    ``alone``, also each rank governing alone). ``transfer: deferred`` uses fused AdamW, so the
+    default's non-finite and spike skips run as the device gate, on the reduced signals."""
     result = {}
     modes = ("reduced", "alone") if alone else ("reduced",)
     for mode in modes:
-        model, opt = model_and_optimizer(lr=3e-2)
+        model, opt = model_and_optimizer(lr=3e-2, fused=transfer == "deferred")
         log_dir = out / mode if mode == "reduced" else out / f"{mode}-r{rank}"
-        guard = Guard(opt, "default", model=model, log_dir=log_dir,
+        guard = Guard(opt, "default", model=model, log_dir=log_dir, transfer=transfer,
                       distributed="auto" if mode == "reduced" else False)
         decisions: list = []
         with count_collectives() as counts:
             train(guard, model, opt, rank, range(steps), decisions)
         guard.close()
         result[mode] = {"decisions": decisions, "collectives": counts["n"],
-                        "lr": opt.param_groups[0]["lr"]}
+                        "lr": opt.param_groups[0]["lr"], "gate": guard.gate_mode}
         torch.save(flat_weights(model), out / f"{mode}-weights-r{rank}.pt")
     (out / f"result-r{rank}.json").write_text(json.dumps(result))
 

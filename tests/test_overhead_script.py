@@ -45,3 +45,16 @@ def test_overhead_run_writes_one_row_per_policy(tmp_path):
         lo, hi = r["median_ratio_ci95"]
         assert min(r["ratios"]) - 1e-4 <= lo <= r["median_ratio"] + 1e-4 <= hi + 2e-4
         assert r["plain_steps_per_s"] > 0 and r["governed_steps_per_s"] > 0
+
+
+def test_overhead_nproc_2_measures_ddp_with_the_collective(tmp_path, monkeypatch):
+    # spawned ranks import the script by name: put benchmarks/ on the path they inherit
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import overhead as mod
+    out = tmp_path / "overhead.jsonl"
+    assert mod.main(["--data", str(SHAKESPEARE), "--nproc", "2", "--threads", "1",
+                     "--rounds", "2", "--block", "2", "--n-layer", "1", "--n-embd", "32",
+                     "--batch-size", "4", "--block-size", "16", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["nproc"] == 2
+    assert row["collective_floats"] > 10 and row["governed_steps_per_s"] > 0

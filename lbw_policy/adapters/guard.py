@@ -167,6 +167,7 @@ class Guard:
         if self.log_dir is None:
             self.log_dir = Path("runs") / self.run_id
         context = ActuatorContext(model=model, log_dir=self.log_dir, rank=self.rank,
+                                  world_size=self.world_size,
                                   save_checkpoint=self._save_checkpoint)
         try:
             self._build(policy, registry, model, optimizer, context, transfer, resume)
