@@ -137,20 +137,18 @@ class SignalReducer:
     :param context: the process group.
     :param detectors: ``{detector_id: Detector}`` in policy order.
     :param specs: ``{detector_id: DetectorSpec}`` (``type``, ``params``, ``every``).
-    :param skip_reduction: test-only: lay out and decode as usual but do not gather (each rank
-        reduces its own row), to show that the reduction is what keeps ranks in step.
-    """
+        """
 
     def __init__(self, context: DistContext, detectors: Mapping[str, Any],
-                 specs: Mapping[str, Any], *, skip_reduction: bool = False) -> None:
+                 specs: Mapping[str, Any]) -> None:
         self.context = context
-        self.skip_reduction = bool(skip_reduction)
         self.signals = {d: [s for s in type(det).signals_for(specs[d].params)]
                         for d, det in detectors.items()}
         self.reductions = {f"{d}.{s}": type(det).reduction_for(s)
                            for d, det in detectors.items() for s in self.signals[d]}
         self.types = {d: specs[d].type for d in detectors}
         self.every = {d: int(specs[d].every) for d in detectors}
+        self._codes: dict = {}
 
     # ------------------------------------------------------------------ encode
     def layout(self, step: int) -> tuple:
@@ -215,17 +213,16 @@ class SignalReducer:
         local = torch.tensor(host_row, dtype=dtype).to(device, non_blocking=True)
         local = local.index_put((torch.tensor(value_pos, device=device),), torch.stack(vals))
         world = self.context.world_size
-        if self.skip_reduction:
-            matrix = local.reshape(1, k)
-            ranks = torch.tensor([float(self.context.rank)], dtype=dtype, device=device)
-        else:
-            out = torch.empty(world * k, dtype=dtype, device=device)
-            _all_gather(out, local, self.context.group)  # the step's one collective
-            matrix = out.view(world, k)
-            ranks = torch.arange(world, dtype=dtype, device=device)
+        out = torch.empty(world * k, dtype=dtype, device=device)
+        _all_gather(out, local, self.context.group)  # the step's one collective
+        matrix = out.view(world, k)
+        ranks = torch.arange(world, dtype=dtype, device=device)
         v = matrix[:, :1 + n]
         p = torch.cat([torch.ones_like(matrix[:, :1]), matrix[:, 1 + n:1 + 2 * n]], 1) > 0
-        codes = torch.tensor([0] + [_CODES[self.reductions[x]] for x in names], device=device)
+        codes = self._codes.get((tuple(names), device))
+        if codes is None:  # once per layout (the due detectors vary with their cadence)
+            codes = torch.tensor([0] + [_CODES[self.reductions[x]] for x in names], device=device)
+            self._codes[(tuple(names), device)] = codes
         values = _reduce(v, p, codes)
         present = p[:, 1:].any(0).to(dtype)
         f = matrix[:, 1 + 2 * n:] > 0
