@@ -251,7 +251,19 @@ def fsdp_grad_norm(rank: int, world: int, out: Path) -> None:
                                                         "refused": refused}))
 
 
-SCENARIOS = {"ddp_fault": ddp_fault, "halt_and_fault": halt_and_fault, "resume": resume,
+def construction(rank: int, world: int, out: Path) -> None:
+    """Rank 1 cannot load its policy: every rank's Guard() raises (none waits in a collective)."""
+    model, opt = model_and_optimizer(lr=1e-2)
+    policy = str(out / "missing.yaml") if rank == 1 else "default"
+    try:
+        Guard(opt, policy, model=model, log_dir=out / "run")
+        error = None
+    except Exception as exc:  # noqa: BLE001 - the test compares the errors
+        error = f"{type(exc).__name__}: {exc}"
+    (out / f"construction-r{rank}.json").write_text(json.dumps({"error": error}))
+
+
+SCENARIOS = {"construction": construction, "ddp_fault": ddp_fault, "halt_and_fault": halt_and_fault, "resume": resume,
              "fsdp_grad_norm": fsdp_grad_norm}
 
 

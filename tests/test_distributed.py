@@ -30,6 +30,7 @@ def two(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist2")
     w.spawn(2, str(out), [("ddp_fault", {"steps": STEPS, "alone": True}),
                           ("halt_and_fault", {}), ("resume", {"steps": 16}),
+                          ("construction", {}),
                           ("fsdp_grad_norm", {})])
     return out
 
@@ -158,6 +159,14 @@ def test_fsdp2_grad_norm_is_the_whole_models(two):
         got = _json(two / "fsdp_grad_norm" / f"fsdp-r{r}.json")
         assert got["norms"] == pytest.approx(got["refs"], rel=1e-6)
         assert "'upd' (update_ratio)" in got["refused"] and "sharded" in got["refused"]
+
+
+def test_a_guard_that_fails_to_build_on_one_rank_fails_on_every_rank(two):
+    e0, e1 = (_json(two / "construction" / f"construction-r{r}.json")["error"] for r in range(2))
+    assert e1.startswith("FileNotFoundError")
+    assert e0 == ("RuntimeError: Guard() failed on rank(s) [1] (see their errors); every rank "
+                  "must build its guard for the run to be governed")
+    assert not (two / "construction" / "run").exists()  # rank 0 wrote nothing
 
 
 def test_cli_run_nproc_trains_the_demo_with_ddp(tmp_path):

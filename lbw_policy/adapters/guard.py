@@ -128,6 +128,9 @@ class Guard:
                  fsync: bool = False, labels: Optional[Mapping[str, Any]] = None,
                  transfer: Optional[str] = None, host_scalars: bool = True, resume: bool = False,
                  distributed: Any = "auto") -> None:
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]),
+                      torch.device("cpu"))
+        self.dist = resolve_distributed(distributed)
         if registry is None:
             from lbw_policy.plugins import get_registry
 
@@ -135,20 +138,22 @@ class Guard:
         if not isinstance(policy, Policy):
             from lbw_policy.policy import resolve_policy_path
 
-            policy = load_policy(resolve_policy_path(policy), registry=registry)
+            try:
+                policy = load_policy(resolve_policy_path(policy), registry=registry)
+            except BaseException:
+                if self.dist is not None:  # the other ranks learn it instead of waiting for us
+                    self.dist.agree(False, "", device)
+                raise
         self.policy = policy
         self.optimizer = optimizer
         self.model = model
         self.enforce = policy.mode == "enforce"
         self.registry = registry
         self.host_scalars = bool(host_scalars)
-        device = next((p.device for g in optimizer.param_groups for p in g["params"]),
-                      torch.device("cpu"))
         self.device = device  # where the signal vector is built: the parameters' device
-        self.transport = make_transport(transfer or policy.transfer, device)
-        self.dist = resolve_distributed(distributed)
         if self.dist is not None:
             if rank is not None and rank != self.dist.rank:
+                self.dist.agree(False, policy.revision, device)
                 raise ValueError(f"rank={rank} but this process is rank {self.dist.rank} of its "
                                  f"process group; leave rank unset in a distributed run")
             rank = self.dist.rank
@@ -170,6 +175,7 @@ class Guard:
                                   world_size=self.world_size,
                                   save_checkpoint=self._save_checkpoint)
         try:
+            self.transport = make_transport(transfer or policy.transfer, device)
             self._build(policy, registry, model, optimizer, context, transfer, resume)
         except BaseException:
             self._close_detectors()
