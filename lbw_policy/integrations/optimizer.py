@@ -39,7 +39,7 @@ import torch
 
 from lbw_policy.adapters.guard import Guard, StepResult
 
-__all__ = ["GuardedOptimizer"]
+__all__ = ["GuardedOptimizer", "guard_metrics"]
 
 
 class GuardedOptimizer(torch.optim.Optimizer):
@@ -200,3 +200,24 @@ class GuardedOptimizer(torch.optim.Optimizer):
     def close(self) -> dict:
         """:meth:`Guard.close`."""
         return self.guard.close()
+
+
+def guard_metrics(guarded: GuardedOptimizer) -> dict:
+    """The guard's state as flat ``lbw/...`` metrics (floats) for a framework's logger: the
+    latest signals ``lbw/<detector>.<signal>``, ``lbw/lr_scale``, ``lbw/lr`` (the effective
+    learning rate of the last step), ``lbw/decisions`` (decision records so far: fired, action,
+    resolved, recover, error, halt), ``lbw/skipped_steps`` and ``lbw/scaler_skipped``."""
+    guard = guarded.guard
+    out = {f"lbw/{k}": float(v) for k, v in guard.governor.latest.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    summary = guard.summary()
+    events = summary["decisions_by_event"]
+    out["lbw/decisions"] = float(sum(n for e, n in events.items() if e != "scaler_skipped"))
+    out["lbw/skipped_steps"] = float(summary["skipped_steps"])
+    out["lbw/scaler_skipped"] = float(events.get("scaler_skipped", 0))
+    if "lr_scale" in guard.actuators:
+        out["lbw/lr_scale"] = float(guard.actuators["lr_scale"].state_dict().get("scale", 1.0))
+    last = guarded.last_result
+    if last is not None and last.lr == last.lr:
+        out["lbw/lr"] = float(last.lr)
+    return out

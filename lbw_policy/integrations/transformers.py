@@ -24,9 +24,8 @@ What it does, per optimizer step (``Trainer`` calls ``optimizer.step()`` once pe
   into the guard (``Guard(clip_grad_norm=...)``: same threshold, applied after the detectors,
   right before the optimizer step) and sets ``args.max_grad_norm = 0`` on its arguments. The
   Trainer then logs ``grad_norm`` itself (unclipped, its own extra reduction).
-- **logging**: each training log gets ``lbw/<detector>.<signal>`` (latest values),
-  ``lbw/lr_scale``, ``lbw/decisions`` (records of decisions so far), ``lbw/skipped_steps`` and
-  ``lbw/scaler_skipped``; ``learning_rate`` becomes the *effective* rate of the last step
+- **logging**: each training log gets :func:`~lbw_policy.integrations.optimizer.guard_metrics`
+  (``lbw/<detector>.<signal>``, ``lbw/lr_scale``, ``lbw/decisions``, ...); ``learning_rate`` becomes the *effective* rate of the last step
   (after ``lr_scale`` / ``lr_cap``), the scheduler's rate is ``lbw/scheduled_lr``. Every
   reporting integration (TensorBoard, W&B, MLflow) receives them through ``Trainer.log``.
 - **checkpoints**: ``on_save`` writes the guard's state to ``<checkpoint>/lbw_guard.pt``;
@@ -51,27 +50,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from lbw_policy.integrations import refuse_deepspeed
-from lbw_policy.integrations.optimizer import GuardedOptimizer
+from lbw_policy.integrations.optimizer import GuardedOptimizer, guard_metrics
 
 __all__ = ["GuardedTrainer", "GuardedTrainerMixin", "GuardTrainerCallback", "GUARD_STATE_FILE"]
 
 #: the guard's state inside a Trainer checkpoint directory (``torch.save``)
 GUARD_STATE_FILE = "lbw_guard.pt"
-
-
-def guard_logs(guarded: GuardedOptimizer) -> dict:
-    """The guard's latest signals and counts as flat ``lbw/...`` metrics (floats)."""
-    guard = guarded.guard
-    out = {f"lbw/{k}": float(v) for k, v in guard.governor.latest.items()
-           if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    summary = guard.summary()
-    events = summary["decisions_by_event"]
-    out["lbw/decisions"] = float(sum(n for e, n in events.items() if e != "scaler_skipped"))
-    out["lbw/skipped_steps"] = float(summary["skipped_steps"])
-    out["lbw/scaler_skipped"] = float(events.get("scaler_skipped", 0))
-    if "lr_scale" in guard.actuators:
-        out["lbw/lr_scale"] = float(guard.actuators["lr_scale"].state_dict().get("scale", 1.0))
-    return out
 
 
 class GuardTrainerCallback(TrainerCallback):
@@ -172,7 +156,7 @@ class GuardedTrainerMixin:
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         if "loss" in logs and self.optimizer is not None:
             guarded = self.guarded_optimizer
-            logs.update(guard_logs(guarded))
+            logs.update(guard_metrics(guarded))
             last = guarded.last_result
             if "learning_rate" in logs and last is not None and last.lr == last.lr:
                 logs["lbw/scheduled_lr"] = logs["learning_rate"]
