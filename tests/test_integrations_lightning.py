@@ -99,3 +99,20 @@ def test_value_clipping_is_refused(data, tmp_path):
                         gradient_clip_algorithm="value")
     with pytest.raises(ValueError, match="gradient_clip_algorithm='value'"):
         trainer.fit(Lit(vocab, tmp_path / "v"), train_dataloaders=loader)
+
+
+def test_fp16_gradscaler_overflows_are_scaler_skips(data, tmp_path):
+    """Lightning's "16-mixed" plugin with a CPU GradScaler (Lightning itself picks bf16 on a
+    CPU): Lightning hands the scaled loss to on_before_backward and calls scaler.step(guarded)."""
+    vocab, loader = data
+    plugin = L.plugins.precision.MixedPrecision(
+        "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 24))
+    cb = GuardCallback()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, plugins=[plugin], accumulate_grad_batches=2,
+                        callbacks=[cb], logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(Lit(vocab, tmp_path / "fp16"), train_dataloaders=loader)
+    skipped = [r["step"] for r in events(tmp_path / "fp16", "scaler_skipped")]
+    assert cb.guarded.guard.step_count == 8 and skipped == list(range(len(skipped))) and skipped
+    assert not [r for r in decisions(tmp_path / "fp16") if "nonfinite" in str(r["rule"])]
+    assert 2.0 < cb.guarded.last_result.loss < 5.0  # the unscaled loss, in nats

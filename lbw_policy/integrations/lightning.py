@@ -23,7 +23,9 @@ acts once per optimizer step, on the mean loss of the ``N`` micro-batches (recor
   Trainer's ``gradient_clip_val`` to ``None``; ``"value"`` clipping is refused.
 - **mixed precision**: ``precision="bf16-mixed"`` needs nothing. With ``"16-mixed"`` Lightning
   calls ``scaler.step(guarded)``: an overflow is a ``scaler_skipped`` record (Lightning leaves
-  the unscaling to optimizers with ``_step_supports_amp_scaling``; the guard does it).
+  the unscaling to optimizers with ``_step_supports_amp_scaling``; the guard does it). Lightning
+  hands ``on_before_backward`` the scaled loss, so the callback divides it by
+  ``scaler.get_scale()`` (on CUDA one host read per micro-batch).
 - **logging**: after each optimizer step the callback logs
   :func:`~lbw_policy.integrations.optimizer.guard_metrics` with ``pl_module.log_dict``
   (``lbw/lr`` is the effective learning rate, ``lbw/lr_scale`` the scale, ...), so every
@@ -95,9 +97,16 @@ class GuardCallback(Callback):
             self._pending = None
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        if self.guarded is not None and pl_module.training:
-            # Lightning divides each micro-batch loss by accumulate_grad_batches
-            self.guarded.observe_loss(loss.detach() * trainer.accumulate_grad_batches)
+        if self.guarded is None or not pl_module.training:
+            return
+        # Lightning divides each micro-batch loss by accumulate_grad_batches and, with
+        # "16-mixed", hands over the loss already multiplied by the GradScaler's scale
+        loss = loss.detach() * trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            # get_scale() reads the scale on the host (on CUDA a sync per micro-batch)
+            loss = loss / scaler.get_scale()
+        self.guarded.observe_loss(loss)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
