@@ -120,6 +120,29 @@ def test_a_real_nan_loss_under_the_scaler_still_fires(chars, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_nan_loss_in_audit_mode_is_logged_and_never_stepped(chars, tmp_path):
+    """Audit mode changes nothing, but a step whose gradients hold inf/NaN (found_inf) is
+    still not taken: the scaler's contract."""
+    from lbw_policy.policy import resolve_policy_path
+
+    model = demo_gpt(chars.vocab_size)
+    _, opt = _guarded(model, tmp_path, "audit", policy=resolve_policy_path("audit-only"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for s, (x, y) in enumerate(batches(chars, 4)):
+        _, loss = model(x, y)
+        if s == 3:
+            loss = loss * float("nan")
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.scale(loss).backward()
+        opt.observe_loss(loss)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert opt.last_result.skipped and opt.guard.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.close()
+
+
 def test_bf16_autocast_needs_nothing(chars, tmp_path):
     model = demo_gpt(chars.vocab_size)
     _, opt = _guarded(model, tmp_path, "bf16", lr=1e-3)

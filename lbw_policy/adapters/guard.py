@@ -336,6 +336,9 @@ class Guard:
         except BaseException:  # optimizer.step() raised (out of memory, ...): the actuators are
             self._stop()       # unwound; rule timers have moved, so this guard cannot go on
             raise
+        if take is _not_taken and outcome.stepped:  # inf/NaN gradients: never stepped
+            outcome.stepped, outcome.skipped = False, True
+            self.governor.skipped_steps += 1
         self._end_step(outcome, due, packet)
         return StepResult(step=outcome.step, loss=due.values[0] if due else float("nan"),
                           skipped=outcome.skipped, lr=outcome.lr, decisions=outcome.records,
