@@ -99,10 +99,12 @@ class GuardedTrainerMixin:
         ``resume``, ...) used to wrap the Trainer's own optimizer; leave it out when
         ``optimizers=(GuardedOptimizer(...), scheduler)`` is given.
     :raises TypeError: neither a ``guard`` nor a :class:`GuardedOptimizer` was given.
+    :raises UnsupportedStack: DeepSpeed is enabled (checked here and again at train start).
     """
 
     def __init__(self, *args: Any, guard: Optional[dict] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        refuse_deepspeed(f"transformers.{type(self).__name__}", self.is_deepspeed_enabled)
         given = self.optimizer
         if given is not None and not isinstance(given, GuardedOptimizer):
             raise TypeError(f"{type(self).__name__}: optimizers=(...) holds a "
