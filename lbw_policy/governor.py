@@ -326,6 +326,23 @@ class Governor:
             pass
         return out.records
 
+    def record_scaler_skip(self, step: int) -> StepOutcome:
+        """A step a mixed-precision loss scaler skipped (overflowed gradients; the scaler's
+        normal business): one ``scaler_skipped`` record, counted as ``event:scaler_skipped``;
+        nothing is held, observed, evaluated or recovered, so no rule timer or actuator moves.
+        :returns: the outcome (``skipped``; ``fatal`` when the record could not be written)."""
+        if self.halted:
+            raise RuntimeError("the governed run has halted; build a new one to continue")
+        out = StepOutcome(step, step)
+        self._out = out
+        try:
+            self._write({"step": step, "event": "scaler_skipped", "rule": None,
+                         "enforced": self.enforce})
+            self.counts["event:scaler_skipped"] += 1
+        except _Stop:
+            pass
+        return out
+
     def _take_step(self, out: StepOutcome, optimizer: Any, group: Optional[dict],
                    step_fn: Optional[Callable[[], None]]) -> None:
         """before_step (any may veto) -> the step -> after_step in reverse order, always."""

@@ -112,10 +112,16 @@ class Guard:
         already holds a run is refused, so two runs never share one log by accident.
     :param host_scalars: on the CPU, let the scalar statistics read the loss and grad norm as
         Python floats (default ``True``; ``False`` runs them on tensors, as on an accelerator).
+    :param clip_grad_norm: clip the global L2 gradient norm to this value (``max_norm`` of
+        ``torch.nn.utils.clip_grad_norm_``) right before ``optimizer.step()``, *after* the
+        detectors read the unclipped gradients (default ``None``: no fixed clip). Use it instead
+        of calling ``clip_grad_norm_`` yourself before :meth:`step`, which would hide a spike
+        from ``grad_norm``. It reuses the step's one norm reduction (a ``grad_clip`` actuator,
+        which may change the gradients first, makes it reduce again).
     :raises PolicyError: the policy is invalid (nothing was applied).
     :raises ActuatorError: an actuator cannot act on this optimizer (nothing was applied: hooks
         a detector had attached are removed again).
-    :raises ValueError: an unknown ``transfer``.
+    :raises ValueError: an unknown ``transfer``; ``clip_grad_norm`` not a positive number.
     :raises FileExistsError: ``log_dir`` already holds a decision log and ``resume`` is false
         (nothing was applied).
     :raises RuntimeError: distributed: another rank failed to build its guard or loaded another
@@ -127,7 +133,13 @@ class Guard:
                  run_id: Optional[str] = None, rank: Optional[int] = None, registry=None,
                  fsync: bool = False, labels: Optional[Mapping[str, Any]] = None,
                  transfer: Optional[str] = None, host_scalars: bool = True, resume: bool = False,
-                 distributed: Any = "auto") -> None:
+                 clip_grad_norm: Optional[float] = None, distributed: Any = "auto") -> None:
+        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float))
+                                               and not isinstance(clip_grad_norm, bool)
+                                               and 0 < clip_grad_norm < float("inf")):
+            raise ValueError(f"clip_grad_norm must be a positive finite number or None, found "
+                             f"{clip_grad_norm!r}")
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         device = next((p.device for g in optimizer.param_groups for p in g["params"]),
                       torch.device("cpu"))
         self.dist = resolve_distributed(distributed)
@@ -341,11 +353,20 @@ class Guard:
                          optimizer=self.optimizer, guard_state=self.state_dict())
 
     # ------------------------------------------------------------------ the step
-    def step(self, loss: torch.Tensor) -> StepResult:
+    def step(self, loss: torch.Tensor, *, found_inf: Optional[torch.Tensor] = None) -> StepResult:
         """Govern one optimizer step. Call after ``loss.backward()``, instead of
         ``optimizer.step()``.
 
         :param loss: the step's loss, a scalar tensor (any device) or a float.
+        :param found_inf: ``torch.amp.GradScaler``'s flag for this step's gradients (a 0-dim
+            float tensor, ``> 0`` when they hold inf/NaN; the gradients must already be
+            unscaled). ``None`` (default): no scaler. With a flag set and a finite loss the step
+            is the scaler's overflow, its normal business: see :meth:`scaler_skipped` (no
+            detector runs, no rule is evaluated). With a flag set and a non-finite loss it is a
+            real fault: the step is governed as usual (the policy's rules see it) and the
+            optimizer step is never taken. Reading the flag and the loss's finiteness is one
+            host read (on CUDA one sync; GradScaler's own step takes the same sync for an
+            optimizer that is not fused).
         :return: :class:`StepResult`.
         :raises TrainingHalted: a ``halt`` command fired (enforce mode); its record is on disk.
         :raises DecisionLogError: the decision log could not be written; the guard is halted
@@ -355,6 +376,11 @@ class Guard:
         if self._closed or self._halted:
             raise RuntimeError("Guard has halted training; build a new one to continue" if self._halted
                                else "Guard is closed")
+        take = self.optimizer.step
+        if found_inf is not None:  # a GradScaler step (integrations.GuardedOptimizer)
+            overflow, take = self._scaler_flag(loss, found_inf)
+            if overflow:
+                return self.scaler_skipped()
         self._after_faults = []
         tel = Telemetry(self._step, loss, self.optimizer, self.model,         # 1. telemetry
                         host_scalars=self.host_scalars)
@@ -367,16 +393,69 @@ class Guard:
         try:
             outcome = self.governor.step(                                    # 5. govern, 6. step
                 self._step, emitted, faults, observation=tel, optimizer=self.optimizer,
-                step_fn=self.optimizer.step, after_step=functools.partial(self._after_step, tel),
+                step_fn=functools.partial(self._clip_and_step, tel, take),
+                after_step=functools.partial(self._after_step, tel),
                 signals_step=None if due is None else due.step, device_actions=device_actions)
         except BaseException:  # optimizer.step() raised (out of memory, ...): the actuators are
             self._stop()       # unwound; rule timers have moved, so this guard cannot go on
             raise
+        if take is _not_taken and outcome.stepped:  # inf/NaN gradients: never stepped
+            outcome.stepped, outcome.skipped = False, True
+            self.governor.skipped_steps += 1
         self._end_step(outcome, due, packet)
         return StepResult(step=outcome.step, loss=due.values[0] if due else float("nan"),
                           skipped=outcome.skipped, lr=outcome.lr, decisions=outcome.records,
                           signals=dict(self.governor.latest),
                           signals_step=None if due is None else due.step)
+
+    # ------------------------------------------------------------------ mixed precision, clipping
+    def _scaler_flag(self, loss: Any, found_inf: torch.Tensor) -> tuple:
+        """``(overflow, take)`` for a GradScaler step: ``overflow`` when the scaler found
+        inf/NaN but the loss is finite (one host read of both); ``take`` is the step function:
+        ``optimizer.step`` or, when the gradients hold inf/NaN, a step that is never taken."""
+        flag = found_inf.detach().reshape(()) > 0
+        finite = torch.isfinite(torch.as_tensor(loss).detach().reshape(())).to(flag.device)
+        found, loss_finite = torch.stack([flag, finite]).tolist()  # the one host read
+        if not found:
+            return False, self.optimizer.step
+        return bool(loss_finite), _not_taken
+
+    def scaler_skipped(self) -> StepResult:
+        """Record a step that ``torch.amp.GradScaler`` skips because the scaled gradients
+        overflowed (its normal business: it lowers the scale and retries next step). One
+        ``scaler_skipped`` record (no rule, no action); no detector runs, so no statistic is
+        updated with the overflowed gradients; no rule is evaluated and no actuator moves; the
+        step counter advances (records keep the framework's step numbering). A signal vector in
+        flight (deferred transport) lands at the next governed step.
+
+        :return: :class:`StepResult` with ``skipped=True`` and NaN ``loss``.
+        :raises DecisionLogError: the record could not be written (the guard is halted).
+        :raises RuntimeError: the guard was closed or has halted.
+        """
+        if self._closed or self._halted:
+            raise RuntimeError("Guard has halted training; build a new one to continue" if self._halted
+                               else "Guard is closed")
+        outcome = self.governor.record_scaler_skip(self._step)
+        self._step += 1
+        if outcome.fatal is not None:
+            self._stop()
+            raise outcome.fatal
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+        return StepResult(step=outcome.step, loss=float("nan"), skipped=True,
+                          lr=float("nan") if lr is None else float(lr),
+                          decisions=outcome.records, signals=dict(self.governor.latest))
+
+    def _clip_and_step(self, tel: Telemetry, take: Any) -> None:
+        """Stage 6: the fixed clip (``clip_grad_norm``), then the optimizer step."""
+        if self.clip_grad_norm is not None:
+            params = [p for p in tel.parameters() if p.grad is not None]
+            # the step's shared norm, unless a grad_clip actuator changed the gradients since
+            norm = None if "grad_clip" in self.actuators else tel.grad_norm
+            if norm is None:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params],
+                                                     error_if_nonfinite=False)
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, norm)
+        take()
 
     def _end_step(self, outcome: Any, due: Optional[Packet], packet: Packet) -> None:
         """Count the step, write the telemetry rows of the steps done, raise a halt."""
@@ -675,6 +754,11 @@ def _check_sharding(detectors: Mapping[str, Any], policy: Policy, optimizer: Any
             "shards: " + "; ".join(f"{d!r} ({policy.detectors[d].type}): {why}"
                                    for d, why in refused.items())
             + ". Remove them from the policy for this run (docs/distributed.md)")
+
+
+def _not_taken() -> None:
+    """The step function of a step whose gradients hold inf/NaN (GradScaler's ``found_inf``):
+    the optimizer step is not taken."""
 
 
 def _scalar(val: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
