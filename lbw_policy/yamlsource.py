@@ -158,9 +158,11 @@ def parse(text: str, col: "Collector") -> Any:
         indent = any(s in message for s in ("mapping values are not allowed",
                                              "expected <block end>", "could not find expected ':'",
                                              "did not find expected key"))
+        tab = "'\\t'" in message  # found character '\t' that cannot start any token
         col.add(PolicySyntaxError, (), message, line=mark.line + 1 if mark else None,
                 hint="check the indentation of this line and the one above it: YAML nests by "
-                "indentation, with spaces only" if indent else None)
+                "indentation, with spaces only" if indent else "YAML indents with spaces only: "
+                "replace the tab with spaces" if tab else None)
     except yaml.YAMLError as exc:
         col.add(PolicySyntaxError, (), f"invalid YAML: {exc}")
     except _TooDeep as exc:
@@ -350,7 +352,7 @@ def format_path(parts: Sequence) -> str:
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif _IDENT.match(str(part)):
+        elif _IDENT.fullmatch(str(part)):  # not .match: `$` also matches before a final "\n"
             out += ("." if out else "") + str(part)
         else:
             out += "[" + json.dumps(str(part), ensure_ascii=False) + "]"
