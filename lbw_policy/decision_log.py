@@ -48,6 +48,7 @@ GENESIS = "0" * 64
 RESERVED_KEYS = ("schema", "seq", "id", "time", "prev", "hash")
 _REQUIRED = ("schema", "seq", "id", "time", "run", "prev", "hash")
 _END_EVENTS = ("run_end", "halt")
+_LISTED_NOT_APPLIED = 5  # failed commits listed one by one in verify's warnings
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -469,8 +470,8 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
 
     A record whose commit failed is followed by an ``error`` record with ``not_applied``
     (:mod:`lbw_policy.governor`): its ``seq`` must name an earlier record of this log holding an
-    action of that actuator, else it is a problem; each such action is listed as a warning
-    (decided and logged, not applied).
+    action of that actuator, else it is a problem; such actions (decided and logged, not
+    applied) are warnings, the first five one by one, then their count.
 
     :param path: the ``.jsonl`` file.
     :param expected_count: number of records the run wrote, or ``None`` to skip the check.
@@ -485,6 +486,7 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
     expect_prev: Optional[str] = GENESIS  # None: previous line unreadable, skip the prev check
     torn = None
     acted: dict = {}  # seq -> actuators of that record's actions (for not_applied)
+    not_applied = 0
     for lineno, _, raw in _lines(path):
         if not raw.endswith(b"\n"):
             torn = (lineno, len(raw))
@@ -510,10 +512,15 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
         seq = rec.get("seq")
         found, failed = _check_not_applied(rec, acted)
         problems += [f"line {lineno}: {p}" for p in found]
-        warnings += [f"line {lineno}: {w}" for w in failed]
+        not_applied += len(failed)
+        if not_applied <= _LISTED_NOT_APPLIED:
+            warnings += [f"line {lineno}: {w}" for w in failed]
         expect_seq = seq + 1 if type(seq) is int else None
         expect_prev = stored if isinstance(stored, str) else None
 
+    if not_applied > _LISTED_NOT_APPLIED:
+        warnings.append(f"{not_applied - _LISTED_NOT_APPLIED} more actions were not applied "
+                        "(`lbw-policy audit --event error` lists them)")
     if expected_count is not None and expected_count != count:
         cause = "records deleted from the end" if count < expected_count else \
             "records appended after the run ended"

@@ -472,3 +472,22 @@ def test_verify_refuses_a_not_applied_that_names_no_earlier_action(tmp_path):
     report = verify_log(path)
     assert not report.ok and [p.split(":")[0] for p in report.problems] == ["line 2", "line 3"]
     assert "names record seq 0 and actuator 'skip_step'" in report.problems[0]
+
+
+def test_verify_lists_five_not_applied_actions_then_counts_the_rest(tmp_path):
+    from lbw_policy.decision_log import DecisionLog
+
+    path = tmp_path / "decisions.jsonl"
+    with DecisionLog(path) as log:
+        for step in range(7):
+            rec = log.append({"step": step, "event": "action", "rule": "r",
+                              "actions": [{"actuator": "lr_scale", "applied": 0.5}]})
+            log.append({"step": step, "event": "error", "error": "E: x", "not_applied": {
+                "seq": rec["seq"], "event": "action", "rule": "r",
+                "action": {"actuator": "lr_scale"}}})
+        log.append({"step": 7, "event": "run_end"})
+    report = verify_log(path)
+    assert report.ok and len(report.warnings) == 6
+    assert report.warnings[0] == ("line 2: lr_scale action of record seq 0 (action, rule r) was "
+                                  "not applied: its commit raised E: x")
+    assert report.warnings[5].startswith("2 more actions were not applied")
