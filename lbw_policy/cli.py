@@ -39,6 +39,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_run_summary(s: dict) -> None:
+    from lbw_policy.progress import format_decisions
+
     print(f"run directory     {s['run_dir']}")
     print(f"policy            {s['policy']['name']} ({s['policy']['mode']}, revision {s['policy']['revision'][:12]})")
     gated = s.get("gated_steps") or 0
@@ -50,13 +52,7 @@ def _print_run_summary(s: dict) -> None:
         print(f"{title:<18}" + ("- (no step was taken)" if value is None else f"{value:.4f} nats"))
     if s["halted"]:
         print(f"HALTED            {s['halted']['message']}")
-    for title, key in (("decisions by rule", "decisions_by_rule"),
-                       ("decisions by actuator", "decisions_by_actuator"),
-                       ("decisions by event", "decisions_by_event")):
-        table = s.get(key) or {}
-        print(f"{title}:" + ("" if table else " none"))
-        for name, n in sorted(table.items(), key=lambda kv: (-kv[1], kv[0])):
-            print(f"  {name:<28} {n}")
+    print(format_decisions(s))
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -5,10 +5,18 @@ The policy loader (:mod:`lbw_policy.policy`) and the policy-test loader
 (plain data only: no tags, no objects), bounded size (:data:`MAX_BYTES`, :data:`MAX_NODES`
 after alias expansion, :data:`MAX_DEPTH`), duplicate and non-string keys refused, and every
 problem reported with its file, line and YAML path (:class:`Collector`).
+
+Lines are what an editor shows: they count ``"\n"`` only (a ``"\r\n"`` file counts the same).
+YAML also breaks lines at U+0085, U+2028, U+2029 and a lone ``"\r"``; inside a quoted string
+those would shift every later line number, so the loader's marks are recounted
+(:class:`_Loader`). Nesting deeper than :data:`MAX_DEPTH` is refused at the line and path of the
+first node too deep, however deep the document goes (composing stops there, before Python's
+recursion limit).
 """
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import functools
 import json
@@ -17,6 +25,7 @@ import re
 from typing import Any, Optional, Sequence
 
 import yaml
+from yaml.events import AliasEvent, ScalarEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from lbw_policy.errors import (PolicyBoundsError, PolicyReferenceError, PolicySchemaError,
@@ -54,6 +63,52 @@ def decode(raw: bytes, source: str) -> str:
                                 hint="save the policy as UTF-8 YAML text") from None
 
 
+class _TooDeep(Exception):
+    """Composing stopped at a node deeper than :data:`MAX_DEPTH` (its mark and YAML path)."""
+
+    def __init__(self, mark: Any, path: PathT) -> None:
+        super().__init__(path)
+        self.mark, self.path = mark, path
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with two changes, both for the error messages:
+
+    * marks count lines by ``"\n"`` only (:meth:`get_mark`): what an editor shows, whatever
+      U+2028 / U+2029 / U+0085 / a lone ``"\r"`` a string holds;
+    * composing stops at the first node deeper than :data:`MAX_DEPTH` (:meth:`compose_node`
+      raises :class:`_TooDeep` with its mark and path). PyYAML's composer recurses once per
+      level, so a 1000-deep ``not`` chain would otherwise hit Python's recursion limit before
+      any line is known; and stopping there reads no further (PyYAML's scanner is quadratic in
+      the depth of flow collections).
+    """
+
+    def __init__(self, text: str) -> None:
+        self._newlines = [m.start() for m in re.finditer("\n", text)]
+        super().__init__(text)
+        self._path: list = []  # the keys / indices of the nodes being composed
+
+    def get_mark(self) -> Any:
+        mark = super().get_mark()
+        line = bisect.bisect_left(self._newlines, mark.index)  # "\n" before the mark
+        mark.line = line
+        mark.column = mark.index - (self._newlines[line - 1] + 1 if line else 0)
+        return mark
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # index: the key node of a mapping value, the position in a list, None for a key
+        self._path.append(index.value if isinstance(index, ScalarNode) else index)
+        try:
+            # a node at depth MAX_DEPTH + 1 (a plain key there is not: its value is)
+            if len(self._path) > MAX_DEPTH + 1 and not self.check_event(AliasEvent) and \
+                    (index is not None or not self.check_event(ScalarEvent)):
+                raise _TooDeep(self.peek_event().start_mark,
+                               tuple(p for p in self._path[1:] if p is not None))
+            return super().compose_node(parent, index)
+        finally:
+            self._path.pop()
+
+
 def parse(text: str, col: "Collector") -> Any:
     """Text -> plain data; fills ``col.lines``; syntax problems go to ``col`` (returns None)."""
     at = text.find("\x00")
@@ -66,7 +121,7 @@ def parse(text: str, col: "Collector") -> Any:
         return None
     loader = None
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         node = loader.get_single_node()
         if node is None:
             col.add(PolicySyntaxError, (), "empty policy file", hint="it holds only comments")
@@ -103,11 +158,17 @@ def parse(text: str, col: "Collector") -> Any:
         indent = any(s in message for s in ("mapping values are not allowed",
                                              "expected <block end>", "could not find expected ':'",
                                              "did not find expected key"))
+        tab = "'\\t'" in message  # found character '\t' that cannot start any token
         col.add(PolicySyntaxError, (), message, line=mark.line + 1 if mark else None,
                 hint="check the indentation of this line and the one above it: YAML nests by "
-                "indentation, with spaces only" if indent else None)
+                "indentation, with spaces only" if indent else "YAML indents with spaces only: "
+                "replace the tab with spaces" if tab else None)
     except yaml.YAMLError as exc:
         col.add(PolicySyntaxError, (), f"invalid YAML: {exc}")
+    except _TooDeep as exc:
+        col.add(PolicySyntaxError, exc.path, "nesting too deep",
+                expected=f"at most {MAX_DEPTH} levels", line=exc.mark.line + 1,
+                hint="a policy needs a few levels; generate flat `all`/`any` lists, not chains")
     except RecursionError:
         col.add(PolicySyntaxError, (), "nesting too deep", expected=f"at most {MAX_DEPTH} levels")
     finally:
@@ -121,7 +182,9 @@ def _count_nodes(root: Node, col: "Collector") -> Optional[int]:
     memo: dict[int, int] = {}
     active: set[int] = set()
 
-    def size(node: Node) -> int:
+    def size(node: Node, depth: int) -> int:
+        if depth > MAX_DEPTH:  # deeper through aliases: _walk reports it at its line and path
+            return 1
         if id(node) in active:
             col.add(PolicySyntaxError, (), "recursive alias: a node contains itself",
                     line=node_line(node), hint="a policy is a tree; remove the self-reference")
@@ -130,12 +193,12 @@ def _count_nodes(root: Node, col: "Collector") -> Optional[int]:
             active.add(id(node))
             children = node.value if isinstance(node, SequenceNode) else \
                 [n for pair in node.value for n in pair] if isinstance(node, MappingNode) else ()
-            memo[id(node)] = 1 + sum(size(child) for child in children)
+            memo[id(node)] = 1 + sum(size(child, depth + 1) for child in children)
             active.discard(id(node))
         return memo[id(node)]
 
     try:
-        return size(root)
+        return size(root, 0)
     except RecursionError:
         if not col.items:
             col.add(PolicySyntaxError, (), "nesting too deep",
@@ -289,7 +352,7 @@ def format_path(parts: Sequence) -> str:
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif _IDENT.match(str(part)):
+        elif _IDENT.fullmatch(str(part)):  # not .match: `$` also matches before a final "\n"
             out += ("." if out else "") + str(part)
         else:
             out += "[" + json.dumps(str(part), ensure_ascii=False) + "]"

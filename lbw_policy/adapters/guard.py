@@ -72,6 +72,8 @@ class StepResult:
     :param signals: every signal's latest value, ``{"<detector_id>.<signal>": float}``.
     :param signals_step: the step whose signals were evaluated (``step`` with the immediate
         transport, ``step - 1`` with the deferred one, ``None`` when none landed yet).
+    :param lr_scale: the ``lr_scale`` actuator's scale in force during the step (1.0 without
+        that actuator, and in ``audit`` mode).
     """
 
     step: int
@@ -81,6 +83,7 @@ class StepResult:
     decisions: list = field(default_factory=list)
     signals: dict = field(default_factory=dict)
     signals_step: Optional[int] = None
+    lr_scale: float = 1.0
 
 
 class Guard:
@@ -406,7 +409,8 @@ class Guard:
         return StepResult(step=outcome.step, loss=due.values[0] if due else float("nan"),
                           skipped=outcome.skipped, lr=outcome.lr, decisions=outcome.records,
                           signals=dict(self.governor.latest),
-                          signals_step=None if due is None else due.step)
+                          signals_step=None if due is None else due.step,
+                          lr_scale=outcome.lr_scale)
 
     # ------------------------------------------------------------------ mixed precision, clipping
     def _scaler_flag(self, loss: Any, found_inf: torch.Tensor) -> tuple:

@@ -26,6 +26,7 @@ from lbw_policy.demo.data import CharCorpus, load_text
 from lbw_policy.demo.gpt import GPT, GPTConfig, evaluate
 from lbw_policy.errors import TrainingHalted
 from lbw_policy.policy import load_policy, resolve_policy_path
+from lbw_policy.progress import Progress
 
 __all__ = ["TrainConfig", "train", "lr_lambda"]
 
@@ -58,7 +59,7 @@ class TrainConfig:
     eval_batches: int = 20          # fixed validation batches for the final loss
     out: Optional[str] = None       # run directory; default runs/<timestamp>-lr<lr>-s<seed>
     max_corpus_bytes: int = 2_000_000  # cap on the stdlib corpus when data is None
-    progress: bool = True           # tqdm progress bar on stderr
+    progress: bool = True           # tqdm progress bar on stderr (lbw_policy.progress.Progress)
     nproc: int = 1                  # processes of a DDP run started here (1: this process only)
 
 
@@ -184,34 +185,24 @@ def _train(config: TrainConfig) -> dict:
     guard = Guard(optimizer, policy, model=model, log_dir=out,
                   labels={"job": "lbw-policy run", "data": config.data or "<stdlib>", "seed": config.seed})
 
-    bar = None
-    if config.progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True)
     halted = None
     losses = []
     t0 = time.perf_counter()
-    try:
-        for _ in range(config.steps):
-            x, y = corpus.get_batch("train", config.batch_size, config.block_size, gen)
-            x, y = x.to(config.device), y.to(config.device)
-            _, loss = net(x, y)
-            loss.backward()
-            result = guard.step(loss)     # detect -> decide -> log -> actuate -> step or skip
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            losses.append(result.loss)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}",
-                                decisions=sum(v for k, v in guard.counts.items() if k.startswith("event:")),
-                                refresh=False)
+    try:  # the bar only: `lbw-policy run` prints its own summary, with the losses
+        with Progress(guard, total=config.steps, summary=False,
+                      disable=not config.progress or rank != 0) as progress:
+            for _ in range(config.steps):
+                x, y = corpus.get_batch("train", config.batch_size, config.block_size, gen)
+                x, y = x.to(config.device), y.to(config.device)
+                _, loss = net(x, y)
+                loss.backward()
+                result = guard.step(loss)     # detect -> decide -> log -> actuate -> step or skip
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                losses.append(result.loss)
+                progress.update(result)
     except TrainingHalted as exc:
         halted = {"step": exc.step, "rule": exc.rule, "message": str(exc)}
-    finally:
-        if bar is not None:
-            bar.close()
     elapsed = time.perf_counter() - t0
     gsum = guard.close()
     if rank != 0:  # rank 0 evaluates and writes the summary
