@@ -41,9 +41,9 @@ projections: the logits measured from projection outputs are those of the un-rot
 un-normalised queries and keys (the same norms; the position-dependent phase is left out).
 
 **Output head** (:func:`find_output_head`): HF ``model.get_output_embeddings()`` when the model
-has it; otherwise the last ``nn.Linear`` whose ``out_features`` is a vocabulary size (an
-``nn.Embedding``'s ``num_embeddings``, or the model's ``config.vocab_size``), tied to the input
-embedding or not.
+has it; otherwise the first ``nn.Linear`` whose weight is an ``nn.Embedding``'s weight (tied, as
+nanoGPT), else the last ``nn.Linear`` whose ``out_features`` is a vocabulary size (an
+``nn.Embedding``'s ``num_embeddings``, or the model's ``config.vocab_size``).
 """
 
 from __future__ import annotations
@@ -348,7 +348,8 @@ def find_attention_sites(model: nn.Module, q_pattern: Optional[str] = None, k_pa
 
 def find_output_head(model: nn.Module, who: str = "detector") -> str:
     """The name of the module that outputs the vocabulary logits (module docstring): HF
-    ``get_output_embeddings()``, else the last ``nn.Linear`` onto a vocabulary size.
+    ``get_output_embeddings()``, else an ``nn.Linear`` tied to an input embedding, else the last
+    ``nn.Linear`` onto a vocabulary size.
 
     :raises ValueError: no model, or no such module (the message lists the last projections
         and the vocabulary sizes looked for).
@@ -364,12 +365,16 @@ def find_output_head(model: nn.Module, who: str = "detector") -> str:
             head = None
         if isinstance(head, nn.Module) and id(head) in names:
             return names[id(head)]
-    vocab = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    tied = {id(m.weight) for m in embeddings}
+    vocab = {m.num_embeddings for m in embeddings}
     size = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(size, int):
         vocab.add(size)
     last = None
     for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and id(mod.weight) in tied:
+            return name            # tied to an input embedding: the output head for certain
         if isinstance(mod, nn.Linear) and mod.out_features in vocab:
             last = name
     if last is None:

@@ -411,6 +411,12 @@ def test_output_head_discovery():
     with pytest.raises(ValueError, match=r"no output head found: no nn.Linear onto a vocabulary size \(\[5\]\)"
                                          r".*\['0 \(4->4\)'\].*params.module"):
         find_output_head(nn.Sequential(nn.Linear(4, 4), nn.Embedding(5, 4)))
+    # tied wins over "last": a later Linear onto the same size (an auxiliary head) is not taken
+    class TiedThenAux(TiedLM):
+        def __init__(self):
+            super().__init__(32, [NanoAttention()])
+            self.aux = nn.Linear(32, V)
+    assert find_output_head(TiedThenAux()) == "lm_head"
     # the detector hooks it: log Z of the head's output
     model = indep(seed=2).train()
     det = LogitDivergence(warmup=1)
