@@ -86,6 +86,9 @@ SITE_PARAMS_SCHEMA = {
                "description": "attention heads; default: from the layer's attributes or config"},
 }
 
+#: ``q_pattern`` and ``k_pattern`` come together (JSON Schema ``dependentRequired``).
+SITE_PARAMS_DEPENDENCIES = {"q_pattern": ["k_pattern"], "k_pattern": ["q_pattern"]}
+
 
 def is_projection(mod: nn.Module) -> bool:
     """True for an ``nn.Linear`` and for a Hugging Face ``Conv1D`` (class name ``Conv1D``, a 2-D

@@ -60,7 +60,7 @@ import torch
 
 from lbw_policy.base import Detector
 
-from ._attention import SITE_PARAMS_SCHEMA, find_attention_sites, repeat_heads
+from ._attention import SITE_PARAMS_DEPENDENCIES, SITE_PARAMS_SCHEMA, find_attention_sites, repeat_heads
 
 __all__ = ["AttentionLogits", "logit_stats"]
 
@@ -99,6 +99,7 @@ class AttentionLogits(Detector):
     params_schema = {
         "type": "object",
         "additionalProperties": False,
+        "dependentRequired": SITE_PARAMS_DEPENDENCIES,
         "properties": {
             **SITE_PARAMS_SCHEMA,
             "causal": {"type": "boolean", "description": "mask keys after the query; default true"},

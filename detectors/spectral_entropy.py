@@ -124,7 +124,7 @@ import torch.nn.functional as F
 
 from lbw_policy.base import Detector
 
-from ._attention import SITE_PARAMS_SCHEMA, find_attention_sites
+from ._attention import SITE_PARAMS_DEPENDENCIES, SITE_PARAMS_SCHEMA, find_attention_sites
 from ._ring import to_device
 
 __all__ = ["SpectralEntropy", "normalized_spectral_entropy", "factored_entropy",
@@ -264,6 +264,7 @@ class SpectralEntropy(Detector):
     params_schema = {
         "type": "object",
         "additionalProperties": False,
+        "dependentRequired": SITE_PARAMS_DEPENDENCIES,
         "properties": {
             **SITE_PARAMS_SCHEMA,
             "warmup": {"type": "integer", "minimum": 1,

@@ -451,3 +451,25 @@ def test_early_warning_policy_starts_and_signals_are_finite(family, tmp_path):
         assert name in sig and math.isfinite(sig[name]), (name, sig.get(name))
     assert 0.0 < sig["qk.min"] <= 1.0 and sig["attn.max_logit"] > 0 and sig["logz.logz"] > 0
     assert not [r for r in res.decisions if r.get("event") == "error"]
+
+
+def test_a_policy_with_only_one_of_q_pattern_and_k_pattern_is_refused_at_load():
+    from lbw_policy.errors import PolicyError
+    from lbw_policy.policy import loads_policy
+
+    text = """apiVersion: lbw-policy/v1
+kind: Policy
+metadata: {name: t}
+detectors:
+  attn: {type: attention_logits, params: {qkv_pattern: "*.c_attn"}}
+  qk: {type: spectral_entropy, params: {q_pattern: "*.q"}}
+actuators:
+  lr_scale: {min: 0.1, max: 1.0}
+rules:
+  - name: r
+    when: {signal: qk.min, op: "<", value: 0.1}
+    then: [{actuator: lr_scale, multiply: 0.5}]
+"""
+    with pytest.raises(PolicyError, match=r":6: detectors\.qk\.params: 'k_pattern' is a dependency of 'q_pattern'"):
+        loads_policy(text)
+    assert loads_policy(text.replace('q_pattern: "*.q"', 'q_pattern: "*.q", k_pattern: "*.k"')).name == "t"
