@@ -1,9 +1,17 @@
-"""When did each detector warn, and when did the loss go bad? Read a run's telemetry and policy.
+"""When did each detector warn, and when did the loss go bad? Read a run's telemetry and policy;
+or run the lead-time study under slow-onset faults (``--study``).
 
 Usage::
 
     lbw-policy run --policy early-warning --data ../shared/data/tinyshakespeare.txt --lr 1e-1 --out runs/ew
     python benchmarks/early_warning.py runs/ew [--margin 0.3] [--format markdown|json]
+
+    # the lead-time study (issue 16): faults x onset rates x seeds, and clean runs at --lr and 3x
+    python benchmarks/early_warning.py --study benchmarks/results/early-warning \
+        --data ../shared/data/tinyshakespeare.txt [--faults lr-ramp,attn-lowp,wd-grow,combo] \
+        [--rates 1.02,1.03,1.05] [--seeds 0,1,2] [--lr 3e-3] [--fault-start 100] [--steps 300] \
+        [--policy early-warning] [--jobs 2]
+    python benchmarks/early_warning.py --study DIR --tiny      # a seconds-long smoke run (tests)
 
 Reads ``<run>/telemetry.jsonl`` (per-step loss and the signals computed that step),
 ``<run>/policy.yaml`` (the policy the run used, copied there by the guard) and
@@ -18,6 +26,28 @@ Reads ``<run>/telemetry.jsonl`` (per-step loss and the signals computed that ste
 - ``lead``: loss-event step minus crossing step (positive: the warning came first).
 
 NaN values never satisfy a leaf (as in the engine).
+
+**The study** (:func:`study`) trains the stress benchmark's demo GPT (``benchmarks/stress.py``,
+method ``lbw``: AdamW under ``--policy``, by default ``early-warning``, which is in audit mode:
+every rule's firing is logged, nothing changes) once per slow-onset fault (``stress.py``:
+"Slow-onset faults", from ``--fault-start`` growing at each ``--rates`` factor a step) and seed,
+and clean at ``--lr`` (the best AdamW learning rate of the stress grid, 3e-3 on tinyshakespeare)
+and at 3x it. Per run, per detector (the rules whose signals all come from that detector id):
+
+- ``warning``: the first ``fired`` record of any of its rules at or after the fault's first
+  step (a record before it is counted in ``pre_fault``, a false alarm);
+- ``loss_event``: as above (running minimum + ``--margin``);
+- ``divergence``: the first step whose loss is non-finite or above ``max(ln V, loss at step 0)``
+  (worse than the untrained model), if any;
+- ``lead = loss_event - warning`` (steps; positive: the warning came first).
+
+A detector of type ``loss_spike``, ``grad_norm`` or ``grad_norm_trend`` is *loss-only*, ``nonfinite`` is neither;
+every other is a *mechanism* detector. Per run: the first mechanism warning, its lead, and whether
+it came before the first loss-only warning (goals of issue 16: lead >= 50 steps and before any
+loss-only detector; on clean runs no mechanism rule fires). Outputs in the study directory:
+``results.jsonl`` (the stress harness' raw runs; an interrupted study resumes), ``runs/`` (each
+run's decision log, telemetry and policy), ``lead_times.json``, ``lead_times.md`` and
+``lead_times.png`` (lead per detector; and lead against onset rate when several are given).
 """
 
 from __future__ import annotations
@@ -127,12 +157,296 @@ def to_markdown(report: dict) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------ the lead-time study
+
+#: Detector types that only watch the loss (issue 16: the mechanism warnings must precede them).
+LOSS_ONLY = ("loss_spike", "grad_norm", "grad_norm_trend")
+#: Detector types that are neither (a non-finite value is a fault of its own).
+NEUTRAL = ("nonfinite",)
+#: The ``--tiny`` study: a 1-layer d=32 model, 60 steps, one seed, one fast onset rate.
+TINY = dict(steps=60, fault_start=20, rates="1.15", seeds="0", n_layer=1, n_head=2, n_embd=32,
+            block_size=16, batch_size=8, warmup_steps=5, eval_batches=2, jobs=1)
+
+
+def divergence_step(losses: list, vocab_size: int) -> Optional[int]:
+    """First step whose loss is non-finite (``None`` in the stress harness' list) or above
+    ``max(ln V, loss at step 0)`` nats (worse than the untrained model); ``None`` if none."""
+    bound = math.log(vocab_size)
+    if losses and losses[0] is not None and math.isfinite(losses[0]):
+        bound = max(bound, losses[0])
+    for step, loss in enumerate(losses):
+        if loss is None or not math.isfinite(loss) or loss > bound:
+            return step
+    return None
+
+
+def _rule_detectors(policy) -> dict:
+    """``{rule name: detector id}``: the detector all of a rule's signals come from, or the ids
+    joined by ``+`` when they come from several."""
+    out = {}
+    for rule in policy.rules:
+        ids = sorted({leaf["signal"].split(".", 1)[0] for leaf in _leaves(rule.when)})
+        out[rule.name] = "+".join(ids)
+    return out
+
+
+def _kind(policy, det: str) -> str:
+    types = {policy.detectors[d].type if d in policy.detectors else "actuator" for d in det.split("+")}
+    if types <= set(NEUTRAL):
+        return "neutral"
+    return "loss-only" if types <= set(LOSS_ONLY) else "mechanism"
+
+
+def lead_row(result: dict, margin: float) -> dict:
+    """The lead-time record of one stress-harness result (a run with a decision log)."""
+    run = Path(result["run_dir"])
+    policy = load_policy(run / "policy.yaml")
+    rep = analyse(run, margin)
+    start = result["fault_start"] if result["fault"] != "none" else 0
+    of_rule = _rule_detectors(policy)
+    detectors: dict = {}
+    for rule in rep["rules"]:
+        det = of_rule[rule["rule"]]
+        d = detectors.setdefault(det, {"kind": _kind(policy, det), "warning": None, "pre_fault": None,
+                                       "rules": []})
+        fired = _fired_steps(run, rule["rule"])
+        pre = [t for t in fired if t < start]
+        post = [t for t in fired if t >= start]
+        if fired:
+            d["rules"].append({"rule": rule["rule"], "first_fired": fired[0], "pre_fault": bool(pre)})
+        if pre and (d["pre_fault"] is None or pre[0] < d["pre_fault"]):
+            d["pre_fault"] = pre[0]
+        if post and (d["warning"] is None or post[0] < d["warning"]):
+            d["warning"] = post[0]
+    event = rep["loss_event"]
+    for d in detectors.values():
+        d["lead"] = None if d["warning"] is None or event is None else event - d["warning"]
+
+    def first(kind):
+        steps = [d["warning"] for d in detectors.values() if d["kind"] == kind and d["warning"] is not None]
+        return min(steps) if steps else None
+    mech, loss_only = first("mechanism"), first("loss-only")
+    return {"key": result["key"], "fault": result["fault"], "seed": result["seed"], "lr": result["lr"],
+            "onset_rate": result["onset_rate"] if result["fault"] != "none" else None,
+            "fault_start": result["fault_start"] if result["fault"] != "none" else None,
+            "steps": result["steps"], "loss_event": event,
+            "divergence": divergence_step(result["losses"], result["vocab_size"]),
+            "final_val_loss": result["final_val_loss"], "detectors": detectors,
+            "first_mechanism": mech, "first_loss_only": loss_only,
+            "mechanism_lead": None if mech is None or event is None else event - mech,
+            "mechanism_before_loss_only": None if mech is None else (loss_only is None or mech < loss_only),
+            # mechanism rules that fired on a clean run, or before a faulted run's fault began
+            "false_alarms": sorted(r["rule"] for d in detectors.values() if d["kind"] == "mechanism"
+                                   for r in d["rules"] if r["pre_fault"] or result["fault"] == "none"),
+            "run_dir": str(run)}
+
+
+def _fired_steps(run: Path, rule: str) -> list:
+    """Steps of the ``fired`` records of ``rule`` in ``<run>/decisions.jsonl``, in order."""
+    log = run / "decisions.jsonl"
+    steps = []
+    if log.exists():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("event") == "fired" and rec.get("rule") == rule:
+                steps.append(rec["step"])
+    return steps
+
+
+def summarise(rows: list) -> dict:
+    """Means over seeds per (fault, onset rate, detector), and the issue's goals per cell."""
+    cells: dict = {}
+    for r in rows:
+        if r["fault"] == "none":
+            continue
+        cell = cells.setdefault((r["fault"], r["onset_rate"]), {"runs": [], "detectors": {}})
+        cell["runs"].append(r)
+        for det, d in r["detectors"].items():
+            cell["detectors"].setdefault(det, {"kind": d["kind"], "leads": [], "warned": 0})
+            cd = cell["detectors"][det]
+            cd["warned"] += d["warning"] is not None
+            if d["lead"] is not None:
+                cd["leads"].append(d["lead"])
+    out = []
+    for (fault, rate), cell in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        runs = cell["runs"]
+        leads = [r["mechanism_lead"] for r in runs if r["mechanism_lead"] is not None]
+        out.append({
+            "fault": fault, "onset_rate": rate, "seeds": len(runs),
+            "loss_events": sum(r["loss_event"] is not None for r in runs),
+            "divergences": sum(r["divergence"] is not None for r in runs),
+            "mean_mechanism_lead": sum(leads) / len(leads) if leads else None,
+            "min_mechanism_lead": min(leads) if leads else None,
+            "mechanism_before_loss_only": sum(bool(r["mechanism_before_loss_only"]) for r in runs),
+            "goal_met": bool(runs) and len(leads) == len(runs) and min(leads) >= 50
+            and all(r["mechanism_before_loss_only"] for r in runs),
+            "detectors": {det: {"kind": d["kind"], "warned": d["warned"],
+                                "mean_lead": sum(d["leads"]) / len(d["leads"]) if d["leads"] else None}
+                          for det, d in sorted(cell["detectors"].items())},
+        })
+    clean = [r for r in rows if r["fault"] == "none"]
+    return {"cells": out, "clean": [{"lr": r["lr"], "seed": r["seed"], "false_alarms": r["false_alarms"],
+                                     "loss_event": r["loss_event"], "final_val_loss": r["final_val_loss"]}
+                                    for r in clean],
+            "zero_false_alarms": all(not r["false_alarms"] for r in clean)}
+
+
+def study_markdown(rows: list, summary: dict, config: dict) -> str:
+    out = [f"Lead-time study: policy `{config['policy']}`, lr {config['lr']:g} (clean also at "
+           f"{3 * config['lr']:g}), {config['steps']} steps, faults from step {config['fault_start']}, "
+           f"margin {config['margin']} nats. Lead = loss event - first warning (steps; positive: the "
+           "warning came first). Warnings before the fault's first step are false alarms, not leads.", "",
+           "| fault | onset rate | seeds | loss events | divergences | mean mechanism lead | min | "
+           "mechanism before loss-only | goal (>= 50, before loss-only) |", "|---" * 9 + "|"]
+    fmt = lambda v: "never" if v is None else f"{v:+.1f}" if isinstance(v, float) else str(v)  # noqa: E731
+    for c in summary["cells"]:
+        out.append(f"| {c['fault']} | {c['onset_rate']:g} | {c['seeds']} | {c['loss_events']} | {c['divergences']} | "
+                   f"{fmt(c['mean_mechanism_lead'])} | {fmt(c['min_mechanism_lead'])} | "
+                   f"{c['mechanism_before_loss_only']}/{c['seeds']} | {'met' if c['goal_met'] else 'missed'} |")
+    dets = sorted({d for c in summary["cells"] for d in c["detectors"]})
+    if dets:
+        out += ["", "Mean lead per detector (steps; warned in n of the seeds):", "",
+                "| fault | onset rate | " + " | ".join(f"`{d}`" for d in dets) + " |", "|---" * (len(dets) + 2) + "|"]
+        for c in summary["cells"]:
+            cellv = [c["detectors"].get(d) for d in dets]
+            out.append(f"| {c['fault']} | {c['onset_rate']:g} | " + " | ".join(
+                "" if v is None else f"{fmt(v['mean_lead'])} ({v['warned']}/{c['seeds']})" for v in cellv) + " |")
+    out += ["", "Per run:", "", "| run | loss event | divergence | first mechanism warning | first loss-only | "
+            "false alarms |", "|---" * 6 + "|"]
+    for r in rows:
+        out.append(f"| {r['key'].replace('|', ' ')} | {fmt(r['loss_event'])} | {fmt(r['divergence'])} | {fmt(r['first_mechanism'])} | "
+                   f"{fmt(r['first_loss_only'])} | {', '.join(r['false_alarms']) or 'none'} |")
+    out += ["", "Clean runs: " + ("no mechanism rule fired (zero false alarms)." if summary["zero_false_alarms"] else
+                                 "false alarms: " + "; ".join(f"lr {c['lr']:g} seed {c['seed']}: "
+                                                              f"{', '.join(c['false_alarms'])}"
+                                                              for c in summary["clean"] if c["false_alarms"]))]
+    return "\n".join(out)
+
+
+def plot_leads(rows: list, path: Path) -> None:
+    """Lead time per detector (one point per faulted run, coloured by fault); a second panel of
+    the mean lead against the onset rate when the study has several rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    faulted = [r for r in rows if r["fault"] != "none"]
+    dets = sorted({d for r in faulted for d in r["detectors"] if r["detectors"][d]["kind"] != "neutral"})
+    faults = sorted({r["fault"] for r in faulted})
+    rates = sorted({r["onset_rate"] for r in faulted})
+    ncols = 2 if len(rates) > 1 else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 + 5 * (ncols - 1) + 0.4 * len(dets), 4.5), squeeze=False)
+    ax = axes[0][0]
+    for j, fault in enumerate(faults):
+        for i, det in enumerate(dets):
+            leads = [r["detectors"][det]["lead"] for r in faulted if r["fault"] == fault and det in r["detectors"]
+                     and r["detectors"][det]["lead"] is not None]
+            off = (j - (len(faults) - 1) / 2) * 0.15
+            ax.scatter([i + off] * len(leads), leads, s=18, label=fault if i == 0 else None,
+                       color=f"C{j}")
+    ax.axhline(50, color="0.5", ls="--", lw=1, label="goal: 50 steps")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(dets)), dets, rotation=45, ha="right")
+    ax.set_xlim(-0.5, len(dets) - 0.5)
+    ax.set_ylabel("lead time (steps; > 0: warned before the loss event)")
+    ax.set_title("lead time per detector")
+    ax.legend(fontsize=7)
+    if ncols == 2:
+        ax = axes[0][1]
+        for i, det in enumerate(dets):
+            xs, ys = [], []
+            for rate in rates:
+                leads = [r["detectors"][det]["lead"] for r in faulted if r["onset_rate"] == rate
+                         and det in r["detectors"] and r["detectors"][det]["lead"] is not None]
+                if leads:
+                    xs.append(rate)
+                    ys.append(sum(leads) / len(leads))
+            if xs:
+                ax.plot(xs, ys, marker="o", label=det, color=f"C{i % 10}")
+        ax.axhline(50, color="0.5", ls="--", lw=1)
+        ax.set_xlabel("onset rate (growth factor per step)")
+        ax.set_ylabel("mean lead (steps, all faults and seeds)")
+        ax.set_title("lead time against onset rate")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def study(out: Path, data: str, faults: list, rates: list, seeds: list, lr: float, policy: str = "early-warning",
+          steps: int = 300, fault_start: int = 100, margin: float = 0.3, jobs: int = 2, threads: int = 1,
+          **shape) -> dict:
+    """Run the study (resuming from ``out/results.jsonl``) and write its reports; returns
+    ``{"rows": [...], "summary": {...}}``. ``shape``: further :class:`stress.RunSpec` fields
+    (``n_layer``, ``n_embd``, ``batch_size``, ...)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import stress  # benchmarks/stress.py: the training loop and the fault definitions
+
+    bad = set(faults) - set(stress.SLOW_FAULTS) - set(stress.FAULTS)
+    if bad:
+        raise ValueError(f"unknown faults {sorted(bad)}; choose from {list(stress.SLOW_FAULTS + stress.FAULTS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(method="lbw", data=str(Path(data).resolve()), steps=steps, policy=policy,
+                  fault_start=fault_start, **shape)
+    specs = [stress.RunSpec(lr=lr, seed=s, fault=f, onset_rate=r, **common)
+             for f in faults for r in rates for s in seeds]
+    specs += [stress.RunSpec(lr=x, seed=s, **common) for x in (lr, 3 * lr) for s in seeds]
+    config = {"data": common["data"], "policy": policy, "lr": lr, "steps": steps, "fault_start": fault_start,
+              "faults": faults, "rates": rates, "seeds": seeds, "margin": margin, **shape}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    results = stress._run_all(specs, out, jobs, threads, out / "results.jsonl")
+    rows = [lead_row(results[s.key], margin) for s in specs]
+    summary = summarise(rows)
+    (out / "lead_times.json").write_text(json.dumps({"config": config, "summary": summary, "runs": rows},
+                                                    indent=2) + "\n")
+    (out / "lead_times.md").write_text(study_markdown(rows, summary, config) + "\n")
+    plot_leads(rows, out / "lead_times.png")
+    return {"rows": rows, "summary": summary}
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories (with telemetry.jsonl)")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories (with telemetry.jsonl)")
     parser.add_argument("--margin", type=float, default=0.3, help="nats above the running minimum (default 0.3)")
     parser.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    st = parser.add_argument_group("the lead-time study (--study DIR)")
+    st.add_argument("--study", type=Path, metavar="DIR", help="run the study into DIR")
+    st.add_argument("--tiny", action="store_true", help="a seconds-long study (tests): " + ", ".join(
+        f"{k}={v}" for k, v in TINY.items()))
+    st.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"))
+    st.add_argument("--faults", default="lr-ramp,attn-lowp,wd-grow,combo")
+    st.add_argument("--rates", default="1.02,1.03,1.05", help="onset rates (growth factor per step)")
+    st.add_argument("--seeds", default="0,1,2")
+    st.add_argument("--lr", type=float, default=3e-3, help="the best learning rate (clean runs also at 3x)")
+    st.add_argument("--policy", default="early-warning")
+    st.add_argument("--steps", type=int, default=300)
+    st.add_argument("--fault-start", type=int, default=100)
+    st.add_argument("--jobs", type=int, default=2)
+    st.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.study is not None:
+        opts = dict(steps=args.steps, fault_start=args.fault_start, rates=args.rates, seeds=args.seeds,
+                    jobs=args.jobs)
+        shape = {}
+        if args.tiny:
+            opts.update({k: v for k, v in TINY.items() if k in opts})
+            shape = {k: v for k, v in TINY.items() if k not in opts}
+        try:
+            res = study(args.study, args.data, [f for f in args.faults.split(",") if f],
+                        [float(v) for v in opts["rates"].split(",")], [int(v) for v in opts["seeds"].split(",")],
+                        args.lr, args.policy, opts["steps"], opts["fault_start"], args.margin, opts["jobs"],
+                        args.threads, **shape)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(json.dumps(res["summary"], indent=2) if args.format == "json"
+              else (args.study / "lead_times.md").read_text())
+        return 0
+    if not args.runs:
+        parser.error("give run directories, or --study DIR")
     reports = [analyse(run, args.margin) for run in args.runs]
     if args.format == "json":
         print(json.dumps(reports, indent=2))

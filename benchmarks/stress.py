@@ -20,7 +20,10 @@ Methods (same model init, data order and seeds):
 
 Grid: learning rates x seeds. Faults at the best AdamW learning rate of the grid, from step 100:
 ``lr30`` (learning rate x30 for 30 steps), ``noise`` (10 batches of uniformly random tokens),
-``grad1e3`` (all gradients x1e3 for one step).
+``grad1e3`` (all gradients x1e3 for one step). Slow-onset faults (``lr-ramp``, ``attn-lowp``,
+``wd-grow``, ``eps-grow``, ``combo``; issue 16) grow geometrically from ``--fault-start`` at
+``--onset-rate`` a step: see "Slow-onset faults" below (:func:`fault_severity`), the one place
+that defines them.
 
 Metrics per run: final validation loss (nats), diverged (a non-finite loss), spike count (steps
 after warm-up whose loss exceeds the EMA of the earlier losses, decay 0.9, by more than 0.5
@@ -57,6 +60,7 @@ METHODS = ("adamw", "clip", "zclip", "spam", "stablespam", "lbwguard", "lbw", "l
 #: the policy each governed method runs (``lbw`` runs ``RunSpec.policy``)
 GOVERNED = {"lbw": None, "lbw-guard-eval": "lbw-guard-eval", "lbw-audit": None}
 FAULTS = ("lr30", "noise", "grad1e3")
+SLOW_FAULTS = ("lr-ramp", "attn-lowp", "wd-grow", "eps-grow", "combo")
 FAULT_START = 100
 
 
@@ -79,10 +83,128 @@ class RunSpec:
     device: str = "cpu"
     policy: str = "default"
     audit_policy: str = "audit-only"
+    fault_start: int = FAULT_START    # first step of a slow-onset fault
+    onset_rate: float = 1.03          # its growth factor per step
+    fault_bits: int = 3               # attn-lowp: mantissa bits kept in the attention logits
+    max_severity: float = 1e6         # cap of the growth factor
 
     @property
     def key(self) -> str:
-        return f"{self.method}|{self.lr:g}|{self.seed}|{self.fault}"
+        fault = self.fault
+        if fault in SLOW_FAULTS:
+            fault += f"@{self.fault_start}x{self.onset_rate:g}"
+            if fault.startswith(("attn-lowp", "combo")):
+                fault += f"b{self.fault_bits}"
+        return f"{self.method}|{self.lr:g}|{self.seed}|{fault}"
+
+
+# ---------------------------------------------------------------------- slow-onset faults (issue 16)
+#
+# Every slow-onset fault is defined here and nowhere else. From step ``fault_start`` (t0) on, the
+# fault's severity grows geometrically at ``onset_rate`` (r) a step, capped at ``max_severity``:
+#
+#     s(t) = 1                                     for t < t0
+#     s(t) = min(r ** (t - t0 + 1), max_severity)  for t >= t0
+#
+# and each fault scales one thing by s(t) (a fault the run does not have leaves it alone):
+#
+#     lr-ramp     learning rate         lr(t) = schedule(t) * s(t)           (LambdaLR factor)
+#     attn-lowp   attention logits      z = round_b(s(t) * q.k / sqrt(hs))   (every SDPA call)
+#     wd-grow     AdamW weight decay    wd(t) = WD_FAULT * s(t)              (0 before t0)
+#     eps-grow    Adam epsilon          eps(t) = eps * s(t)                  (a stall, not a blow-up)
+#     combo       lr-ramp and attn-lowp together, the same s(t)
+#
+# attn-lowp is low-precision attention with a drifting softmax scale: every
+# torch.nn.functional.scaled_dot_product_attention call of the forward (intercepted by a
+# TorchFunctionMode, so it works on any model that uses SDPA) computes its logits explicitly,
+# multiplies them by s(t) (a softmax temperature error growing from 1) and rounds them to
+# ``fault_bits`` explicit mantissa bits (bfloat16 keeps 7), round to nearest, as low-precision
+# attention kernels do (arXiv 2606.28116 injects such faults); the backward passes the rounding
+# straight through (the gradient of the unrounded logits). Masks: ``is_causal`` and ``attn_mask``
+# (bool: True = attend; float: added), as SDPA defines them; no dropout (the demo uses none).
+
+#: Base weight decay of ``wd-grow`` (the benchmark's AdamW has none): wd(t) = WD_FAULT * s(t).
+WD_FAULT = 0.1
+
+
+def fault_severity(spec: RunSpec, step: int) -> float:
+    """``s(t)`` of a slow-onset fault (the formula above); 1.0 before ``fault_start`` and for a
+    run without a slow-onset fault. Dimensionless."""
+    if spec.fault not in SLOW_FAULTS or step < spec.fault_start:
+        return 1.0
+    exponent = step - spec.fault_start + 1
+    cap = math.log(spec.max_severity) / math.log(spec.onset_rate) if spec.onset_rate > 1 else math.inf
+    return spec.max_severity if exponent >= cap else spec.onset_rate ** exponent
+
+
+def round_mantissa(x, bits: int):
+    """``x`` rounded to nearest with ``bits`` explicit mantissa bits (``frexp``: ``x = m 2^e``,
+    ``|m|`` in [0.5, 1); ``m`` rounded to a multiple of ``2^-(bits + 1)``); infinities and NaN
+    kept, same dtype. ``bits = 7`` is bfloat16's rounding of a float32 (no subnormal changes)."""
+    import torch
+
+    m, e = torch.frexp(x)
+    scale = float(2 ** (bits + 1))
+    r = torch.ldexp(torch.round(m * scale) / scale, e)
+    return torch.where(torch.isfinite(x), r, x)
+
+
+def _lowp_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                    gain: float = 1.0, bits: int = 3):
+    """SDPA with the ``attn-lowp`` fault: logits ``gain * scale * q k^T`` rounded to ``bits``
+    mantissa bits (straight-through backward). Shapes as SDPA: ``(..., L, E)`` queries,
+    ``(..., S, E)`` keys, ``(..., S, Ev)`` values -> ``(..., L, Ev)``."""
+    import torch
+
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    s = (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale) * gain
+    z = (q @ k.transpose(-2, -1)) * s
+    z = z + (round_mantissa(z.detach(), bits) - z.detach())          # straight-through rounding
+    L, S = z.shape[-2], z.shape[-1]
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=z.device).tril()
+        z = z.masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        z = z.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else z + attn_mask
+    return torch.softmax(z, dim=-1) @ v
+
+
+def attention_fault(spec: RunSpec, step: int):
+    """A context manager for step ``step``'s forward: the ``attn-lowp`` / ``combo`` fault from
+    ``fault_start`` on (every SDPA call replaced, see above), else nothing."""
+    import contextlib
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    if spec.fault not in ("attn-lowp", "combo") or step < spec.fault_start:
+        return contextlib.nullcontext()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gain, bits = fault_severity(spec, step), spec.fault_bits
+
+    class _LowPrecisionAttention(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is sdpa:
+                return _lowp_attention(*args, **kwargs, gain=gain, bits=bits)
+            return func(*args, **kwargs)
+
+    return _LowPrecisionAttention()
+
+
+def optimizer_fault(spec: RunSpec, step: int, optimizer, eps: float) -> None:
+    """Set step ``step``'s weight decay (``wd-grow``) or epsilon (``eps-grow``) on every param
+    group; nothing for other faults or before ``fault_start``."""
+    if step < spec.fault_start or spec.fault not in ("wd-grow", "eps-grow"):
+        return
+    s = fault_severity(spec, step)
+    for group in optimizer.param_groups:
+        if spec.fault == "wd-grow":
+            group["weight_decay"] = WD_FAULT * s
+        else:
+            group["eps"] = eps * s
 
 
 def _lr_factor(spec: RunSpec, step: int) -> float:
@@ -94,6 +216,8 @@ def _lr_factor(spec: RunSpec, step: int) -> float:
         f = spec.min_lr_ratio + 0.5 * (1 - spec.min_lr_ratio) * (1 + math.cos(math.pi * p))
     if spec.fault == "lr30" and FAULT_START <= step < FAULT_START + 30:
         f *= 30.0
+    if spec.fault in ("lr-ramp", "combo"):
+        f *= fault_severity(spec, step)
     return f
 
 
@@ -204,7 +328,9 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
             x = torch.randint(corpus.vocab_size, x.shape, generator=fault_gen)
             y = torch.randint(corpus.vocab_size, y.shape, generator=fault_gen)
         x, y = x.to(spec.device), y.to(spec.device)
-        _, loss = model(x, y)
+        optimizer_fault(spec, step, optimizer, common["eps"])
+        with attention_fault(spec, step):
+            _, loss = model(x, y)
         loss.backward()
         if spec.fault == "grad1e3" and step == FAULT_START:
             for p in params:
@@ -318,6 +444,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--faults", default=",".join(FAULTS), help="faults to run at the best AdamW LR ('' for none)")
     parser.add_argument("--fault-lr", type=float, default=None, help="LR for the faults (default: best AdamW LR of the grid)")
+    parser.add_argument("--fault-start", type=int, default=FAULT_START, help="first step of a slow-onset fault (default 100)")
+    parser.add_argument("--onset-rate", type=float, default=1.03, help="slow-onset growth factor per step (default 1.03)")
+    parser.add_argument("--fault-bits", type=int, default=3, help="attn-lowp: mantissa bits kept (default 3)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=64)
@@ -356,6 +485,12 @@ def main(argv=None) -> int:
     grid = [RunSpec(method=m, lr=lr, seed=s, **shape) for lr in lrs for s in seeds for m in methods]
     results = _run_all(grid, out, args.jobs, args.threads, results_file)
     faults = [f for f in args.faults.split(",") if f]
+    bad = set(faults) - set(FAULTS) - set(SLOW_FAULTS)
+    if bad:
+        parser.error(f"unknown faults {sorted(bad)}; choose from {list(FAULTS + SLOW_FAULTS)}")
+    if args.onset_rate <= 1.0 or args.fault_bits < 1:
+        parser.error("--onset-rate must be > 1 and --fault-bits >= 1")
+    shape.update(fault_start=args.fault_start, onset_rate=args.onset_rate, fault_bits=args.fault_bits)
     if faults:
         fault_lr = args.fault_lr if args.fault_lr is not None else best_adamw_lr(results, lrs, seeds)
         specs = [RunSpec(method=m, lr=fault_lr, seed=s, fault=f, **shape)

@@ -19,8 +19,9 @@ Signals (0-dim tensors):
 - ``worst_layer`` / ``worst_head``: where ``min_entropy`` is attained (layer index in module
   order, from 0).
 
-Capture and cost: forward hooks on the query/key ``nn.Linear`` projections (outputs
-``(B, T, n_head * hs)``) or on ``nn.MultiheadAttention`` (inputs ``query``, ``key``; projected
+Capture and cost: forward hooks on the query/key projections (``nn.Linear`` or HF ``Conv1D``;
+outputs ``(B, T, n_head * hs)``; one hook on a fused ``[q | k | v]`` projection, whose query
+and key features are sliced out) or on ``nn.MultiheadAttention`` (inputs ``query``, ``key``; projected
 here with ``in_proj_weight``), found as in ``detectors/_attention.py``. On every training-mode
 forward of a due step a hook copies a bounded slice, the first ``max_batch`` sequences and the
 last ``max_queries`` query positions (all key positions), so the cost is one small copy per
@@ -37,7 +38,12 @@ Masks: ``causal`` (default true) masks ``j > i``. For ``nn.MultiheadAttention`` 
 argument or a 2-D ``attn_mask`` (bool: ``True`` = not allowed; float: added to the logits) given
 to the forward is applied too; other masks (``key_padding_mask``, 3-D) are ignored.
 
-Params: ``q_pattern``, ``k_pattern``, ``mha_pattern``, ``n_head`` (as ``spectral_entropy``),
+Rotary embeddings and QK-norm applied after the projections (Llama, Mistral, torchtitan) are
+not in the measured logits: they are those of the projected, un-rotated queries and keys
+(``detectors/_attention.py``).
+
+Params: ``q_pattern``, ``k_pattern``, ``qkv_pattern``, ``mha_pattern``, ``n_head`` (layer
+discovery and its overrides, as ``spectral_entropy``),
 ``causal`` (default true), ``scale`` (default ``1/sqrt(hs)``), ``max_batch`` (default 4),
 ``max_queries`` (default 256). No warm-up: both signals are meaningful from the first step.
 
@@ -54,7 +60,7 @@ import torch
 
 from lbw_policy.base import Detector
 
-from ._attention import SITE_PARAMS_SCHEMA, find_attention_sites, repeat_heads
+from ._attention import SITE_PARAMS_DEPENDENCIES, SITE_PARAMS_SCHEMA, find_attention_sites, repeat_heads
 
 __all__ = ["AttentionLogits", "logit_stats"]
 
@@ -93,6 +99,7 @@ class AttentionLogits(Detector):
     params_schema = {
         "type": "object",
         "additionalProperties": False,
+        "dependentRequired": SITE_PARAMS_DEPENDENCIES,
         "properties": {
             **SITE_PARAMS_SCHEMA,
             "causal": {"type": "boolean", "description": "mask keys after the query; default true"},
@@ -105,11 +112,13 @@ class AttentionLogits(Detector):
         },
     }
 
-    def __init__(self, q_pattern: str = "*.attn.q_proj", k_pattern: str = "*.attn.k_proj",
+    def __init__(self, q_pattern: Optional[str] = None, k_pattern: Optional[str] = None,
                  mha_pattern: str = "*", n_head: Optional[int] = None, causal: bool = True,
-                 scale: Optional[float] = None, max_batch: int = 4, max_queries: int = 256) -> None:
+                 scale: Optional[float] = None, max_batch: int = 4, max_queries: int = 256,
+                 qkv_pattern: Optional[str] = None) -> None:
         super().__init__(q_pattern=q_pattern, k_pattern=k_pattern, mha_pattern=mha_pattern, n_head=n_head,
-                         causal=causal, scale=scale, max_batch=max_batch, max_queries=max_queries)
+                         causal=causal, scale=scale, max_batch=max_batch, max_queries=max_queries,
+                         qkv_pattern=qkv_pattern)
         self.causal = bool(causal)
         self.scale = scale
         self.max_batch = int(max_batch)
@@ -123,11 +132,13 @@ class AttentionLogits(Detector):
         self.every = int(every)
         p = self.params
         self.sites = find_attention_sites(model, p["q_pattern"], p["k_pattern"], p["mha_pattern"] or None,
-                                          p["n_head"], who="attention_logits")
+                                          p["n_head"], who="attention_logits", qkv_pattern=p["qkv_pattern"])
         self._cap = [dict() for _ in self.sites]
         for i, site in enumerate(self.sites):
             if site.mha is not None:
                 self._handles.append(site.mha.register_forward_hook(self._mha_hook(i), with_kwargs=True))
+            elif site.fused:   # one [q | k | v] projection: one hook takes both slices
+                self._handles.append(site.q.register_forward_hook(self._linear_hook(i, "qk")))
             else:
                 self._handles.append(site.q.register_forward_hook(self._linear_hook(i, "q")))
                 self._handles.append(site.k.register_forward_hook(self._linear_hook(i, "k")))
@@ -140,14 +151,19 @@ class AttentionLogits(Detector):
         return x.clone()
 
     def _linear_hook(self, i: int, which: str):
+        """Hook of a projection that outputs the features ``which`` (``"q"``, ``"k"`` or ``"qk"``)
+        of layer ``i``; each kind is cut out of the output by :meth:`AttentionSite.select`."""
+        site = self.sites[i]
+
         def hook(module, args, output):
             if not self._armed or not module.training or not torch.is_grad_enabled():
                 return
             if output.dim() != 3:
-                self._cap[i]["error"] = (f"attention_logits: {which}-projection of layer {self.sites[i].name!r} "
+                self._cap[i]["error"] = (f"attention_logits: {which}-projection of layer {site.name!r} "
                                          f"returned shape {tuple(output.shape)}, expected (B, T, features)")
                 return
-            self._cap[i][which] = self._slice(output, which == "q")
+            for w in which:
+                self._cap[i][w] = self._slice(site.select(w, output), w == "q")
             self._cap[i]["T"] = output.shape[1]
         return hook
 

@@ -16,8 +16,11 @@ Chowdhery et al. 2204.02311).
 Signals (0-dim tensors): ``logz`` (nats), ``drift`` (nats), ``max_logz`` (largest ``log Z`` of a
 single captured position, nats).
 
-Capture and cost: a forward hook on the module named by ``module`` (``fnmatch`` pattern matching
-exactly one module; default ``"lm_head"``; ``""`` is the model itself). Its output must be the
+Capture and cost: a forward hook on the output head, found without configuration
+(``detectors/_attention.py``, :func:`find_output_head`: HF ``get_output_embeddings()``, else the
+last ``nn.Linear`` onto the vocabulary, tied to the input embedding or not), or on the module
+named by ``module`` (an override: an ``fnmatch`` pattern matching exactly one module; ``""`` is
+the model itself). Its output must be the
 logits tensor ``(B, ..., V)``, or a tuple/list whose first element is (the demo GPT returns
 ``(logits, loss)``). On every training-mode forward of a due step the hook reduces the first
 ``max_batch`` sequences (default 8) to per-position ``log Z`` and adds them to device
@@ -28,7 +31,8 @@ guard; without a guard every training forward is captured and averaged). With gr
 accumulation every micro-batch of the due step is averaged. A due step with no capture since
 the previous evaluation emits nothing.
 
-:raises ValueError: (in :meth:`setup`) the pattern matches no module or several; (in
+:raises ValueError: (in :meth:`setup`) no output head found, or the pattern matches no module
+    or several; (in
     :meth:`compute`) the hooked module's output is not a tensor of logits.
 """
 
@@ -41,6 +45,7 @@ import torch
 
 from lbw_policy.base import Detector
 
+from ._attention import find_output_head
 from ._ring import stat_dtype
 
 __all__ = ["LogitDivergence"]
@@ -64,7 +69,8 @@ class LogitDivergence(Detector):
         "additionalProperties": False,
         "properties": {
             "module": {"type": "string",
-                       "description": "fnmatch pattern naming the module that outputs the logits; default 'lm_head'"},
+                       "description": "fnmatch pattern naming the module that outputs the logits; default: "
+                                      "the output head (get_output_embeddings, else the last Linear onto the vocabulary)"},
             "warmup": {"type": "integer", "minimum": 1,
                        "description": "evaluations averaged into the baseline; default 3"},
             "max_batch": {"type": "integer", "minimum": 1,
@@ -72,7 +78,7 @@ class LogitDivergence(Detector):
         },
     }
 
-    def __init__(self, module: str = "lm_head", warmup: int = 3, max_batch: int = 8) -> None:
+    def __init__(self, module: Optional[str] = None, warmup: int = 3, max_batch: int = 8) -> None:
         super().__init__(module=module, warmup=warmup, max_batch=max_batch)
         self.pattern = module
         self.warmup = int(warmup)
@@ -90,6 +96,10 @@ class LogitDivergence(Detector):
         self.every = int(every)
         if model is None:
             raise ValueError("logit_divergence needs the model: Guard(optimizer, policy, model=model)")
+        if self.pattern is None:
+            self.module_name = find_output_head(model, who="logit_divergence")
+            self._handle = model.get_submodule(self.module_name).register_forward_hook(self._hook)
+            return
         names = [n for n, _ in model.named_modules() if fnmatch.fnmatchcase(n, self.pattern)]
         if len(names) != 1:
             raise ValueError(f"logit_divergence: params.module {self.pattern!r} must match exactly one module, "

@@ -94,15 +94,19 @@ Signals (0-dim tensors):
 - ``cost_ms``: host wall-clock time of this evaluation in milliseconds (a Python float). On
   CUDA the evaluation is not waited for: this is the time to enqueue it.
 
-Params: ``q_pattern`` (default ``"*.attn.q_proj"``), ``k_pattern`` (default
-``"*.attn.k_proj"``), ``mha_pattern`` (``nn.MultiheadAttention`` modules to include, default
-``"*"``; ``""`` for none), ``n_head`` (default: the projections' parent's ``n_head`` /
-``num_heads`` attribute), ``warmup`` (evaluations averaged into the baseline, default 3),
+Params: the attention layers are found without configuration in the common model families
+(separate ``q_proj``/``k_proj``, ``wq``/``wk``, ``q``/``k``, ``query``/``key`` projections,
+grouped-query heads included; fused ``c_attn`` / ``qkv`` projections, HF ``Conv1D`` included;
+``nn.MultiheadAttention``); the overrides are ``q_pattern`` with ``k_pattern`` (``fnmatch``
+patterns of the query and key projections), ``qkv_pattern`` (fused projections),
+``mha_pattern`` (``nn.MultiheadAttention`` modules to include, default ``"*"``; ``""`` for
+none) and ``n_head`` (default: from the layer's attributes or config). Then ``warmup`` (evaluations averaged into the baseline, default 3),
 ``update`` (compute the update term, default true), ``layers`` (number of ``layer<i>.min``
 signals, default 0). Layer discovery is described in ``detectors/_attention.py``.
 
-Errors: :meth:`setup` raises ``ValueError`` when no attention layer matches, the patterns pair
-up badly, the head count is unknown, or ``layers`` exceeds the layers found.
+Errors: :meth:`setup` raises ``ValueError`` when no attention layer is found (the message lists
+the model's projections), the patterns pair up badly, the head count is unknown, or ``layers``
+exceeds the layers found.
 
 Sources: arXiv 2606.28116 (QK spectral entropy as an early-warning signal); Roy & Vetterli
 2007, "The effective rank: a measure of effective dimensionality" (EUSIPCO), for the
@@ -120,7 +124,7 @@ import torch.nn.functional as F
 
 from lbw_policy.base import Detector
 
-from ._attention import SITE_PARAMS_SCHEMA, find_attention_sites
+from ._attention import SITE_PARAMS_DEPENDENCIES, SITE_PARAMS_SCHEMA, find_attention_sites
 from ._ring import to_device
 
 __all__ = ["SpectralEntropy", "normalized_spectral_entropy", "factored_entropy",
@@ -260,6 +264,7 @@ class SpectralEntropy(Detector):
     params_schema = {
         "type": "object",
         "additionalProperties": False,
+        "dependentRequired": SITE_PARAMS_DEPENDENCIES,
         "properties": {
             **SITE_PARAMS_SCHEMA,
             "warmup": {"type": "integer", "minimum": 1,
@@ -272,11 +277,11 @@ class SpectralEntropy(Detector):
     #: ``"auto"`` (CUDA route on CUDA weights, CPU route elsewhere), ``"jacobi"`` or ``"lapack"``.
     solver: str = "auto"
 
-    def __init__(self, q_pattern: str = "*.attn.q_proj", k_pattern: str = "*.attn.k_proj",
+    def __init__(self, q_pattern: Optional[str] = None, k_pattern: Optional[str] = None,
                  mha_pattern: str = "*", n_head: Optional[int] = None, warmup: int = 3,
-                 update: bool = True, layers: int = 0) -> None:
+                 update: bool = True, layers: int = 0, qkv_pattern: Optional[str] = None) -> None:
         super().__init__(q_pattern=q_pattern, k_pattern=k_pattern, mha_pattern=mha_pattern,
-                         n_head=n_head, warmup=warmup, update=update, layers=layers)
+                         n_head=n_head, warmup=warmup, update=update, layers=layers, qkv_pattern=qkv_pattern)
         self.warmup = int(warmup)
         self.update = bool(update)
         self.layers = int(layers)
@@ -300,7 +305,7 @@ class SpectralEntropy(Detector):
         self.every = int(every)
         p = self.params
         self.sites = find_attention_sites(model, p["q_pattern"], p["k_pattern"], p["mha_pattern"] or None,
-                                          p["n_head"], who="spectral_entropy")
+                                          p["n_head"], who="spectral_entropy", qkv_pattern=p["qkv_pattern"])
         if self.layers > len(self.sites):
             raise ValueError(f"spectral_entropy: params.layers is {self.layers} but the model has "
                              f"{len(self.sites)} attention layers ({[s.name for s in self.sites]})")

@@ -158,8 +158,11 @@ def test_spectral_entropy_multihead_attention_and_grouped_query():
 
 
 def test_spectral_entropy_setup_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"no attention layer found: q_pattern '\*\.attn\.q_proj'"):
+    with pytest.raises(ValueError, match=r"no attention layer found: no sibling query/key projections named "
+                                         r"q_proj\+k_proj.*projections .*: 0 \(4->4\)"):
         SpectralEntropy().setup(nn.Sequential(nn.Linear(4, 4)), None)
+    with pytest.raises(ValueError, match=r"no attention layer found: q_pattern '\*\.attn\.q_proj'"):
+        SpectralEntropy(q_pattern="*.attn.q_proj", k_pattern="*.attn.k_proj").setup(nn.Sequential(nn.Linear(4, 4)), None)
     with pytest.raises(ValueError, match=r"params\.layers is 3 but the model has 2 attention layers"):
         SpectralEntropy(layers=3).setup(_gpt(), None)
     with pytest.raises(ValueError, match=r"needs the model"):

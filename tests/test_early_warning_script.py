@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,3 +71,118 @@ def test_loss_event_and_first_crossings(tmp_path):
     md = ew.to_markdown(rep)
     assert "at step **6**" in md and "| `tr.slope` | > 0.1 | 4 | +2 |" in md
     assert ew.main([str(tmp_path), "--format", "json"]) == 0
+
+
+# ------------------------------------------------------------------------ the lead-time study
+
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+STUDY_POLICY = """
+apiVersion: lbw-policy/v1
+kind: Policy
+metadata: {name: ew-study-test}
+mode: audit
+detectors:
+  loss: {type: loss_spike}
+  tr: {type: grad_norm_trend}
+  upd: {type: update_ratio}
+  nan: {type: nonfinite}
+actuators:
+  lr_scale: {min: 0.1, max: 1.0}
+rules:
+  - name: spike
+    when: {signal: loss.zscore, op: ">", value: 4}
+    then: [{actuator: lr_scale, multiply: 0.5}]
+  - name: trend
+    when: {signal: tr.slope, op: ">", value: 0.1}
+    then: [{actuator: lr_scale, multiply: 0.5}]
+  - name: upd-a
+    when: {signal: upd.max, op: ">", value: 0.2}
+    then: [{actuator: lr_scale, multiply: 0.5}]
+  - name: upd-b
+    when: {signal: upd.ratio, op: ">", value: 0.1}
+    then: [{actuator: lr_scale, multiply: 0.5}]
+  - name: nan
+    when: {signal: nan.any, op: ">", value: 0}
+    then: [{actuator: lr_scale, multiply: 0.5}]
+"""
+
+
+def _study_run(tmp_path, fired, losses):
+    (tmp_path / "policy.yaml").write_text(STUDY_POLICY)
+    with open(tmp_path / "telemetry.jsonl", "w") as f:
+        for step, loss in enumerate(losses):
+            f.write(json.dumps({"step": step, "loss": loss, "signals": {}}) + "\n")
+    (tmp_path / "decisions.jsonl").write_text("".join(
+        json.dumps({"event": "fired", "rule": rule, "step": step}) + "\n" for rule, step in fired))
+
+
+def test_lead_row_separates_pre_fault_alarms_from_warnings_and_classifies_detectors(tmp_path):
+    ew = _module()
+    losses = [4.3, 3.0, 2.8, 2.7, 2.6, 2.6, 2.7, 2.95, 4.5, None]   # event at 7 (2.95 > 2.6 + 0.3)
+    # upd: upd-b fires before the fault (step 2: a false alarm), upd-a at 4 and upd-b again at 5;
+    # the loss-only trend fires at 6; nan at 9
+    _study_run(tmp_path, [("upd-b", 2), ("upd-a", 4), ("upd-b", 5), ("trend", 6), ("nan", 9)], losses)
+    result = {"key": "k", "fault": "lr-ramp", "seed": 0, "lr": 3e-3, "onset_rate": 1.05, "fault_start": 3,
+              "steps": 10, "losses": [v if v is not None else None for v in losses], "vocab_size": 65,
+              "final_val_loss": None, "run_dir": str(tmp_path)}
+    row = ew.lead_row(result, margin=0.3)
+    d = row["detectors"]
+    assert {k: v["kind"] for k, v in d.items()} == {"loss": "loss-only", "tr": "loss-only", "upd": "mechanism",
+                                                      "nan": "neutral"}
+    assert (d["upd"]["warning"], d["upd"]["pre_fault"], d["upd"]["lead"]) == (4, 2, 3)
+    assert (d["tr"]["warning"], d["tr"]["lead"]) == (6, 1)
+    assert d["loss"]["warning"] is None and d["nan"]["warning"] == 9
+    assert row["loss_event"] == 7 and row["first_mechanism"] == 4 and row["first_loss_only"] == 6
+    assert row["mechanism_lead"] == 3 and row["mechanism_before_loss_only"] is True
+    assert row["false_alarms"] == ["upd-b"]
+    # 4.5 > ln 65 = 4.17 and > the loss at step 0 (4.3): divergence at 8
+    assert row["divergence"] == 8
+    # the same run clean: every mechanism rule that fired is a false alarm, nothing is a lead
+    clean = ew.lead_row({**result, "fault": "none"}, margin=0.3)
+    assert clean["false_alarms"] == ["upd-a", "upd-b"] and clean["detectors"]["upd"]["warning"] == 2
+    summary = ew.summarise([row, clean])
+    (cell,) = summary["cells"]
+    assert cell["mean_mechanism_lead"] == 3 and cell["goal_met"] is False      # 3 < 50
+    assert summary["zero_false_alarms"] is False
+    # two onset rates: the plot gets its lead-against-rate panel
+    other = {**row, "onset_rate": 1.02, "detectors": {**row["detectors"], "upd": {**d["upd"], "lead": 60}}}
+    ew.plot_leads([row, other, clean], tmp_path / "leads.png")
+    assert (tmp_path / "leads.png").stat().st_size > 10_000
+    assert [c["onset_rate"] for c in ew.summarise([row, other])["cells"]] == [1.02, 1.05]
+
+
+def test_tiny_study_end_to_end(tmp_path):
+    """``--study --tiny``: every fault and both clean runs, reports written; the loss event and
+    the fault injection checked against the harness' own per-step losses and learning rates."""
+    ew = _module()
+    out = tmp_path / "study"
+    assert ew.main(["--study", str(out), "--tiny", "--data", str(SHAKESPEARE), "--format", "json"]) == 0
+    rep = json.loads((out / "lead_times.json").read_text())
+    assert (out / "lead_times.png").stat().st_size > 10_000 and "| lr-ramp | 1.15 |" in (out / "lead_times.md").read_text()
+    results = {r["key"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    rows = rep["runs"]
+    assert sorted(r["fault"] for r in rows) == ["attn-lowp", "combo", "lr-ramp", "none", "none", "wd-grow"]
+    for row in rows:
+        losses = results[row["key"]]["losses"]
+        best, event = float("inf"), None
+        for step, loss in enumerate(losses):
+            best = min(best, loss)
+            if loss > best + 0.3:
+                event = step
+                break
+        assert row["loss_event"] == event
+        for det in row["detectors"].values():
+            if det["warning"] is not None and event is not None:
+                assert det["lead"] == event - det["warning"]
+    start, rate = 20, 1.15
+    clean = results["lbw|0.003|0|none"]
+    ramp = results[f"lbw|0.003|0|lr-ramp@{start}x{rate:g}"]
+    for t, (a, b) in enumerate(zip(ramp["lrs"], clean["lrs"])):
+        assert a / b == pytest.approx(rate ** (t - start + 1) if t >= start else 1.0, rel=1e-5)
+    # faults leave every step before their first untouched; the attention fault changes the
+    # loss of its first step, the weight-decay fault (applied by that step's update) the next
+    for key, first in ((f"attn-lowp@{start}x{rate:g}b3", start), (f"wd-grow@{start}x{rate:g}", start + 1)):
+        losses = results[f"lbw|0.003|0|{key}"]["losses"]
+        assert losses[:first] == clean["losses"][:first] and losses[first] != clean["losses"][first]
+    assert rep["summary"]["clean"][1]["lr"] == pytest.approx(9e-3)
