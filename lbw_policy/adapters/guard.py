@@ -102,10 +102,21 @@ class Guard:
         already holds a run is refused, so two runs never share one log by accident.
     :param host_scalars: on the CPU, let the scalar statistics read the loss and grad norm as
         Python floats (default ``True``; ``False`` runs them on tensors, as on an accelerator).
+    :param sign_key: sign the decision log (:mod:`lbw_policy.signing`): a private key file
+        (``lbw-policy keygen``), an ``Ed25519PrivateKey`` or a
+        :class:`~lbw_policy.signing.Signer`. Default ``None``: the file named by the
+        environment variable ``LBW_POLICY_SIGN_KEY`` if it is set and not empty, else unsigned.
+    :param witness: with a key, where each signed checkpoint is also reported, outside the run
+        directory: a file path, a ``logging.Logger``, a callable taking the entry (a dict), or
+        a list of these (:class:`~lbw_policy.signing.Witness`). Default ``None``.
+    :param checkpoint_every: with a key, a signed checkpoint every this many records (default
+        100), and a final one at :meth:`close`.
     :raises PolicyError: the policy is invalid (nothing was applied).
     :raises ActuatorError: an actuator cannot act on this optimizer (nothing was applied: hooks
         a detector had attached are removed again).
     :raises ValueError: an unknown ``transfer``.
+    :raises lbw_policy.signing.SigningKeyError: the signing key cannot be used (nothing was
+        applied).
     :raises FileExistsError: ``log_dir`` already holds a decision log and ``resume`` is false
         (nothing was applied).
     """
@@ -114,7 +125,16 @@ class Guard:
                  model: Optional[torch.nn.Module] = None, log_dir: Union[str, os.PathLike, None] = None,
                  run_id: Optional[str] = None, rank: int = 0, registry=None, fsync: bool = False,
                  labels: Optional[Mapping[str, Any]] = None, transfer: Optional[str] = None,
-                 host_scalars: bool = True, resume: bool = False) -> None:
+                 host_scalars: bool = True, resume: bool = False, sign_key: Any = None,
+                 witness: Any = None, checkpoint_every: int = 100) -> None:
+        signer = _signer(sign_key)  # a bad key fails before anything is built
+        if signer is not None:
+            from lbw_policy.signing import make_witness
+
+            witness = make_witness(witness)  # TypeError for a witness of the wrong kind
+            if type(checkpoint_every) is not int or checkpoint_every < 1:
+                raise ValueError(f"checkpoint_every: expected an integer >= 1, found "
+                                 f"{checkpoint_every!r}")
         if registry is None:
             from lbw_policy.plugins import get_registry
 
@@ -195,7 +215,8 @@ class Guard:
                       "torch": torch.__version__, "python": platform.python_version(),
                       "plugins": self._plugin_versions}
         run_labels.update(labels or {})
-        self.log = DecisionLog(self.log_dir / "decisions.jsonl", run=run_labels, fsync=fsync)
+        self.log = DecisionLog(self.log_dir / "decisions.jsonl", run=run_labels, fsync=fsync,
+                               signer=signer, checkpoint_every=checkpoint_every, witness=witness)
         (self.log_dir / "policy.yaml").write_text(policy.text, encoding="utf-8")
         self._telemetry_file = open_telemetry(self.log_dir / "telemetry.jsonl")
         self.governor = Governor(policy, self.actuators, self._write,
@@ -211,7 +232,11 @@ class Guard:
         self._due_in_step: Any = "in flight"
         self._halted = False
         self._closed = False
-        self._write({"step": 0, "event": "run_start", "mode": policy.mode,
+        signing = {"signing": {"algorithm": signer.algorithm, "key": signer.fingerprint,
+                               "checkpoint_every": checkpoint_every}} if signer else {}
+        self._write({"step": 0, "event": "run_start", "mode": policy.mode, **signing,
+                     # the description goes here only, not into every record
+                     "policy": dict(self._policy_label(), description=policy.description),
                      "transfer": self.transport.mode, "delay": self.transport.delay,
                      "gate": {"mode": self.gate_mode, "rules": [r.name for r in gated]},
                      "detectors": {k: {"type": v.type, "params": dict(v.params), "every": v.every}
@@ -245,8 +270,9 @@ class Guard:
         return self.governor.engine
 
     def _policy_label(self) -> dict:
+        """The policy fields of every record (``run_start`` adds the description)."""
         return {"name": self.policy.name, "revision": self.policy.revision,
-                "owner": self.policy.owner, "description": self.policy.description}
+                "owner": self.policy.owner}
 
     def _write(self, record: dict) -> dict:
         record = {"policy": self._policy_label(), "mode": self.policy.mode, **record}
@@ -555,6 +581,16 @@ class Guard:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _signer(sign_key: Any) -> Any:
+    """The :class:`~lbw_policy.signing.Signer` for ``sign_key`` (``None``: the file named by
+    ``LBW_POLICY_SIGN_KEY``, if set), or ``None`` for an unsigned log."""
+    from lbw_policy.signing import SIGN_KEY_ENV, load_signer
+
+    if sign_key is None:
+        sign_key = os.environ.get(SIGN_KEY_ENV) or None
+    return None if sign_key is None else load_signer(sign_key)
 
 
 def _scalar(val: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
