@@ -163,8 +163,10 @@ def _read_key(path: PathLike, what: str) -> bytes:
     except FileNotFoundError:
         raise SigningKeyError(f"{what} {str(path)!r} not found (create a key pair with "
                               "`lbw-policy keygen DIR`)") from None
-    except (InputError, OSError) as exc:
-        raise SigningKeyError(f"{what} {str(path)!r}: {exc}") from None
+    except InputError as exc:
+        raise SigningKeyError(str(exc)) from None
+    except OSError as exc:
+        raise SigningKeyError(f"{what} {str(path)!r}: {exc.strerror or exc}") from None
 
 
 def load_signer(source: Any) -> Signer:
