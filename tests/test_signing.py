@@ -494,3 +494,25 @@ def test_cli_run_signs_and_prints_the_witness_to_stdout(shakespeare, keys, tmp_p
     code, text = _verify(capsys, tmp_path / "run", "--public-key", keys["pub"], "--witness",
                          witness)
     assert code == 0, text
+
+
+def test_a_resumed_signed_run_verifies_as_one_log(keys, tmp_path, capsys):
+    import torch
+
+    from lbw_policy import Guard
+
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters())
+    guard = Guard(opt, "default", model=model, log_dir=tmp_path / "run", sign_key=keys["key"])
+    _governed_steps(guard, model, opt, n=4)
+    state = guard.state_dict()
+    guard.close()
+    resumed = Guard(opt, "default", model=model, log_dir=tmp_path / "run", sign_key=keys["key"],
+                    resume=True)
+    resumed.load_state_dict(state)
+    _governed_steps(resumed, model, opt, n=4)
+    resumed.close()
+    events = [r["event"] for r in read_log(tmp_path / "run" / "decisions.jsonl").records]
+    assert events.count("run_start") == 2 and events[-1] == "checkpoint"
+    code, out = _verify(capsys, tmp_path / "run", "--public-key", keys["pub"])
+    assert code == 0, out
