@@ -230,7 +230,9 @@ class Witness:
     callable (called with the witness entry, a dict), or a list of these.
 
     A witness that fails (disk full, a callable that raises) does not stop training: it is
-    warned about once and the checkpoint stays in the log.
+    warned about once and the checkpoint stays in the log. Targets are called after the
+    checkpoint is on disk, while the log's lock is held: a callable that talks to a network
+    should queue the entry and return.
 
     Entry: ``{"schema": WITNESS_SCHEMA, "checkpoint": <signed statement>, "signature": str}``.
     """
