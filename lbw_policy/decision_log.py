@@ -381,6 +381,8 @@ class DecisionLog:
                 f"record (schema {last.get('schema')!r}, hash check failed or fields missing); "
                 "refusing to extend it (start a new log file)")
         self.seq, self.last_hash = seq + 1, stored
+        if type(last.get("step")) is int:  # a checkpoint names the last step logged
+            self._last_step = last["step"]
 
     @property
     def closed(self) -> bool:
@@ -413,7 +415,7 @@ class DecisionLog:
                 raise DecisionLogError(f"decision log {self.path} is closed")
             full = self._write(body)
             self._final_written = False
-            if isinstance(body.get("step"), int):
+            if type(body.get("step")) is int:  # a checkpoint names the last step logged
                 self._last_step = body["step"]
             if self.signer is not None:
                 self._since_checkpoint += 1
@@ -421,11 +423,11 @@ class DecisionLog:
                     self._checkpoint(final=False)
             return full
 
-    def _write(self, body: dict) -> dict:
+    def _write(self, body: dict, time: Optional[str] = None) -> dict:
         """Chain, write and flush one record (the lock is held)."""
         seq = self.seq
         full = {"schema": SCHEMA, "seq": seq, "id": f"{self.run_id}.{seq}",
-                "time": _utc_now(), "run": sanitize(self.run), **body,
+                "time": time or _utc_now(), "run": sanitize(self.run), **body,
                 "prev": self.last_hash}
         full["hash"] = record_hash(full)
         data = canonical_json(full) + b"\n"
@@ -462,12 +464,16 @@ class DecisionLog:
     def _checkpoint(self, final: bool) -> dict:
         from lbw_policy.signing import statement
 
+        now = _utc_now()
         stmt = statement(run_id=self.run_id, directory=self.path.resolve().parent.name,
                          key=self.signer.fingerprint, count=self.seq, head=self.last_hash,
-                         time=_utc_now(), final=final)
+                         time=now, final=final)
         signature = self.signer.sign(stmt)
+        # every field of a checkpoint record follows from the statement and the record before
+        # it, so the last record of a log (which no later signature covers) holds nothing
+        # unsigned (CheckpointVerifier checks it)
         full = self._write({"step": self._last_step, "event": "checkpoint", "checkpoint": stmt,
-                            "signature": signature})
+                            "signature": signature}, time=now)
         self._since_checkpoint = 0
         self._final_written = final
         if self.witness:

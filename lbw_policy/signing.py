@@ -322,6 +322,10 @@ def make_witness(witness: Any) -> Optional[Witness]:
 
 
 _STATEMENT_KEYS = ("schema", "run_id", "dir", "key", "count", "head", "time", "final")
+#: The fields of a checkpoint record: nothing else, so that even the last one holds nothing
+#: unsigned (its other fields follow from the statement and the record before it).
+_CHECKPOINT_RECORD_KEYS = frozenset(("schema", "seq", "id", "time", "run", "step", "event",
+                                     "checkpoint", "signature", "prev", "hash"))
 _UNSIGNED = ("unsigned log: its hash chain detects accidental damage and naive edits only; "
              "anyone who can write the run directory can rewrite, cut or extend it (and its "
              "summary.json) undetected. Sign runs with a key (lbw-policy keygen; run "
@@ -366,6 +370,8 @@ class CheckpointVerifier:
         self._first = True
         self._current_run: Any = None  # run id of the latest run_start
         self._spliced = False
+        self._prev_run: Any = None  # `run` labels of the previous record
+        self._last_step: Any = None  # the last integer `step` seen
 
     def record(self, lineno: int, rec: dict) -> None:
         """Take the next parsed record (lines that do not parse are the chain's problems)."""
@@ -390,11 +396,19 @@ class CheckpointVerifier:
                 self.problems.append(f"line {lineno}: this run_start names signing key "
                                      f"{key!r}, the log's first one {self.log_key!r} (another "
                                      "run's records spliced in, or signing switched off)")
-        if event == "checkpoint" and rec.get("schema") is not None:
-            self.checkpoints += 1
-            if self.key is not None and self.log_key == self.key_fp:
-                self._checkpoint(lineno, rec)
-                return
+        try:
+            if event == "checkpoint" and rec.get("schema") is not None:
+                self.checkpoints += 1
+                if self.key is not None and self.log_key == self.key_fp:
+                    self._checkpoint(lineno, rec)
+                    return
+            self._uncovered(lineno, event)
+        finally:
+            self._prev_run = run
+            if type(rec.get("step")) is int:
+                self._last_step = rec["step"]
+
+    def _uncovered(self, lineno: int, event: Any) -> None:
         if self.key is not None:
             if self.tail_first is None:
                 self.tail_first = lineno
@@ -426,6 +440,13 @@ class CheckpointVerifier:
         elif stmt["run_id"] != self._current_run:
             bad = (f"{where}: signed for run {stmt['run_id']!r}, but it sits in run "
                    f"{self._current_run!r}: spliced in from another run's log")
+        elif (set(rec) != _CHECKPOINT_RECORD_KEYS or rec.get("run") != self._prev_run
+              or rec.get("step") != self._last_step or rec.get("time") != stmt["time"]
+              or rec.get("id") != f"{stmt['run_id']}.{rec.get('seq')}"):
+            extra = sorted(set(rec) - _CHECKPOINT_RECORD_KEYS)
+            bad = (f"{where}: the record around the signed statement was edited (its fields "
+                   "must follow from the statement and the record before it"
+                   + (f"; unsigned extra fields {extra}" if extra else "") + ")")
         if bad is None and not self._identity_reported:
             if self.expected_run_id is not None and stmt["run_id"] != self.expected_run_id:
                 bad = (f"{where}: log swap: this log was signed for run {stmt['run_id']!r}, "

@@ -151,6 +151,12 @@ def _resign_with_another_key(records, run_dir, keys):
     _write_run(run_dir, load_signer(keys["other_key"]), n=12)  # a whole new, forged log
 
 
+def _edit_final_checkpoint(records, run_dir, keys):
+    # the last record is covered by no later signature: smuggle an action into it
+    records[-1]["actions"] = [{"actuator": "lr_scale", "applied": 0.01}]
+    _store(run_dir, records)
+
+
 ATTACKS = {
     # the log: line 1 run_start, checkpoints at lines 5, 10, 15 (after run_end) and 16 (final)
     "rewrite": (_rewrite, ["line 5 (checkpoint, seq 4): the key signed a head of 4 records",
@@ -177,6 +183,9 @@ ATTACKS = {
     "strip-signatures": (_strip_signatures, [
         "the log is unsigned (its run_start names no signing key), but a public key was given"],
         0),
+    "edit-final-checkpoint": (_edit_final_checkpoint, [
+        "line 16 (checkpoint, seq 15): the record around the signed statement was edited",
+        "unsigned extra fields ['actions']"], 0),
     "another-key": (_resign_with_another_key, ["the log is signed by key ed25519:",
                                                 "not by the given key"], 0),
 }
@@ -195,8 +204,8 @@ def test_signed_log_detects_and_names_every_attack(name, keys, tmp_path, capsys)
         assert text in out, out
 
 
-@pytest.mark.parametrize("name", [n for n in ATTACKS if n not in ("strip-signatures",
-                                                                   "another-key")])
+@pytest.mark.parametrize("name", [n for n in ATTACKS if n not in (
+    "strip-signatures", "another-key", "edit-final-checkpoint")])
 def test_unsigned_log_reports_what_it_can_and_says_it_is_unsigned(name, keys, tmp_path, capsys):
     attack, _, unsigned_code = ATTACKS[name]
     run_dir = tmp_path / "run"
