@@ -327,6 +327,7 @@ class DecisionLog:
                 raise ValueError(f"checkpoint_every: expected an integer >= 1, found "
                                  f"{checkpoint_every!r}")
             self.signer, self.witness = load_signer(signer), make_witness(witness)
+            self._dir_name = self.path.resolve().parent.name  # the statement's `dir`
         self.checkpoint_every = checkpoint_every
         self._since_checkpoint = 0  # records appended since the last checkpoint
         self._final_written = False  # the last record written is a final checkpoint
@@ -465,7 +466,7 @@ class DecisionLog:
         from lbw_policy.signing import statement
 
         now = _utc_now()
-        stmt = statement(run_id=self.run_id, directory=self.path.resolve().parent.name,
+        stmt = statement(run_id=self.run_id, directory=self._dir_name,
                          key=self.signer.fingerprint, count=self.seq, head=self.last_hash,
                          time=now, final=final)
         signature = self.signer.sign(stmt)
