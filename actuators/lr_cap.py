@@ -1,8 +1,9 @@
 """``lr_cap``: cap this step's learning rate at a multiple of its recent level.
 
 The actuator keeps, for every param group ``g``, the reference of the ``lr_jump`` detector: the
-median of the last ``window`` positive scheduled learning rates (``group["lr"]`` as the user or
-their scheduler set it), recorded at the start of every guard step. When a rule commands it, for
+larger of the median of the last ``window`` positive scheduled learning rates (``group["lr"]`` as
+the user or their scheduler set it) and the last trusted rate (:mod:`lbw_policy.lr_history`),
+recorded at the start of every guard step. When a rule commands it, for
 that step only::
 
     factor_g = min(1, ratio * reference_g / lr_g)
@@ -14,7 +15,8 @@ persists: the next step is capped again only if a rule commands it again, so the
 moment the fault does, without a recovery ramp. A group without history is not capped.
 
 Command: ``{actuator: lr_cap, ratio: r}`` (``r > 0``): cap the step at ``r`` x the reference.
-Bounds (``actuators.lr_cap``): ``window`` (int >= 1, default 100; use the ``lr_jump`` detector's),
+Bounds (``actuators.lr_cap``): ``window`` (int >= 1, default 100) and ``trust`` (> 1, default 3.0):
+use the ``lr_jump`` detector's;
 ``min_ratio`` (default 0.1): a smaller requested ``r`` is clamped up to it.
 
 Each action logs ``requested`` / ``applied`` (the ratio), ``before`` (group 0's scheduled rate)
@@ -40,6 +42,7 @@ class LRCap(Actuator):
 
     :param window: scheduled rates kept per param group (default 100).
     :param min_ratio: smallest ratio a rule may request (default 0.1).
+    :param trust: the ``lr_jump`` detector's ``trust`` (default 3.0).
     """
 
     name = "lr_cap"
@@ -51,13 +54,15 @@ class LRCap(Actuator):
                        "description": "scheduled rates kept per param group; default 100"},
             "min_ratio": {"type": "number", "exclusiveMinimum": 0,
                           "description": "smallest ratio a rule may request; default 0.1"},
+            "trust": {"type": "number", "exclusiveMinimum": 1,
+                      "description": "the lr_jump detector's trust; default 3.0"},
         },
     }
     commands = {"ratio": {"type": "number", "exclusiveMinimum": 0}}
 
-    def __init__(self, window: int = 100, min_ratio: float = 0.1) -> None:
-        super().__init__(window=window, min_ratio=min_ratio)
-        self.history = LRHistory(window)
+    def __init__(self, window: int = 100, min_ratio: float = 0.1, trust: float = 3.0) -> None:
+        super().__init__(window=window, min_ratio=min_ratio, trust=trust)
+        self.history = LRHistory(window, trust)
         self.min_ratio = float(min_ratio)
         self._lrs: list = []
         self._refs: list = []
@@ -73,7 +78,7 @@ class LRCap(Actuator):
     def observe(self, telemetry) -> None:
         self._lrs = scheduled_lrs(telemetry.optimizer)
         self._refs = self.history.references(self._lrs)
-        self.history.push(self._lrs)
+        self.history.push(self._lrs, self._refs)
 
     def _factors(self, ratio: float) -> list:
         return [min(1.0, ratio * ref / lr) if ref and lr > 0 else 1.0

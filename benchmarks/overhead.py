@@ -18,6 +18,11 @@ Usage::
     python benchmarks/overhead.py                        # default policy, CPU
     python benchmarks/overhead.py --policy early-warning --device cuda
     python benchmarks/overhead.py --sign                 # + the signed decision log
+    python benchmarks/overhead.py --nproc 2 --threads 1    # DDP on 2 processes (gloo)
+
+With ``--nproc N`` both loops are ``DistributedDataParallel`` on N processes (gloo on the CPU),
+each rank drawing its own batches; the governed one adds the guard's one all-gather per step
+of a ``k``-float vector (``k`` is reported as ``collective_floats``). Rank 0 reports.
 
 Prints the figures and appends a JSON line to ``benchmarks/results/overhead.jsonl``.
 """
@@ -52,11 +57,42 @@ def main(argv=None) -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--sign", action="store_true",
-                        help="also run the governed loop with a signed decision log (issue 17)")
+                        help="also run the governed loop with a signed decision log (issue 17; "
+                             "one process)")
     parser.add_argument("--checkpoint-every", type=int, default=100,
                         help="with --sign: records between signed checkpoints (default 100)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="DDP processes (gloo; default 1: this process, no DDP)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.jsonl"))
     args = parser.parse_args(argv)
+    if args.sign and args.nproc > 1:
+        parser.error("--sign measures one process: drop --nproc")
+    if args.nproc > 1:
+        import os
+
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_rank_main, args=(args, os.path.join(tmp, "store")), nprocs=args.nproc,
+                     join=True)
+        return 0
+    return measure(args)
+
+
+def _rank_main(rank: int, args, store: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=args.nproc)
+    try:
+        measure(args, rank=rank, world=args.nproc)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(args, rank: int = 0, world: int = 1) -> int:
+    """The alternating plain/governed blocks of the module docstring; rank 0 reports."""
 
     import torch
 
@@ -76,6 +112,8 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model = GPT(config).to(args.device)
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model)
         return model, opt
 
     def sync():
@@ -113,9 +151,9 @@ def main(argv=None) -> int:
                 key, _, _ = generate_keypair(Path(tmp) / "keys", "bench")
                 signed_guard = Guard(sig_opt, policy, model=sig_model, log_dir=Path(tmp) / "signed",
                                      sign_key=key, checkpoint_every=args.checkpoint_every)
-            g_plain = torch.Generator().manual_seed(1)
-            g_gov = torch.Generator().manual_seed(1)
-            g_sig = torch.Generator().manual_seed(1)
+            g_plain = torch.Generator().manual_seed(1 + rank)
+            g_gov = torch.Generator().manual_seed(1 + rank)
+            g_sig = torch.Generator().manual_seed(1 + rank)
             block(plain_model, plain_opt, None, g_plain, args.block)  # warm-up, not counted
             block(gov_model, gov_opt, guard, g_gov, args.block)
             if signed_guard is not None:
@@ -126,6 +164,10 @@ def main(argv=None) -> int:
                 governed.append(block(gov_model, gov_opt, guard, g_gov, args.block))
                 if signed_guard is not None:
                     signed.append(block(sig_model, sig_opt, signed_guard, g_sig, args.block))
+            k = None
+            if guard.reducer is not None:
+                names, slots = guard.reducer.layout(0)
+                k = 1 + 2 * len(names) + len(slots)
             guard.close()
             sign_row = {}
             if signed_guard is not None:
@@ -139,9 +181,12 @@ def main(argv=None) -> int:
                "median_ratio": statistics.median(ratios), "median_ratio_ci95": ci,
                "ratios": [round(r, 4) for r in ratios],
                "rounds": args.rounds, "block": args.block, "threads": torch.get_num_threads(),
+               "nproc": world, "collective_floats": k,
                "torch": torch.__version__,
                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **sign_row}
         results.append(row)
+        if rank:
+            continue
         print(f"{policy:<16} plain {row['plain_steps_per_s']:.2f} steps/s, governed "
               f"{row['governed_steps_per_s']:.2f} steps/s, median ratio {row['median_ratio']:.3f} "
               f"(95 % CI {ci[0]:.3f} to {ci[1]:.3f}; rounds: {', '.join(f'{r:.3f}' for r in ratios)})")
@@ -152,6 +197,8 @@ def main(argv=None) -> int:
                   f"{sign_row['checkpoints']} checkpoints in the run; one checkpoint "
                   f"{sign_row['checkpoint_seconds'] * 1e6:.0f} us = "
                   f"{100 * sign_row['checkpoint_fraction_of_step']:.3f} % of a plain step")
+    if rank:
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as fh:

@@ -253,6 +253,8 @@ def factored_entropy_sync_free(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor
 class SpectralEntropy(Detector):
     name = "spectral_entropy"
     signals = ("min", "drop", "worst_layer", "worst_head", "update_min", "cost_ms")
+    sharding = ("it takes the singular values of whole query/key weight matrices, which "
+                "FSDP2 shards across ranks")
     reductions = {"min": "same", "drop": "same", "worst_layer": "same", "worst_head": "same",
                   "update_min": "same", "cost_ms": "max"}  # weights are replicated
     params_schema = {

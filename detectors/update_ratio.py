@@ -109,6 +109,8 @@ class UpdateRatio(Detector):
     name = "update_ratio"
     signals = ("ratio", "max", "worst")
     reductions = {"ratio": "same", "max": "same", "worst": "same"}  # replicated weights (DDP)
+    sharding = ("it compares whole parameter tensors before and after the step; on FSDP2 "
+                "shards each rank would see a part of every ratio")
     params_schema = {
         "type": "object",
         "additionalProperties": False,

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 from lbw_policy.decision_log import LogRead, VerifyReport, read_log, verify_log
 from lbw_policy.engine import explain_condition
-from lbw_policy.records import from_json_number
+from lbw_policy.records import effective_records, from_json_number
 
 __all__ = ["AuditLog", "load_audit", "parse_steps", "filter_records", "summarize", "flat_rows",
            "format_audit", "audit_json", "explain", "format_explanation"]
@@ -39,7 +39,9 @@ class AuditLog:
     """A decision log as read for auditing.
 
     :param path: the ``decisions.jsonl`` file.
-    :param records: the records of its complete, parseable lines.
+    :param records: the records of its complete, parseable lines, with each action whose commit
+        failed marked as not applied (:func:`~lbw_policy.records.effective_records`: ``applied``
+        null, ``commit_failed`` naming the ``error`` record); the file itself is never changed.
     :param read: what the lenient reader found (torn tail, damaged lines).
     :param chain: :func:`~lbw_policy.decision_log.verify_log`'s report.
     """
@@ -72,7 +74,8 @@ def load_audit(target: Union[str, "os.PathLike[str]"]) -> AuditLog:
     """
     path = resolve_log(target)
     read = read_log(path)
-    return AuditLog(path=path, records=read.records, read=read, chain=verify_log(path))
+    return AuditLog(path=path, records=effective_records(read.records), read=read,
+                    chain=verify_log(path))
 
 
 def parse_steps(spec: Optional[str]) -> Optional[tuple]:
@@ -121,8 +124,10 @@ def summarize(records: Iterable[dict]) -> dict:
     """Counts by rule (per event), by actuator and by event.
 
     ``{"by_rule": {rule: {event: n, "total": n}}, "by_actuator": {name: {"actions", "applied",
-    "clamped", "refused", "enforced"}}, "by_event": {event: n}}``; an action is *refused* when
-    its ``applied`` is ``false`` or ``null``, *enforced* when its record was.
+    "clamped", "refused", "failed", "enforced"}}, "by_event": {event: n}}``; an action *failed*
+    when its commit raised (``commit_failed``, see :func:`~lbw_policy.records.effective_records`),
+    is *refused* when otherwise its ``applied`` is ``false`` or ``null``, *enforced* when its
+    record was.
     """
     by_rule: dict = defaultdict(Counter)
     by_act: dict = defaultdict(Counter)
@@ -136,11 +141,13 @@ def summarize(records: Iterable[dict]) -> dict:
         for a in r.get("actions") or ():
             c = by_act[str(a.get("actuator"))]
             c["actions"] += 1
-            c["applied"] += a.get("applied") not in (None, False)
-            c["refused"] += a.get("applied") in (None, False)
+            failed = bool(a.get("commit_failed"))
+            c["failed"] += failed
+            c["applied"] += not failed and a.get("applied") not in (None, False)
+            c["refused"] += not failed and a.get("applied") in (None, False)
             c["clamped"] += bool(a.get("clamped"))
             c["enforced"] += bool(r.get("enforced"))
-    keys = ("actions", "applied", "clamped", "refused", "enforced")
+    keys = ("actions", "applied", "clamped", "refused", "failed", "enforced")
     return {"by_rule": {k: dict(v) for k, v in sorted(by_rule.items())},
             "by_actuator": {k: {f: v[f] for f in keys} for k, v in sorted(by_act.items())},
             "by_event": dict(by_event.most_common())}
@@ -165,13 +172,13 @@ def flat_rows(records: Iterable[dict]) -> list:
                 "mode": r.get("mode"), "enforced": r.get("enforced"),
                 "signals": r.get("signals")}
         blank = {"actuator": None, "verb": None, "requested": None, "applied": None,
-                 "clamped": None, "before": None, "after": None}
+                 "clamped": None, "before": None, "after": None, "commit_failed": None}
         actions = r.get("actions") or []
         for a in actions:
             rows.append(dict(base, actuator=a.get("actuator"), verb=a.get("verb"),
                              requested=a.get("requested"), applied=a.get("applied"),
                              clamped=a.get("clamped"), before=a.get("before"),
-                             after=a.get("after")))
+                             after=a.get("after"), commit_failed=a.get("commit_failed")))
         if not actions:
             rows.append(dict(base, **blank))
     return rows
@@ -230,6 +237,10 @@ def _num(v: Any) -> str:
 def action_text(a: dict) -> str:
     """``lr_scale 1 -> 0.5`` with ``(requested 0.025, clamped)`` or the refusal note."""
     name = a.get("actuator")
+    if a.get("commit_failed"):
+        failed = a["commit_failed"]
+        return f"{name} NOT APPLIED (its commit raised" + \
+            (f"; record {failed})" if failed is not True else ")")
     if a.get("applied") in (None, False):
         note = a.get("note") or "refused by its bounds"
         return f"{name} refused ({note})"
@@ -249,7 +260,12 @@ def record_text(r: dict) -> str:
     """What a record did, in one line."""
     event = r.get("event")
     if event == "error":
-        return f"{r.get('where')} raised {r.get('error')} [on_error: {r.get('on_error')}]"
+        text = f"{r.get('where')} raised {r.get('error')} [on_error: {r.get('on_error')}]"
+        failed = r.get("not_applied")
+        if isinstance(failed, dict) and isinstance(failed.get("action"), dict):
+            text += (f"; not applied: {action_text(failed['action'])}, decided in record "
+                     f"{failed.get('id') if failed.get('id') is not None else '-'}")
+        return text
     if event == "halt":
         return str(r.get("message", "halt"))
     if event in _META_EVENTS:
@@ -285,8 +301,8 @@ def format_audit(log: AuditLog, records: Sequence[dict], *, limit: int = 50,
     summary = summarize(records)
     lines += ["", *_table("by rule", ["fired", "action", "resolved", "total"],
                           summary["by_rule"])]
-    lines += ["", *_table("by actuator", ["actions", "applied", "clamped", "refused", "enforced"],
-                          summary["by_actuator"])]
+    lines += ["", *_table("by actuator", ["actions", "applied", "clamped", "refused", "failed",
+                                          "enforced"], summary["by_actuator"])]
     lines += ["", *_table("by event", ["count"],
                           {k: {"count": v} for k, v in summary["by_event"].items()})]
     shown = [r for r in records if list_meta or r.get("event") not in _META_EVENTS]
@@ -456,6 +472,11 @@ def _why(rec: dict, rule: Optional[dict], bounds: dict) -> str:
     event = rec.get("event")
     enforced = rec.get("enforced")
     done = "carried out" if enforced else "logged but not carried out (audit mode)"
+    failed = [a for a in rec.get("actions") or () if a.get("commit_failed")]
+    if failed and enforced:
+        done += ", except " + ", ".join(
+            f"{a.get('actuator')}, whose commit raised (not applied; record "
+            f"{a['commit_failed'] if a['commit_failed'] is not True else '-'})" for a in failed)
     if event == "fired":
         held = (f"held for {rule['for']} consecutive evaluation(s) (for: {rule['for']})"
                 if rule else "held for the rule's `for` consecutive evaluations")

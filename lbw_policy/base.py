@@ -44,6 +44,9 @@ class Detector:
     :cvar reductions: ``{signal: reduction}``, how each signal reduces across ranks (one of
         :data:`REDUCTIONS`); a signal left out reduces by :attr:`default_reduction`
         (``"mean"`` unless the class says otherwise). See :meth:`reduction_for`.
+    :cvar sharding: ``None`` (default) when the detector works on sharded (DTensor, FSDP2)
+        parameters, else why it cannot (e.g. it needs whole weight matrices): a guard over
+        sharded parameters refuses it at construction with this text.
     :ivar every: the policy's cadence for this detector, given to :meth:`setup` (1 before it).
 
     Lifecycle: ``__init__(**params)`` (raise ``ValueError`` for params the schema cannot express,
@@ -58,6 +61,7 @@ class Detector:
     api_version: ClassVar[int] = API_VERSION
     reductions: ClassVar[Mapping[str, str]] = {}
     default_reduction: ClassVar[str] = "mean"
+    sharding: ClassVar[Optional[str]] = None
     every: int = 1
 
     def __init__(self, **params: Any) -> None:

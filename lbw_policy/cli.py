@@ -31,32 +31,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          device=args.device, out=args.out, batch_size=args.batch_size,
                          block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                          n_embd=args.n_embd, warmup_steps=args.warmup_steps, progress=not args.no_progress,
-                         sign_key=args.sign_key, checkpoint_every=args.checkpoint_every,
+                         nproc=args.nproc, sign_key=args.sign_key,
+                         checkpoint_every=args.checkpoint_every,
                          witness=args.witness if args.witness is not None else
                          "-" if args.sign_key or os.environ.get("LBW_POLICY_SIGN_KEY") else None)
     summary = train(config)
-    _print_run_summary(summary)
+    if summary.get("rank", 0) == 0:  # under torchrun, rank 0 reports for the run
+        _print_run_summary(summary)
     return 3 if summary["halted"] else 0
 
 
 def _print_run_summary(s: dict) -> None:
+    from lbw_policy.progress import format_decisions
+
     print(f"run directory     {s['run_dir']}")
     print(f"policy            {s['policy']['name']} ({s['policy']['mode']}, revision {s['policy']['revision'][:12]})")
     gated = s.get("gated_steps") or 0
     skipped = f"{s['skipped_steps'] + gated} skipped" + (f" ({gated} on the device)" if gated else "")
-    print(f"steps             {s['steps_run']} run, {skipped}, {s['steps_per_second']:.1f} steps/s")
+    ranks = f" on each of {s['world_size']} ranks (DDP)" if s.get("world_size", 1) > 1 else ""
+    print(f"steps             {s['steps_run']} run{ranks}, {skipped}, {s['steps_per_second']:.1f} steps/s")
     for title, key in (("final train loss", "final_train_loss"), ("final val loss", "final_val_loss")):
         value = s.get(key)
         print(f"{title:<18}" + ("- (no step was taken)" if value is None else f"{value:.4f} nats"))
     if s["halted"]:
         print(f"HALTED            {s['halted']['message']}")
-    for title, key in (("decisions by rule", "decisions_by_rule"),
-                       ("decisions by actuator", "decisions_by_actuator"),
-                       ("decisions by event", "decisions_by_event")):
-        table = s.get(key) or {}
-        print(f"{title}:" + ("" if table else " none"))
-        for name, n in sorted(table.items(), key=lambda kv: (-kv[1], kv[0])):
-            print(f"  {name:<28} {n}")
+    print(format_decisions(s))
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -251,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-embd", type=int, default=128, help="model width (default: 128)")
     run.add_argument("--warmup-steps", type=int, default=15, help="linear LR warm-up steps (default: 15)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--nproc", type=_positive_int, default=1,
+                     help="train with DistributedDataParallel on N processes (gloo on the CPU, "
+                          "one GPU each with --device cuda); rank 0 writes the run directory "
+                          "(default: 1)")
     run.add_argument("--sign-key", metavar="FILE", default=None,
                      help="sign the decision log with this Ed25519 private key (lbw-policy keygen); "
                           "default: the file named by $LBW_POLICY_SIGN_KEY, else unsigned")

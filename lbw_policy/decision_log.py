@@ -61,6 +61,7 @@ _REQUIRED = ("schema", "seq", "id", "time", "run", "prev", "hash")
 _END_EVENTS = ("run_end", "halt")
 #: Longest line read from a decision log (a record is a few KiB; ``run_start`` the largest).
 MAX_LINE_BYTES = 1 << 20
+_LISTED_NOT_APPLIED = 5  # failed commits listed one by one in verify's warnings
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -592,6 +593,11 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
     Deleting records from the end leaves a valid chain; ``expected_count`` and ``expected_head``
     (as recorded in the run's ``summary.json``) catch that.
 
+    A record whose commit failed is followed by an ``error`` record with ``not_applied``
+    (:mod:`lbw_policy.governor`): its ``seq`` must name an earlier record of this log holding an
+    action of that actuator, else it is a problem; such actions (decided and logged, not
+    applied) are warnings, the first five one by one, then their count.
+
     The chain is unkeyed: an unsigned log that verifies was not damaged by accident nor edited
     naively, nothing more (:attr:`VerifyReport.signing` says so). With ``public_key``, the log
     must be signed by that key and end with a valid final checkpoint covering every record
@@ -622,6 +628,8 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
     expect_seq: Optional[int] = 0
     expect_prev: Optional[str] = GENESIS  # None: previous line unreadable, skip the prev check
     torn = None
+    acted: dict = {}  # seq -> actuators of that record's actions (for not_applied)
+    not_applied = 0
     for lineno, _, raw in _lines(path):
         if not raw.endswith(b"\n"):
             if isinstance(raw, _Overlong):  # a crash tears one record, never 1 MiB of one
@@ -652,9 +660,17 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
                      for p in _check_record(rec, raw[:-1] == canonical, expect_seq, expect_prev,
                                             lineno)]
         seq = rec.get("seq")
+        found, failed = _check_not_applied(rec, acted)
+        problems += [f"line {lineno}: {p}" for p in found]
+        not_applied += len(failed)
+        if not_applied <= _LISTED_NOT_APPLIED:
+            warnings += [f"line {lineno}: {w}" for w in failed]
         expect_seq = seq + 1 if type(seq) is int else None
         expect_prev = stored if isinstance(stored, str) else None
 
+    if not_applied > _LISTED_NOT_APPLIED:
+        warnings.append(f"{not_applied - _LISTED_NOT_APPLIED} more actions were not applied "
+                        "(`lbw-policy audit --event error` lists them)")
     if expected_count is not None and expected_count != count:
         cause = "records deleted from the end" if count < expected_count else \
             "records appended after the run ended"
@@ -683,6 +699,28 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
         warnings.append("no run_end record: the log may be truncated or the run still going")
     return VerifyReport(ok=not problems, records=count, head=head, problems=problems,
                         warnings=warnings, path=str(path), signed=signed.signed, signing=status)
+
+
+def _check_not_applied(rec: dict, acted: dict) -> tuple[list[str], list[str]]:
+    """Problems and warnings of a record's ``not_applied`` (a failed commit); remembers which
+    actuators each record acted on (``acted``: seq -> names)."""
+    seq = rec.get("seq")
+    names = {a.get("actuator") for a in rec.get("actions") or () if isinstance(a, Mapping)} \
+        if isinstance(rec.get("actions"), list) else set()
+    if names and type(seq) is int:
+        acted[seq] = names
+    failed = rec.get("not_applied")
+    if failed is None:
+        return [], []
+    action = failed.get("action") if isinstance(failed, Mapping) else None
+    name = action.get("actuator") if isinstance(action, Mapping) else None
+    of = failed.get("seq") if isinstance(failed, Mapping) else None
+    if type(of) is not int or name not in acted.get(of, ()) or \
+            (type(seq) is int and of >= seq):
+        return [f"not_applied names record seq {of!r} and actuator {name!r}, which is not an "
+                "earlier record of this log with that action (edited or spliced)"], []
+    return [], [f"{name} action of record seq {of} ({failed.get('event')}, rule "
+                f"{failed.get('rule')}) was not applied: its commit raised {rec.get('error')}"]
 
 
 def _check_record(rec: dict, canonical: bool, expect_seq: Optional[int],

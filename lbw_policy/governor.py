@@ -18,7 +18,11 @@ One call of :meth:`Governor.step`, in this order:
 6. **write-ahead**: the decision's record goes to the sink (the decision log) *before* anything
    changes; a failing sink is fatal: the Governor halts, nothing more is committed, and the
    optimizer step is not taken.
-7. **commit** (``enforce`` mode): the planned actions are applied.
+7. **commit** (``enforce`` mode): the planned actions are applied. A commit that raises leaves
+   the write-ahead record saying what was decided (the log is append-only); the ``error``
+   record that follows it carries ``not_applied``: the record's ``id`` / ``seq`` / ``rule`` and
+   the action that did not take effect (:func:`lbw_policy.records.effective_records` reads the
+   two together).
 8. **halt check**: an action that halts (``halt``; ``rollback`` past its budget) ends the step.
 9. **recover**: actuators that no firing rule holds may recover (logged the same way).
 10. **step**: every actuator's ``before_step`` (any may veto), the step function the caller gave
@@ -231,7 +235,7 @@ class Governor:
                 device_actions: Sequence[Mapping]) -> None:
         step = out.step
         self._record_device(out, device_actions)
-        failed = {f.name for f in faults if f.plugin == "detector"}
+        failed = {f.name for f in faults if f.plugin == "detector" and f.phase == "compute"}
         for fault in faults:
             self._contain(fault)
         # hold: no stale values from a detector that raised; the others sample-and-hold
@@ -258,7 +262,7 @@ class Governor:
                     planned.append((self.actuators[cmd.actuator].plan(cmd.verb, cmd.value, step), cmd))
                 except Exception as exc:
                     self._contain(Fault.of("actuator", cmd.actuator, "plan", exc))
-            self._write({
+            decided = self._write({
                 "step": step, "signals_step": out.signals_step, "event": d.event,
                 "rule": d.rule, "priority": d.priority, "signals": d.signals,
                 "enforced": self.enforce,
@@ -270,7 +274,7 @@ class Governor:
             if not self.enforce:
                 continue
             for action, _ in planned:
-                committed = self._commit(action, "commit")
+                committed = self._commit(action, "commit", decided)
                 # an action marked halt (the halt actuator; rollback past its budget) stops
                 # training, even when its commit (the checkpoint) failed
                 if _halts(action) and halt_by is None:
@@ -290,12 +294,12 @@ class Governor:
                 continue
             if action is None:
                 continue
-            self._write({"step": step, "signals_step": out.signals_step, "event": "recover",
-                         "rule": None, "enforced": self.enforce,
-                         "actions": [action_dict(action)]})
+            decided = self._write({"step": step, "signals_step": out.signals_step,
+                                   "event": "recover", "rule": None, "enforced": self.enforce,
+                                   "actions": [action_dict(action)]})
             self.counts["event:recover"] += 1
             if self.enforce:
-                self._commit(action, "recover_commit")
+                self._commit(action, "recover_commit", decided)
 
     def _record_device(self, out: StepOutcome, device_actions: Sequence[Mapping]) -> None:
         """What the device gate did at ``signals_step``, learnt now: recorded first, so that a
@@ -325,6 +329,23 @@ class Governor:
         except _Stop:
             pass
         return out.records
+
+    def record_scaler_skip(self, step: int) -> StepOutcome:
+        """A step a mixed-precision loss scaler skipped (overflowed gradients; the scaler's
+        normal business): one ``scaler_skipped`` record, counted as ``event:scaler_skipped``;
+        nothing is held, observed, evaluated or recovered, so no rule timer or actuator moves.
+        :returns: the outcome (``skipped``; ``fatal`` when the record could not be written)."""
+        if self.halted:
+            raise RuntimeError("the governed run has halted; build a new one to continue")
+        out = StepOutcome(step, step)
+        self._out = out
+        try:
+            self._write({"step": step, "event": "scaler_skipped", "rule": None,
+                         "enforced": self.enforce})
+            self.counts["event:scaler_skipped"] += 1
+        except _Stop:
+            pass
+        return out
 
     def _take_step(self, out: StepOutcome, optimizer: Any, group: Optional[dict],
                    step_fn: Optional[Callable[[], None]]) -> None:
@@ -363,13 +384,16 @@ class Governor:
             self._contain(fault)
 
     # ------------------------------------------------------------------ containment
-    def _contain(self, fault: Fault) -> None:
-        """The one place ``on_error`` is applied: an ``error`` record, then continue / skip /
-        halt. :raises _Stop: on halt."""
+    def _contain(self, fault: Fault, not_applied: Optional[dict] = None) -> None:
+        """The one place ``on_error`` is applied: an ``error`` record (with ``not_applied`` when
+        a commit failed), then continue / skip / halt. :raises _Stop: on halt."""
         self.counts["event:error"] += 1
-        self._write({"step": self._out.step, "signals_step": self._out.signals_step,
-                     "event": "error", "rule": None, "where": fault.where,
-                     "fault": fault.to_dict(), "error": fault.error, "on_error": self.on_error})
+        record = {"step": self._out.step, "signals_step": self._out.signals_step,
+                  "event": "error", "rule": None, "where": fault.where,
+                  "fault": fault.to_dict(), "error": fault.error, "on_error": self.on_error}
+        if not_applied is not None:
+            record["not_applied"] = not_applied
+        self._write(record)
         if not self.enforce:
             return
         if self.on_error == "halt":
@@ -380,12 +404,18 @@ class Governor:
         if self.on_error == "skip_step":
             self._skip = True
 
-    def _commit(self, action: Action, phase: str) -> bool:
+    def _commit(self, action: Action, phase: str, decided: Mapping) -> bool:
+        """Apply ``action``, logged ahead in the record ``decided``. A commit that raises is
+        contained; its ``error`` record names ``decided`` and the action, as not applied."""
+        decided = decided if isinstance(decided, Mapping) else {}
         try:
             self.actuators[action.actuator].commit(action)
             return True
         except Exception as exc:
-            self._contain(Fault.of("actuator", action.actuator, phase, exc))
+            self._contain(Fault.of("actuator", action.actuator, phase, exc), not_applied={
+                "id": decided.get("id"), "seq": decided.get("seq"), "step": decided.get("step"),
+                "event": decided.get("event"), "rule": decided.get("rule"),
+                "action": action_dict(action)})
             return False
 
     def _halt(self, rule: Optional[str], signals: Mapping, reason: str,
@@ -404,9 +434,13 @@ class Governor:
         self._write(record)
         raise _Stop()
 
-    def _write(self, record: dict) -> None:
+    def _write(self, record: dict) -> dict:
+        """Write ``record`` through the sink; returns what the sink wrote (with ``id`` and
+        ``seq`` from a decision log). :raises _Stop: the sink failed (fatal)."""
         try:
-            self._out.records.append(self.sink(record))
+            written = self.sink(record)
+            self._out.records.append(written)
+            return written
         except Exception as exc:  # the decision log failed: fatal, never half-stepped
             out = self._out
             out.fatal = exc

@@ -9,7 +9,9 @@ found and a fix. The layers, and the subclass each raises:
    (nothing is ever constructed from a tag); plain tags only; string keys, none duplicated; at most
    ``MAX_NODES`` nodes with aliases expanded (counted, never expanded: no anchors bomb); finite
    numbers, integers within +-``MAX_INT`` (:mod:`lbw_policy.yamlsource` reads the YAML);
-2. shape (``PolicySchemaError``): ``lbw_policy/schema/policy.schema.json``;
+2. shape (``PolicySchemaError``): ``lbw_policy/schema/policy.schema.json``, with one rule
+   stricter than JSON Schema's: an ``integer`` is a whole number written as one (``3``), never a
+   float (``3.0``, ``1.0e+300``), in the policy's schema and in every plugin's;
 3. references (``PolicyReferenceError``) and values (``PolicyBoundsError``), against the plugin
    registry: detector types and params, actuators and bounds, signals, verbs and command values.
 
@@ -22,6 +24,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,8 +39,8 @@ from lbw_policy.decision_log import canonical_json
 from lbw_policy.errors import (PolicyBoundsError, PolicyError, PolicyReferenceError,
                                PolicySchemaError, PolicySyntaxError)
 from lbw_policy.spec import ActuatorSpec, Command, DetectorSpec, RuleSpec
-from lbw_policy.yamlsource import (Collector, PathT, check_plain, decode, format_path, found,
-                                   parse, path_key, read_source, suggest)
+from lbw_policy.yamlsource import (MAX_INT, Collector, PathT, check_plain, decode, format_path,
+                                   found, parse, path_key, read_source, suggest)
 
 __all__ = ["Policy", "load_policy", "loads_policy", "policy_schema", "canonical_json",
            "resolve_policy_path"]
@@ -47,6 +50,18 @@ _TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string",
                "integer": "an integer", "number": "a number", "boolean": "a boolean",
                "null": "null"}
 
+
+def _is_integer(checker: Any, instance: Any) -> bool:
+    """An integer is a Python ``int`` (not ``bool``): JSON Schema also counts ``2.0`` and
+    ``1.0e+300``, which YAML reads as floats and which would pass every ``maximum`` below
+    1e308 (issue 18)."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+#: Draft 2020-12 with :func:`_is_integer`: the validator of the policy's and plugins' schemas.
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
 
 
 @dataclass(frozen=True)
@@ -206,7 +221,7 @@ def _schema() -> dict:
 def _schema_problems(col: "Collector", kind: type, schema: Mapping, instance: Any,
                      prefix: PathT) -> None:
     """Validate ``instance`` against ``schema``; one problem per error, paths under ``prefix``."""
-    errors = jsonschema.Draft202012Validator(schema).iter_errors(instance)
+    errors = _Validator(schema).iter_errors(instance)
     for err in sorted(errors, key=lambda e: path_key(tuple(e.absolute_path))):
         _explain(col, kind, err, prefix)
 
@@ -248,7 +263,13 @@ def _explain(col: "Collector", kind: type, err: jsonschema.ValidationError, pref
                    "maxItems": "too many items"}.get(keyword, "value out of range")
         hint = "write {} for none" if keyword == "type" and inst is None and \
             schema.get("type") == "object" else None
-        if keyword == "type" and isinstance(inst, str):
+        integral = keyword == "type" and "integer" in _types(schema) and \
+            "number" not in _types(schema)
+        if integral and isinstance(inst, (float, str)) and _whole(inst) is not None:
+            hint = f"an integer field takes a whole number written without a point or an " \
+                f"exponent: write {_whole(inst)}" if abs(_whole(inst)) <= MAX_INT else \
+                f"an integer field takes a whole number within +-1e15"
+        elif keyword == "type" and isinstance(inst, str):
             hint = _float_hint(inst)
         if keyword == "enum" and isinstance(inst, str):
             hint = suggest(inst, [v for v in schema["enum"] if isinstance(v, str)])
@@ -259,6 +280,21 @@ def _explain(col: "Collector", kind: type, err: jsonschema.ValidationError, pref
         col.add(kind, path, message, expected=_describe(schema), found=found(inst), hint=hint)
     else:
         col.add(kind, path, err.message, found=found(inst))
+
+
+def _types(schema: Mapping) -> list:
+    types = schema.get("type", ())
+    return [types] if isinstance(types, str) else list(types)
+
+
+def _whole(value: Any) -> Optional[int]:
+    """The integer a float or a number-like string (``"1e3"``, YAML 1.1 reads it as a string)
+    stands for, when it is whole; ``None`` otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(number) if math.isfinite(number) and number.is_integer() else None
 
 
 def _float_hint(text: str) -> Optional[str]:

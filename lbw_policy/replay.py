@@ -29,7 +29,7 @@ from lbw_policy.audit import record_text
 from lbw_policy.governor import Fault
 from lbw_policy.decision_log import read_log
 from lbw_policy.policy import Policy, load_policy
-from lbw_policy.records import DECISION_EVENTS, from_json_number
+from lbw_policy.records import DECISION_EVENTS, effective_records, from_json_number
 from lbw_policy.shadow import Shadow
 from lbw_policy.telemetry_log import iter_telemetry
 
@@ -195,7 +195,7 @@ def _replay_segment(result, counts, policy, registry, records, rows) -> None:
         step = row["step"]
         result.n_steps += 1
         taken = by_step.get(step, [])
-        for r in taken:
+        for r in effective_records(taken):  # a commit that raised (within its step) applied nothing
             for a in r.get("actions") or ():
                 if a.get("actuator") == "lr_scale" and r.get("enforced") and \
                         isinstance(a.get("after"), (int, float)) and a.get("applied") is not None:
@@ -280,9 +280,10 @@ def _close(a: float, b: float) -> bool:
 
 
 def _effects(records: list) -> list:
-    """What records did, without rule names: [(event, actuator, applied)], sorted."""
+    """What records did, without rule names: [(event, actuator, applied)], sorted; an action
+    whose commit raised (its error record follows within the step) applied nothing."""
     out = []
-    for r in records:
+    for r in effective_records(records):
         actions = r.get("actions") or []
         if not actions:
             out.append((r.get("event"), "", ""))

@@ -101,7 +101,9 @@ class Telemetry:
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of all gradients, a 0-dim float32 tensor on the gradients' device.
 
-        Computed on first access and cached for the step (one reduction, shared). Non-finite
+        Computed on first access and cached for the step (one reduction, shared). With sharded
+        (DTensor) gradients it is the norm of the whole model, not of this rank's shard (torch's
+        DTensor reduces the partial norms: one scalar all-reduce). Non-finite
         gradients give a non-finite norm. ``0.0`` when no parameter has a gradient.
         """
         if self._grad_norm is None:
@@ -109,6 +111,9 @@ class Telemetry:
             if not grads:
                 self._grad_norm = torch.zeros((), device=self.device)
             else:
-                self._grad_norm = torch.nn.utils.get_total_norm(
-                    grads, norm_type=2.0, error_if_nonfinite=False).float()
+                norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0,
+                                                     error_if_nonfinite=False)
+                if hasattr(norm, "full_tensor"):  # sharded (DTensor) gradients, e.g. FSDP2:
+                    norm = norm.full_tensor()     # the whole model's norm, on every rank
+                self._grad_norm = norm.float()
         return self._grad_norm

@@ -10,13 +10,21 @@ reported with its file, line and YAML path (:class:`Collector`), its quoted part
 
 Hostile input is rejected before it can cost time or memory: composing stops at the
 ``MAX_NODES``-th node (a 4 MiB list of one-character items would otherwise build millions of
-nodes), and aliases are counted, never expanded, so an anchors bomb (aliases of aliases) or a
-large string repeated by aliases (whose schema error message would quote it whole) is refused
-before the schema runs.
+nodes), aliases are counted, never expanded, so an anchors bomb (aliases of aliases) or a large
+string repeated by aliases (whose schema error message would quote it whole) is refused before
+the schema runs, and a text over 256 KiB is scanned by libyaml (:func:`_loader`).
+
+Lines are what an editor shows: they count ``"\n"`` only (a ``"\r\n"`` file counts the same).
+YAML also breaks lines at U+0085, U+2028, U+2029 and a lone ``"\r"``; inside a quoted string
+those would shift every later line number, so the loader's marks are recounted
+(:class:`_Loader`). Nesting deeper than :data:`MAX_DEPTH` is refused at the line and path of the
+first node too deep, however deep the document goes (composing stops there, before Python's
+recursion limit).
 """
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import functools
 import json
@@ -25,6 +33,7 @@ import re
 from typing import Any, Optional, Sequence
 
 import yaml
+from yaml.events import AliasEvent, ScalarEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from lbw_policy.errors import (PolicyBoundsError, PolicyReferenceError, PolicySchemaError,
@@ -91,6 +100,129 @@ def decode(raw: bytes, source: str) -> str:
                                 hint="save the policy as UTF-8 YAML text") from None
 
 
+class _TooDeep(Exception):
+    """Composing stopped at a node deeper than :data:`MAX_DEPTH` (its mark and YAML path)."""
+
+    def __init__(self, mark: Any, path: PathT) -> None:
+        super().__init__(path)
+        self.mark, self.path = mark, path
+
+
+class _TooManyNodes(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
+class _Composing:
+    """The composing rules of both loaders: stop at the first node deeper than
+    :data:`MAX_DEPTH` (:class:`_TooDeep`), and at the :data:`MAX_NODES`-th node
+    (:class:`_TooManyNodes`; an alias is not a new node: aliases are counted, expanded, by
+    :func:`_count_nodes`)."""
+
+    _composed = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # index: the key node of a mapping value, the position in a list, None for a key
+        self._path.append(index.value if isinstance(index, ScalarNode) else index)
+        try:
+            alias = self.check_event(AliasEvent)
+            # a node at depth MAX_DEPTH + 1 (a plain key there is not: its value is)
+            if len(self._path) > MAX_DEPTH + 1 and not alias and \
+                    (index is not None or not self.check_event(ScalarEvent)):
+                raise _TooDeep(self.peek_event().start_mark,
+                               tuple(p for p in self._path[1:] if p is not None))
+            if not alias:
+                self._composed += 1
+                if self._composed > MAX_NODES:
+                    raise _TooManyNodes(self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)  # type: ignore[misc]
+        finally:
+            self._path.pop()
+
+
+class _Loader(_Composing, yaml.SafeLoader):
+    """``yaml.SafeLoader`` with two changes, both for the error messages:
+
+    * marks count lines by ``"\n"`` only (:meth:`get_mark`): what an editor shows, whatever
+      U+2028 / U+2029 / U+0085 / a lone ``"\r"`` a string holds;
+    * composing stops at the first node deeper than :data:`MAX_DEPTH`
+      (:meth:`_Composing.compose_node` raises :class:`_TooDeep` with its mark and path; it
+      also stops at the :data:`MAX_NODES`-th node). PyYAML's composer recurses once per
+      level, so a 1000-deep ``not`` chain would otherwise hit Python's recursion limit before
+      any line is known; and stopping there reads no further (PyYAML's scanner is quadratic in
+      the depth of flow collections).
+    """
+
+    def __init__(self, text: str) -> None:
+        self._newlines = [m.start() for m in re.finditer("\n", text)]
+        super().__init__(text)
+        self._path: list = []  # the keys / indices of the nodes being composed
+
+    def get_mark(self) -> Any:
+        mark = super().get_mark()
+        line = bisect.bisect_left(self._newlines, mark.index)  # "\n" before the mark
+        mark.line = line
+        mark.column = mark.index - (self._newlines[line - 1] + 1 if line else 0)
+        return mark
+
+
+#: Texts longer than this are scanned by libyaml (when PyYAML was built with it): the pure-Python
+#: scanner needs about 1 s per MiB (3.6 s for a 4 MiB comment), libyaml a few milliseconds. The
+#: events are composed by the same Python composer (:class:`_Composing`), their marks recounted
+#: the same way; only the wording of a YAML syntax error can differ. Policies are far smaller:
+#: they keep the pure-Python path.
+_FAST_SCAN_CHARS = 256 << 10
+
+if getattr(yaml, "__with_libyaml__", False):
+    from yaml._yaml import CParser as _CParser  # the C scanner and parser (events only)
+
+    class _CLoader(_Composing, yaml.composer.Composer, _CParser,
+                   yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+        """libyaml's events, composed in Python (``Composer`` before ``CParser`` in the MRO:
+        its ``get_single_node`` is used, with :class:`_Composing`'s limits); event marks are
+        recounted by ``"\n"`` as :meth:`_Loader.get_mark` does (libyaml's mark ``index``
+        counts characters too)."""
+
+        def __init__(self, text: str) -> None:
+            self._newlines = [m.start() for m in re.finditer("\n", text)]
+            _CParser.__init__(self, text)
+            yaml.composer.Composer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+            self._path: list = []
+
+        def _fix(self, event: Any) -> Any:
+            # libyaml's marks are its own type; a recounted one is yaml.error.Mark
+            if event is not None and not isinstance(event.start_mark, yaml.error.Mark):
+                event.start_mark = _recount(event.start_mark, self._newlines)
+                event.end_mark = _recount(event.end_mark, self._newlines)
+            return event
+
+        def peek_event(self) -> Any:
+            return self._fix(super().peek_event())
+
+        def get_event(self) -> Any:
+            return self._fix(super().get_event())
+else:  # pragma: no cover - PyYAML without libyaml
+    _CLoader = None
+
+
+def _recount(mark: Any, newlines: list) -> Any:
+    """``mark`` with its line and column counted by ``"\n"`` only."""
+    if mark is None:
+        return None
+    line = bisect.bisect_left(newlines, mark.index)
+    column = mark.index - (newlines[line - 1] + 1 if line else 0)
+    return yaml.error.Mark(mark.name, mark.index, line, column, None, None)
+
+
+def _loader(text: str) -> Any:
+    """The pure-Python loader for a policy-sized text, libyaml's scanner for a larger one."""
+    if len(text) > _FAST_SCAN_CHARS and _CLoader is not None:
+        return _CLoader(text)
+    return _Loader(text)
+
+
 def parse(text: str, col: "Collector") -> Any:
     """Text -> plain data; fills ``col.lines``; syntax problems go to ``col`` (returns None)."""
     at = text.find("\x00")
@@ -140,6 +272,8 @@ def parse(text: str, col: "Collector") -> Any:
                 line=text.count("\n", 0, exc.position) + 1)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        if mark is not None and not isinstance(mark, yaml.error.Mark):  # libyaml's: recount
+            mark = _recount(mark, [m.start() for m in re.finditer("\n", text)])
         if "single document" in (exc.context or ""):  # ComposerError: a second document
             message = "a policy file holds exactly one YAML document; found a second one"
         else:
@@ -147,11 +281,17 @@ def parse(text: str, col: "Collector") -> Any:
         indent = any(s in message for s in ("mapping values are not allowed",
                                              "expected <block end>", "could not find expected ':'",
                                              "did not find expected key"))
+        tab = "'\\t'" in message  # found character '\t' that cannot start any token
         col.add(PolicySyntaxError, (), message, line=mark.line + 1 if mark else None,
                 hint="check the indentation of this line and the one above it: YAML nests by "
-                "indentation, with spaces only" if indent else None)
+                "indentation, with spaces only" if indent else "YAML indents with spaces only: "
+                "replace the tab with spaces" if tab else None)
     except yaml.YAMLError as exc:
         col.add(PolicySyntaxError, (), f"invalid YAML: {exc}")
+    except _TooDeep as exc:
+        col.add(PolicySyntaxError, exc.path, "nesting too deep",
+                expected=f"at most {MAX_DEPTH} levels", line=exc.mark.line + 1,
+                hint="a policy needs a few levels; generate flat `all`/`any` lists, not chains")
     except RecursionError:
         col.add(PolicySyntaxError, (), "nesting too deep", expected=f"at most {MAX_DEPTH} levels")
     except _TooManyNodes as exc:
@@ -164,65 +304,15 @@ def parse(text: str, col: "Collector") -> Any:
     return None
 
 
-class _TooManyNodes(Exception):
-    def __init__(self, line: int) -> None:
-        self.line = line
-
-
-class _Bounded:
-    """Stops composing at the :data:`MAX_NODES`-th node (an alias is not a new node: aliases
-    are counted, expanded, by :func:`_count_nodes`)."""
-
-    _composed = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if not self.check_event(yaml.events.AliasEvent):
-            self._composed += 1
-            if self._composed > MAX_NODES:
-                raise _TooManyNodes(self.peek_event().start_mark.line + 1)
-        return super().compose_node(parent, index)  # type: ignore[misc]
-
-
-class _BoundedLoader(_Bounded, yaml.SafeLoader):
-    """``yaml.SafeLoader``, bounded."""
-
-
-#: Texts longer than this are scanned by libyaml (when PyYAML was built with it): the pure-Python
-#: scanner needs about 1 s per MiB (3.6 s for a 4 MiB comment), libyaml a few milliseconds. The
-#: nodes are composed by the same Python composer, bounded, with the same marks; only the wording
-#: of a YAML syntax error can differ. Policies are far smaller: they keep the pure-Python path.
-_FAST_SCAN_CHARS = 256 << 10
-
-if getattr(yaml, "__with_libyaml__", False):
-    from yaml._yaml import CParser as _CParser  # the C scanner and parser (events only)
-
-    class _BoundedCLoader(_Bounded, yaml.composer.Composer, _CParser,
-                          yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
-        """libyaml's events, composed in Python (``Composer`` before ``CParser`` in the MRO:
-        its ``get_single_node`` and ``compose_node`` are used, bounded)."""
-
-        def __init__(self, stream: Any) -> None:
-            _CParser.__init__(self, stream)
-            yaml.composer.Composer.__init__(self)
-            yaml.constructor.SafeConstructor.__init__(self)
-            yaml.resolver.Resolver.__init__(self)
-else:  # pragma: no cover - PyYAML without libyaml
-    _BoundedCLoader = None
-
-
-def _loader(text: str) -> Any:
-    if len(text) > _FAST_SCAN_CHARS and _BoundedCLoader is not None:
-        return _BoundedCLoader(text)
-    return _BoundedLoader(text)
-
-
 def _count_nodes(root: Node, col: "Collector") -> Optional[tuple]:
     """``(nodes, characters of scalar text)`` with aliases expanded, computed without expanding
     (memoized per node)."""
     memo: dict[int, tuple] = {}
     active: set[int] = set()
 
-    def size(node: Node) -> tuple:
+    def size(node: Node, depth: int) -> tuple:
+        if depth > MAX_DEPTH:  # deeper through aliases: _walk reports it at its line and path
+            return 1, 0
         if id(node) in active:
             col.add(PolicySyntaxError, (), "recursive alias: a node contains itself",
                     line=node_line(node), hint="a policy is a tree; remove the self-reference")
@@ -234,13 +324,13 @@ def _count_nodes(root: Node, col: "Collector") -> Optional[tuple]:
             else:
                 children = node.value if isinstance(node, SequenceNode) else \
                     [n for pair in node.value for n in pair]
-                sizes = [size(child) for child in children]
+                sizes = [size(child, depth + 1) for child in children]
                 memo[id(node)] = (1 + sum(n for n, _ in sizes), sum(c for _, c in sizes))
             active.discard(id(node))
         return memo[id(node)]
 
     try:
-        return size(root)
+        return size(root, 0)
     except RecursionError:
         if not col.items:
             col.add(PolicySyntaxError, (), "nesting too deep",
@@ -401,7 +491,7 @@ def format_path(parts: Sequence) -> str:
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif _IDENT.match(str(part)):
+        elif _IDENT.fullmatch(str(part)):  # not .match: `$` also matches before a final "\n"
             out += ("." if out else "") + str(part)
         else:
             out += "[" + json.dumps(str(part), ensure_ascii=False) + "]"

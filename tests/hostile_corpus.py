@@ -76,7 +76,7 @@ def build(d: Path) -> dict:
            "a.b, op: '>', value: 1.0e+999999}\n    then: []\n", 6)
     # 8. nesting 20,000 deep (beyond Python's recursion limit)
     policy("deep_nesting", HEAD + "metadata: {name: n}\nrules: " + "[" * 20_000 + "]" * 20_000
-           + "\n", 1)
+           + "\n", 4)
     # 9. a 3 MiB mapping key, and a rule name of 1 MiB
     policy("huge_key", HEAD + "metadata: {name: k}\nrules: []\n" + "K" * (3 << 20) + ": 1\n", 5)
     policy("huge_rule_name", HEAD + "metadata: {name: k}\nrules:\n  - name: " + "r" * (1 << 20)

@@ -72,8 +72,10 @@ def test_summary_tables(run):
     assert s["by_rule"] == {"nonfinite-skip": {"fired": 1, "action": 1, "resolved": 1, "total": 3},
                             "spike-brake": {"fired": 1, "resolved": 1, "total": 2}}
     assert s["by_actuator"] == {
-        "lr_scale": {"actions": 7, "applied": 7, "clamped": 2, "refused": 0, "enforced": 7},
-        "skip_step": {"actions": 2, "applied": 2, "clamped": 0, "refused": 0, "enforced": 2}}
+        "lr_scale": {"actions": 7, "applied": 7, "clamped": 2, "refused": 0, "failed": 0,
+                     "enforced": 7},
+        "skip_step": {"actions": 2, "applied": 2, "clamped": 0, "refused": 0, "failed": 0,
+                      "enforced": 2}}
     assert s["by_event"] == {"recover": 4, "fired": 2, "resolved": 2, "run_start": 1,
                              "action": 1, "run_end": 1}
 

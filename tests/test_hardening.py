@@ -245,6 +245,9 @@ class Flaky(Actuator):
             return Action(self.name, "recover", requested=1, applied=1, before=0, after=1)
         return None
 
+    def plan(self, verb, value, step):
+        return Action(self.name, verb, requested=1, applied=1, before=0, after=1, step=step)
+
     def commit(self, action):
         raise RuntimeError(f"flaky commit at step {self.step}")
 
@@ -397,3 +400,94 @@ def test_a_raising_observe_and_recovery_commit_are_contained_alike_by_the_guard_
     assert [(r["step"], r["where"]) for r in shadow if r["event"] == "error"] == errors
     assert action_rows(shadow) == action_rows(read_log(tmp_path / "run" / "decisions.jsonl").records)
     assert result.summary["differing_steps"] == 0 and result.summary["shadow_skipped"] == 2
+
+
+def test_a_failed_commit_is_recorded_as_not_applied_after_its_write_ahead_record(tmp_path, reg, capsys):
+    # issue 18: the write-ahead record said `applied: 1` and nothing said otherwise
+    pol = loads_policy("""\
+apiVersion: lbw-policy/v1
+kind: Policy
+metadata: {name: failed-commit}
+on_error: continue
+detectors:
+  m: {type: misbehave}
+actuators:
+  lr_scale: {min: 0.1, max: 1.0}
+  flaky: {}
+rules:
+  - name: both
+    when: {signal: m.x, op: ">", value: 0}
+    then: [{actuator: lr_scale, set: 0.5}, {actuator: flaky, apply: null}]
+""", registry=reg)
+    results, _, lrs, error = train(tmp_path, pol, reg, steps=2)
+    assert error is None and lrs == [0.05, 0.05]  # lr_scale's commit went through
+    log = tmp_path / "run" / "decisions.jsonl"
+    records = read_log(log).records
+    fired = next(r for r in records if r["event"] == "fired")
+    failed = records[fired["seq"] + 1]  # chained right after the write-ahead record
+    assert failed["event"] == "error" and failed["where"] == "actuator flaky commit"
+    assert failed["not_applied"] == {
+        "id": fired["id"], "seq": fired["seq"], "step": 0, "event": "fired", "rule": "both",
+        "action": {k: v for k, v in fired["actions"][1].items() if k != "command"}}
+    assert fired["actions"][1]["applied"] == 1  # the log is append-only: never rewritten
+    # verify: chain intact; the not-applied action is listed; a forged reference is a problem
+    report = verify_log(log)
+    assert report.ok
+    assert f"line {failed['seq'] + 1}: flaky action of record seq {fired['seq']} (fired, rule " \
+        "both) was not applied: its commit raised RuntimeError: flaky commit at step 0" \
+        in report.warnings
+    # reading the records together: that action was not applied, lr_scale's was
+    rows = action_rows(records)
+    assert [(r["step"], r["event"], r.get("actuator"), r.get("value")) for r in rows][:3] == [
+        (0, "fired", "lr_scale", 0.5), (0, "fired", "flaky", None), (0, "error", None, None)]
+    # audit: by actuator, the text line, --explain
+    assert main(["audit", str(tmp_path / "run"), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["summary"]["by_actuator"]["flaky"] == {
+        "actions": 2, "applied": 0, "clamped": 0, "refused": 0, "failed": 2, "enforced": 2}
+    assert doc["summary"]["by_actuator"]["lr_scale"]["applied"] == 2
+    assert main(["audit", str(tmp_path / "run")]) == 0
+    text = capsys.readouterr().out
+    assert f"flaky NOT APPLIED (its commit raised; record {failed['id']})" in text
+    assert f"not applied: flaky 0 -> 1, decided in record {fired['id']}" in text
+    assert main(["audit", str(tmp_path / "run"), "--explain", fired["id"]]) == 0
+    assert "except flaky, whose commit raised (not applied" in capsys.readouterr().out
+    # replay: the shadow's flaky commit raises too; what was applied is the same
+    result = replay(tmp_path / "run", pol, registry=reg)
+    assert result.summary["differing_steps"] == 0
+
+
+def test_verify_refuses_a_not_applied_that_names_no_earlier_action(tmp_path):
+    from lbw_policy.decision_log import DecisionLog
+
+    path = tmp_path / "decisions.jsonl"
+    with DecisionLog(path) as log:
+        log.append({"step": 0, "event": "fired", "rule": "r",
+                    "actions": [{"actuator": "lr_scale", "applied": 0.5}]})
+        log.append({"step": 0, "event": "error", "error": "E: x", "not_applied": {
+            "seq": 0, "action": {"actuator": "skip_step"}}})
+        log.append({"step": 0, "event": "error", "error": "E: x", "not_applied": {
+            "seq": 5, "action": {"actuator": "lr_scale"}}})
+        log.append({"step": 1, "event": "run_end"})
+    report = verify_log(path)
+    assert not report.ok and [p.split(":")[0] for p in report.problems] == ["line 2", "line 3"]
+    assert "names record seq 0 and actuator 'skip_step'" in report.problems[0]
+
+
+def test_verify_lists_five_not_applied_actions_then_counts_the_rest(tmp_path):
+    from lbw_policy.decision_log import DecisionLog
+
+    path = tmp_path / "decisions.jsonl"
+    with DecisionLog(path) as log:
+        for step in range(7):
+            rec = log.append({"step": step, "event": "action", "rule": "r",
+                              "actions": [{"actuator": "lr_scale", "applied": 0.5}]})
+            log.append({"step": step, "event": "error", "error": "E: x", "not_applied": {
+                "seq": rec["seq"], "event": "action", "rule": "r",
+                "action": {"actuator": "lr_scale"}}})
+        log.append({"step": 7, "event": "run_end"})
+    report = verify_log(path)
+    assert report.ok and len(report.warnings) == 6
+    assert report.warnings[0] == ("line 2: lr_scale action of record seq 0 (action, rule r) was "
+                                  "not applied: its commit raised E: x")
+    assert report.warnings[5].startswith("2 more actions were not applied")

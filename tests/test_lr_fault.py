@@ -49,7 +49,7 @@ rules:
 """
 
 
-def test_jump_is_the_scheduled_lr_over_the_median_of_the_previous_window():
+def test_jump_is_the_scheduled_lr_over_the_median_or_the_last_trusted_rate():
     model, opt = make(lr=1e-3)
     det = LRJump(window=100)
     det.setup(model, opt)
@@ -59,11 +59,21 @@ def test_jump_is_the_scheduled_lr_over_the_median_of_the_previous_window():
         out = det.compute(Telemetry(s, torch.tensor(1.0), opt, model))
         lrs.append(opt.param_groups[0]["lr"])
         got.append(out)
+    trusted = lrs[0]
     for s in range(1, STEPS):
-        ref = float(np.median(lrs[max(0, s - 100):s]))
+        # hand-computed: max(median of the previous 100, the last rate within 3x its reference)
+        ref = max(float(np.median(lrs[max(0, s - 100):s])), trusted)
         assert got[s]["jump"] == pytest.approx(lrs[s] / ref, rel=1e-12)
         assert got[s]["reference"] == pytest.approx(ref, rel=1e-12)
         assert got[s]["lr"] == lrs[s]
+        if lrs[s] <= 3.0 * ref:
+            trusted = lrs[s]
+    # the warm-up compares with its previous step (ratio (s+1)/s), the decay with the median
+    assert got[2]["reference"] == lrs[1] and got[2]["jump"] == pytest.approx(1.5)
+    assert got[99]["reference"] == pytest.approx(float(np.median(lrs[0:99])), rel=1e-12)
+    # the faulty rates are never trusted: the whole fault compares with the last good rate
+    assert all(got[s]["reference"] == pytest.approx(max(float(np.median(lrs[s - 100:s])), lrs[99]))
+               for s in FAULT)
     assert got[0] == {"jump": 1.0, "lr": lrs[0], "reference": lrs[0]}  # no history yet
     # The warm-up and the decay stay below 2 (a threshold of 3 never fires on them); every
     # faulty step is far above (the 30 faulty rates never become the median of 100).
@@ -83,7 +93,7 @@ def test_zero_rates_are_no_reference_and_groups_are_separate():
     assert det.compute(tel(1))["jump"] == 1.0  # group 0 still has no history; group 1 is flat
     opt.param_groups[1]["lr"] = 5.0
     assert det.compute(tel(2))["jump"] == pytest.approx(10.0)  # group 1 jumped, group 0 did not
-    assert det.state_dict() == {"rings": [[1e-3, 1e-3], [0.5, 0.5, 5.0]]}
+    assert det.state_dict() == {"rings": [[1e-3, 1e-3], [0.5, 0.5, 5.0]], "trusted": [1e-3, 0.5]}
 
 
 def _run(tmp_path, policy, name, fault=True, scale_at=None):

@@ -60,3 +60,16 @@ def test_overhead_with_sign_measures_the_signed_loop_and_one_checkpoint(tmp_path
     assert 0 < row["checkpoint_seconds"] < 1
     assert row["checkpoint_fraction_of_step"] == \
         row["checkpoint_seconds"] * row["plain_steps_per_s"]
+
+
+def test_overhead_nproc_2_measures_ddp_with_the_collective(tmp_path, monkeypatch):
+    # spawned ranks import the script by name: put benchmarks/ on the path they inherit
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import overhead as mod
+    out = tmp_path / "overhead.jsonl"
+    assert mod.main(["--data", str(SHAKESPEARE), "--nproc", "2", "--threads", "1",
+                     "--rounds", "2", "--block", "2", "--n-layer", "1", "--n-embd", "32",
+                     "--batch-size", "4", "--block-size", "16", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["nproc"] == 2
+    assert row["collective_floats"] > 10 and row["governed_steps_per_s"] > 0

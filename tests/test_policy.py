@@ -330,6 +330,49 @@ def test_nan_and_huge_int(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("style", ["block", "flow"])
+def test_a_1000_deep_not_chain_is_refused_at_the_line_and_path_of_the_first_node_too_deep(
+        tmp_path, style):
+    # issue 18: it was "line 1: nesting too deep" (PyYAML's composer hit the recursion limit)
+    leaf = "{signal: loss_spike.zscore, op: '>', value: 1}"
+    if style == "block":  # line 7 + k holds the k-th `not:` (k = 0..999)
+        when = "".join("  " * (k + 3) + "not:\n" for k in range(1000)) + "  " * 1003 + leaf
+    else:
+        when = "      " + "{not: " * 1000 + leaf + "}" * 1000
+    text = HEADER + "rules:\n  - name: r\n    when:\n" + when + "\n    then: [{actuator: halt}]\n"
+    path = tmp_path / "deep.yaml"
+    path.write_bytes(text.encode("utf-8"))
+    with pytest.raises(PolicySyntaxError) as info:
+        load_policy(path, registry=REG)
+    (problem,) = info.value.problems
+    # rules (1), [0] (2), when (3), 61 nots: the value of the 62nd `not` is at depth 65 > 64
+    assert problem.path == "rules[0].when" + ".not" * 62
+    assert problem.message == "nesting too deep" and problem.expected == "at most 64 levels"
+    # block: that value starts on the line after the 62nd `not:` (line 7 + 61); flow: line 7
+    assert problem.line == (7 + 62 if style == "block" else 7)
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\r"])
+def test_a_line_separator_inside_a_string_does_not_shift_the_reported_lines(tmp_path, separator):
+    # issue 18: YAML breaks lines at U+2028 / U+2029 / NEL / a lone CR; an editor (and this
+    # loader's messages) count "\n" only
+    text = (f"apiVersion: lbw-policy/v1\nkind: Policy\nmetadata: {{name: t, owner: 'a{separator}b'}}\n"
+            "rules:\n  - name: r\n    when: {signal: loss_spike.zscore, op: '>', value: 1}\n"
+            "    for: 0\n    then: [{actuator: halt}]\n")
+    path = tmp_path / "sep.yaml"
+    path.write_bytes(text.encode("utf-8"))
+    with pytest.raises(PolicySchemaError) as info:
+        load_policy(path, registry=REG)
+    assert [(p.path, p.line) for p in info.value.problems] == [("rules[0].for", 7)]
+    assert text.split("\n")[6] == "    for: 0"
+    # a syntax error after the separator too (PyYAML's own mark), and a CRLF file alike
+    bad = text.replace("    for: 0\n", "    for: 1\n   oops: 2\n").replace("\n", "\r\n")
+    path.write_bytes(bad.encode("utf-8"))
+    with pytest.raises(PolicySyntaxError) as info:
+        load_policy(path, registry=REG)
+    assert info.value.problems[0].line == 8, str(info.value)
+
+
 def test_timestamp_is_not_plain_data(tmp_path):
     load_bad(tmp_path, "apiVersion: lbw-policy/v1\nkind: Policy\nmetadata: {name: 2024-01-01}\nrules: []\n",
              PolicySyntaxError, match=r":3: metadata.name: a date or time is not plain data.*quote it")

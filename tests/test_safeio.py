@@ -81,3 +81,13 @@ def test_problem_text_quotes_at_most_max_quote_characters():
             assert part is None or len(part) <= MAX_QUOTE
     assert "metadata.owner: string too long; expected at most 256 characters, found 5000 " \
         "characters" in str(info.value)
+
+
+@pytest.mark.parametrize("pad", [0, 300_000])  # the pure-Python scanner, then libyaml's
+def test_lines_count_line_feeds_only_on_both_scanners(pad):
+    text = ("# " + "x" * pad + "\n" + "apiVersion: lbw-policy/v1\nkind: Policy\n"
+            "metadata: {name: p, description: \"a\u2028b\u2029c\\u0085d\"}\nrules:\n"
+            "  - name: r\n    when: {signal: a.b, op: '>', value: 1}\n    then: []\n")
+    with pytest.raises(PolicySchemaError) as info:
+        loads_policy(text)
+    assert str(info.value).startswith("<string>:8: rules[0].then: too few items")

@@ -12,7 +12,9 @@ The six stages of DESIGN.md's data flow, each in one place:
    loss into one signal vector; ``gate: device`` rules are evaluated on it, on the device
    (:mod:`lbw_policy.adapters.gate`). A detector that raises becomes a
    :class:`~lbw_policy.governor.Fault`.
-3. **reduce**: (distributed runs; not in this adapter yet).
+3. **reduce**: in a ``torch.distributed`` run, one collective makes the vector global, so every
+   rank takes the same decisions (:mod:`lbw_policy.adapters.distributed`); rank 0 writes the
+   decision log.
 4. **transfer**: the vector reaches the host at once (``immediate``: one ``.tolist()``) or one
    step later without a blocking sync (``deferred``, the default on CUDA;
    :mod:`lbw_policy.adapters.transport`).
@@ -40,6 +42,8 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from lbw_policy.adapters.distributed import (NullFile, NullLog, SignalReducer,
+                                             resolve_distributed, write_distributed_checkpoint)
 from lbw_policy.adapters.gate import DeviceGate, gate_rules
 from lbw_policy.adapters.transport import Packet, make_transport
 from lbw_policy.base import ActuatorContext
@@ -68,6 +72,8 @@ class StepResult:
     :param signals: every signal's latest value, ``{"<detector_id>.<signal>": float}``.
     :param signals_step: the step whose signals were evaluated (``step`` with the immediate
         transport, ``step - 1`` with the deferred one, ``None`` when none landed yet).
+    :param lr_scale: the ``lr_scale`` actuator's scale in force during the step (1.0 without
+        that actuator, and in ``audit`` mode).
     """
 
     step: int
@@ -77,6 +83,7 @@ class StepResult:
     decisions: list = field(default_factory=list)
     signals: dict = field(default_factory=dict)
     signals_step: Optional[int] = None
+    lr_scale: float = 1.0
 
 
 class Guard:
@@ -91,7 +98,13 @@ class Guard:
         ``resume=True``.
         Default ``runs/<run_id>``.
     :param run_id: label written into every record (default: ``log_dir``'s name, else random).
-    :param rank: distributed rank label (default 0).
+    :param rank: rank label (default: the process group's rank in a distributed run, else 0).
+    :param distributed: ``"auto"`` (default): when ``torch.distributed`` is initialized with
+        more than one rank, the step's signals are reduced across ranks in one collective and
+        every rank takes the same decisions; only rank 0 writes ``log_dir``
+        (docs/distributed.md). A ``ProcessGroup``: reduce over that group. ``True``: require
+        an initialized default group. ``False``: this rank governs alone (its decisions may
+        differ from the other ranks': the replicas can diverge; for single-rank jobs and tests).
     :param registry: plugin registry (default: :func:`lbw_policy.plugins.get_registry`).
     :param fsync: ``os.fsync`` the decision log after every record (default ``False``: flushed
         to the OS, which survives a killed process but not a power loss).
@@ -102,10 +115,17 @@ class Guard:
         already holds a run is refused, so two runs never share one log by accident.
     :param host_scalars: on the CPU, let the scalar statistics read the loss and grad norm as
         Python floats (default ``True``; ``False`` runs them on tensors, as on an accelerator).
+    :param clip_grad_norm: clip the global L2 gradient norm to this value (``max_norm`` of
+        ``torch.nn.utils.clip_grad_norm_``) right before ``optimizer.step()``, *after* the
+        detectors read the unclipped gradients (default ``None``: no fixed clip). Use it instead
+        of calling ``clip_grad_norm_`` yourself before :meth:`step`, which would hide a spike
+        from ``grad_norm``. It reuses the step's one norm reduction (a ``grad_clip`` actuator,
+        which may change the gradients first, makes it reduce again).
     :param sign_key: sign the decision log (:mod:`lbw_policy.signing`): a private key file
         (``lbw-policy keygen``), an ``Ed25519PrivateKey`` or a
         :class:`~lbw_policy.signing.Signer`. Default ``None``: the file named by the
         environment variable ``LBW_POLICY_SIGN_KEY`` if it is set and not empty, else unsigned.
+        In a distributed run the rank that writes the log signs it.
     :param witness: with a key, where each signed checkpoint is also reported, outside the run
         directory: a file path, a ``logging.Logger``, a callable taking the entry (a dict), or
         a list of these (:class:`~lbw_policy.signing.Witness`). Default ``None``.
@@ -114,19 +134,28 @@ class Guard:
     :raises PolicyError: the policy is invalid (nothing was applied).
     :raises ActuatorError: an actuator cannot act on this optimizer (nothing was applied: hooks
         a detector had attached are removed again).
-    :raises ValueError: an unknown ``transfer``.
+    :raises ValueError: an unknown ``transfer``; ``clip_grad_norm`` not a positive number;
+        ``checkpoint_every`` not an integer >= 1.
     :raises lbw_policy.signing.SigningKeyError: the signing key cannot be used (nothing was
         applied).
     :raises FileExistsError: ``log_dir`` already holds a decision log and ``resume`` is false
         (nothing was applied).
+    :raises RuntimeError: distributed: another rank failed to build its guard or loaded another
+        policy revision (every rank raises; nothing was applied).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: Union[Policy, str, os.PathLike] = "default",
                  model: Optional[torch.nn.Module] = None, log_dir: Union[str, os.PathLike, None] = None,
-                 run_id: Optional[str] = None, rank: int = 0, registry=None, fsync: bool = False,
-                 labels: Optional[Mapping[str, Any]] = None, transfer: Optional[str] = None,
-                 host_scalars: bool = True, resume: bool = False, sign_key: Any = None,
-                 witness: Any = None, checkpoint_every: int = 100) -> None:
+                 run_id: Optional[str] = None, rank: Optional[int] = None, registry=None,
+                 fsync: bool = False, labels: Optional[Mapping[str, Any]] = None,
+                 transfer: Optional[str] = None, host_scalars: bool = True, resume: bool = False,
+                 clip_grad_norm: Optional[float] = None, distributed: Any = "auto",
+                 sign_key: Any = None, witness: Any = None, checkpoint_every: int = 100) -> None:
+        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float))
+                                               and not isinstance(clip_grad_norm, bool)
+                                               and 0 < clip_grad_norm < float("inf")):
+            raise ValueError(f"clip_grad_norm must be a positive finite number or None, found "
+                             f"{clip_grad_norm!r}")
         signer = _signer(sign_key)  # a bad key fails before anything is built
         if signer is not None:
             from lbw_policy.signing import make_witness
@@ -135,6 +164,10 @@ class Guard:
             if type(checkpoint_every) is not int or checkpoint_every < 1:
                 raise ValueError(f"checkpoint_every: expected an integer >= 1, found "
                                  f"{checkpoint_every!r}")
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]),
+                      torch.device("cpu"))
+        self.dist = resolve_distributed(distributed)
         if registry is None:
             from lbw_policy.plugins import get_registry
 
@@ -142,17 +175,31 @@ class Guard:
         if not isinstance(policy, Policy):
             from lbw_policy.policy import resolve_policy_path
 
-            policy = load_policy(resolve_policy_path(policy), registry=registry)
+            try:
+                policy = load_policy(resolve_policy_path(policy), registry=registry)
+            except BaseException:
+                if self.dist is not None:  # the other ranks learn it instead of waiting for us
+                    self.dist.agree(False, "", device)
+                raise
         self.policy = policy
         self.optimizer = optimizer
         self.model = model
         self.enforce = policy.mode == "enforce"
         self.registry = registry
         self.host_scalars = bool(host_scalars)
-        device = next((p.device for g in optimizer.param_groups for p in g["params"]),
-                      torch.device("cpu"))
         self.device = device  # where the signal vector is built: the parameters' device
-        self.transport = make_transport(transfer or policy.transfer, device)
+        if self.dist is not None:
+            if rank is not None and rank != self.dist.rank:
+                self.dist.agree(False, policy.revision, device)
+                raise ValueError(f"rank={rank} but this process is rank {self.dist.rank} of its "
+                                 f"process group; leave rank unset in a distributed run")
+            rank = self.dist.rank
+        self.rank = 0 if rank is None else int(rank)
+        self.world_size = 1 if self.dist is None else self.dist.world_size
+        # rank 0 writes the run directory (the one decision log); the other ranks decide alike
+        self.writer = self.dist is None or self.rank == 0
+        self.reducer: Optional[SignalReducer] = None
+        self._pending_after: list = []  # distributed: after_step faults, reduced next step
 
         # Build every plugin before touching files: a bad policy never half-applies, and a
         # failed construction leaves the model as it was (hooks removed).
@@ -161,25 +208,47 @@ class Guard:
         self.run_id = run_id or (self.log_dir.name if self.log_dir else uuid.uuid4().hex[:12])
         if self.log_dir is None:
             self.log_dir = Path("runs") / self.run_id
-        context = ActuatorContext(model=model, log_dir=self.log_dir, rank=rank,
+        context = ActuatorContext(model=model, log_dir=self.log_dir, rank=self.rank,
+                                  world_size=self.world_size,
                                   save_checkpoint=self._save_checkpoint)
         try:
-            for det_id, spec in policy.detectors.items():
-                reg = registry.detectors[spec.type]
-                self.detectors[det_id] = reg.cls(**dict(spec.params))
-                self._plugin_versions[f"detector:{spec.type}"] = {"plugin": reg.plugin, "version": reg.version}
-            for name, spec in policy.actuators.items():
-                reg = registry.actuators[name]
-                self.actuators[name] = reg.cls(**dict(spec.bounds))
-                self._plugin_versions[f"actuator:{name}"] = {"plugin": reg.plugin, "version": reg.version}
-            for name, actuator in self.actuators.items():
-                actuator.bind(context)  # rollback needs the model, halt the log_dir
-                actuator.attach(optimizer)  # ActuatorError if it cannot act on this optimizer
-            for det_id, det in self.detectors.items():
-                det.setup(model, optimizer, every=policy.detectors[det_id].every)
+            self.transport = make_transport(transfer or policy.transfer, device)
+            self._build(policy, registry, model, optimizer, context, transfer, resume)
         except BaseException:
             self._close_detectors()
+            if self.dist is not None:  # the other ranks learn it instead of waiting for us
+                self.dist.agree(False, policy.revision, device)
             raise
+        if self.dist is not None:
+            try:
+                self.dist.agree(True, policy.revision, device)
+            except BaseException:
+                self._close_detectors()
+                raise
+        self._open_run(policy, optimizer, rank=self.rank, fsync=fsync, labels=labels,
+                       signer=signer, witness=witness, checkpoint_every=checkpoint_every)
+
+    def _build(self, policy: Policy, registry: Any, model: Any, optimizer: Any,
+               context: ActuatorContext, transfer: Optional[str], resume: bool) -> None:
+        """Build and attach every plugin and the gate; check the run directory. Writes no file.
+        The caller removes detector hooks again when this raises."""
+        for det_id, spec in policy.detectors.items():
+            reg = registry.detectors[spec.type]
+            self.detectors[det_id] = reg.cls(**dict(spec.params))
+            self._plugin_versions[f"detector:{spec.type}"] = {"plugin": reg.plugin, "version": reg.version}
+        for name, spec in policy.actuators.items():
+            reg = registry.actuators[name]
+            self.actuators[name] = reg.cls(**dict(spec.bounds))
+            self._plugin_versions[f"actuator:{name}"] = {"plugin": reg.plugin, "version": reg.version}
+        for name, actuator in self.actuators.items():
+            actuator.bind(context)  # rollback needs the model, halt the log_dir
+            actuator.attach(optimizer)  # ActuatorError if it cannot act on this optimizer
+        for det_id, det in self.detectors.items():
+            det.setup(model, optimizer, every=policy.detectors[det_id].every)
+        if self.dist is not None:
+            _check_sharding(self.detectors, policy, optimizer)
+            self.reducer = SignalReducer(self.dist, self.detectors, policy.detectors)
+        device = self.device
         # The same-step gate runs on the device only when the host learns too late (deferred)
         # and the policy enforces; otherwise its rules are ordinary host rules.
         gated = gate_rules(policy) if self.transport.delay and self.enforce else []
@@ -195,30 +264,41 @@ class Guard:
                     self.transport = make_transport("immediate", device)
                     warnings.warn(message + "; falling back to transfer: immediate (one host "
                                   "sync per step). Build the optimizer with fused=True to keep "
-                                  "the step free of syncs.", stacklevel=2)
+                                  "the step free of syncs.", stacklevel=3)
                 else:
                     warnings.warn(message + "; with transfer: deferred they act one step late, "
-                                  "so a non-finite step reaches the weights.", stacklevel=2)
+                                  "so a non-finite step reaches the weights.", stacklevel=3)
                 gated = []
         self.gate = DeviceGate(gated)
 
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / "decisions.jsonl"
-        if not resume and log_path.exists() and log_path.stat().st_size > 0:
-            self._close_detectors()
+        if (self.writer and not resume and log_path.exists()
+                and log_path.stat().st_size > 0):
             raise FileExistsError(
                 f"{log_path} already holds a run: pass resume=True to continue it (then load "
                 f"the saved guard state with load_state_dict), or choose another log_dir")
+
+    def _open_run(self, policy: Policy, optimizer: Any, *, rank: int, fsync: bool,
+                  labels: Optional[Mapping[str, Any]], signer: Any = None, witness: Any = None,
+                  checkpoint_every: int = 100) -> None:
+        """Open the run's files (rank 0 only in a distributed run) and write ``run_start``
+        (with the signing key's fingerprint when ``signer`` is given)."""
         from lbw_policy import __version__
 
-        run_labels = {"run_id": self.run_id, "rank": rank, "lbw_policy": __version__,
-                      "torch": torch.__version__, "python": platform.python_version(),
-                      "plugins": self._plugin_versions}
+        gated = self.gate.rules
+        run_labels = {"run_id": self.run_id, "rank": rank, "world_size": self.world_size,
+                      "lbw_policy": __version__, "torch": torch.__version__,
+                      "python": platform.python_version(), "plugins": self._plugin_versions}
         run_labels.update(labels or {})
-        self.log = DecisionLog(self.log_dir / "decisions.jsonl", run=run_labels, fsync=fsync,
-                               signer=signer, checkpoint_every=checkpoint_every, witness=witness)
-        (self.log_dir / "policy.yaml").write_text(policy.text, encoding="utf-8")
-        self._telemetry_file = open_telemetry(self.log_dir / "telemetry.jsonl")
+        if self.writer:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.log = DecisionLog(self.log_dir / "decisions.jsonl", run=run_labels, fsync=fsync,
+                                   signer=signer, checkpoint_every=checkpoint_every,
+                                   witness=witness)
+            (self.log_dir / "policy.yaml").write_text(policy.text, encoding="utf-8")
+            self._telemetry_file = open_telemetry(self.log_dir / "telemetry.jsonl")
+        else:
+            self.log, self._telemetry_file = NullLog(), NullFile()
         self.governor = Governor(policy, self.actuators, self._write,
                                  rules=[r for r in policy.rules if r not in gated])
         self._step = 0
@@ -299,15 +379,29 @@ class Guard:
         """:class:`~lbw_policy.base.ActuatorContext`'s ``save_checkpoint`` (halt, rollback)."""
         from lbw_policy.actuators._checkpoint import write_checkpoint
 
+        if self.dist is not None:  # sharded state: every rank saves its part, at the same step
+            write_distributed_checkpoint(path, step=step, actuator=actuator, model=self.model,
+                                         optimizer=self.optimizer, guard_state=self.state_dict(),
+                                         rank=self.rank)
+            return
         write_checkpoint(path, step=step, actuator=actuator, model=self.model,
                          optimizer=self.optimizer, guard_state=self.state_dict())
 
     # ------------------------------------------------------------------ the step
-    def step(self, loss: torch.Tensor) -> StepResult:
+    def step(self, loss: torch.Tensor, *, found_inf: Optional[torch.Tensor] = None) -> StepResult:
         """Govern one optimizer step. Call after ``loss.backward()``, instead of
         ``optimizer.step()``.
 
         :param loss: the step's loss, a scalar tensor (any device) or a float.
+        :param found_inf: ``torch.amp.GradScaler``'s flag for this step's gradients (a 0-dim
+            float tensor, ``> 0`` when they hold inf/NaN; the gradients must already be
+            unscaled). ``None`` (default): no scaler. With a flag set and a finite loss the step
+            is the scaler's overflow, its normal business: see :meth:`scaler_skipped` (no
+            detector runs, no rule is evaluated). With a flag set and a non-finite loss it is a
+            real fault: the step is governed as usual (the policy's rules see it) and the
+            optimizer step is never taken. Reading the flag and the loss's finiteness is one
+            host read (on CUDA one sync; GradScaler's own step takes the same sync for an
+            optimizer that is not fused).
         :return: :class:`StepResult`.
         :raises TrainingHalted: a ``halt`` command fired (enforce mode); its record is on disk.
         :raises DecisionLogError: the decision log could not be written; the guard is halted
@@ -317,6 +411,11 @@ class Guard:
         if self._closed or self._halted:
             raise RuntimeError("Guard has halted training; build a new one to continue" if self._halted
                                else "Guard is closed")
+        take = self.optimizer.step
+        if found_inf is not None:  # a GradScaler step (integrations.GuardedOptimizer)
+            overflow, take = self._scaler_flag(loss, found_inf)
+            if overflow:
+                return self.scaler_skipped()
         self._after_faults = []
         tel = Telemetry(self._step, loss, self.optimizer, self.model,         # 1. telemetry
                         host_scalars=self.host_scalars)
@@ -329,16 +428,70 @@ class Guard:
         try:
             outcome = self.governor.step(                                    # 5. govern, 6. step
                 self._step, emitted, faults, observation=tel, optimizer=self.optimizer,
-                step_fn=self.optimizer.step, after_step=functools.partial(self._after_step, tel),
+                step_fn=functools.partial(self._clip_and_step, tel, take),
+                after_step=functools.partial(self._after_step, tel),
                 signals_step=None if due is None else due.step, device_actions=device_actions)
         except BaseException:  # optimizer.step() raised (out of memory, ...): the actuators are
             self._stop()       # unwound; rule timers have moved, so this guard cannot go on
             raise
+        if take is _not_taken and outcome.stepped:  # inf/NaN gradients: never stepped
+            outcome.stepped, outcome.skipped = False, True
+            self.governor.skipped_steps += 1
         self._end_step(outcome, due, packet)
         return StepResult(step=outcome.step, loss=due.values[0] if due else float("nan"),
                           skipped=outcome.skipped, lr=outcome.lr, decisions=outcome.records,
                           signals=dict(self.governor.latest),
-                          signals_step=None if due is None else due.step)
+                          signals_step=None if due is None else due.step,
+                          lr_scale=outcome.lr_scale)
+
+    # ------------------------------------------------------------------ mixed precision, clipping
+    def _scaler_flag(self, loss: Any, found_inf: torch.Tensor) -> tuple:
+        """``(overflow, take)`` for a GradScaler step: ``overflow`` when the scaler found
+        inf/NaN but the loss is finite (one host read of both); ``take`` is the step function:
+        ``optimizer.step`` or, when the gradients hold inf/NaN, a step that is never taken."""
+        flag = found_inf.detach().reshape(()) > 0
+        finite = torch.isfinite(torch.as_tensor(loss).detach().reshape(())).to(flag.device)
+        found, loss_finite = torch.stack([flag, finite]).tolist()  # the one host read
+        if not found:
+            return False, self.optimizer.step
+        return bool(loss_finite), _not_taken
+
+    def scaler_skipped(self) -> StepResult:
+        """Record a step that ``torch.amp.GradScaler`` skips because the scaled gradients
+        overflowed (its normal business: it lowers the scale and retries next step). One
+        ``scaler_skipped`` record (no rule, no action); no detector runs, so no statistic is
+        updated with the overflowed gradients; no rule is evaluated and no actuator moves; the
+        step counter advances (records keep the framework's step numbering). A signal vector in
+        flight (deferred transport) lands at the next governed step.
+
+        :return: :class:`StepResult` with ``skipped=True`` and NaN ``loss``.
+        :raises DecisionLogError: the record could not be written (the guard is halted).
+        :raises RuntimeError: the guard was closed or has halted.
+        """
+        if self._closed or self._halted:
+            raise RuntimeError("Guard has halted training; build a new one to continue" if self._halted
+                               else "Guard is closed")
+        outcome = self.governor.record_scaler_skip(self._step)
+        self._step += 1
+        if outcome.fatal is not None:
+            self._stop()
+            raise outcome.fatal
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+        return StepResult(step=outcome.step, loss=float("nan"), skipped=True,
+                          lr=float("nan") if lr is None else float(lr),
+                          decisions=outcome.records, signals=dict(self.governor.latest))
+
+    def _clip_and_step(self, tel: Telemetry, take: Any) -> None:
+        """Stage 6: the fixed clip (``clip_grad_norm``), then the optimizer step."""
+        if self.clip_grad_norm is not None:
+            params = [p for p in tel.parameters() if p.grad is not None]
+            # the step's shared norm, unless a grad_clip actuator changed the gradients since
+            norm = None if "grad_clip" in self.actuators else tel.grad_norm
+            if norm is None:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params],
+                                                     error_if_nonfinite=False)
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, norm)
+        take()
 
     def _end_step(self, outcome: Any, due: Optional[Packet], packet: Packet) -> None:
         """Count the step, write the telemetry rows of the steps done, raise a halt."""
@@ -372,14 +525,13 @@ class Guard:
             pass
 
     def _sense(self, tel: Telemetry) -> Packet:
-        """Stage 2: due detectors -> one vector ``[loss, *tensor signals, *gate flags]`` on the
-        loss's device; host values and faults beside it."""
+        """Stages 2-3: due detectors -> one vector on the parameters' device (single process:
+        ``[loss, *tensor signals, *gate flags]``, host values and faults beside it; distributed:
+        the reduced layout of :mod:`lbw_policy.adapters.distributed`, then the gate flags)."""
         step = tel.step
         device = self.device
         dtype = torch.float64 if device.type != "mps" else torch.float32
-        flat: list = [tel.loss.reshape(()).to(device=device, dtype=dtype)]
-        names: list = []
-        on_host: dict = {}
+        outputs: dict = {}
         faults: list = []
         for det_id, det in self.detectors.items():
             spec = self.policy.detectors[det_id]
@@ -389,40 +541,66 @@ class Guard:
                 # Each value becomes a 0-dim tensor here, inside the try: a detector returning
                 # something that is not a scalar is contained like one that raises, and a
                 # failed detector contributes no signal at all (no partial output).
-                mine = [(f"{det_id}.{sig}", _scalar(val, device, dtype)
-                         if isinstance(val, torch.Tensor) else _host_number(val))
-                        for sig, val in det.compute(tel).items()]
+                outputs[det_id] = {sig: _scalar(val, device, dtype) if isinstance(val, torch.Tensor)
+                                   else _host_number(val) for sig, val in det.compute(tel).items()}
             except Exception as exc:  # a plugin that raises is contained, never silent
                 faults.append(Fault.of("detector", det_id, "compute", exc, spec.type))
-                continue
-            for name, value in mine:
+        loss = tel.loss.reshape(()).to(device=device, dtype=dtype)
+        if self.reducer is not None:
+            for fault in faults:  # only this rank knows the text: say it here
+                warnings.warn(f"rank {self.rank}: {fault.where} raised {fault.error}",
+                              stacklevel=3)
+            faults, self._pending_after = faults + self._pending_after, []
+            names, values, present, counts, first, layout = self.reducer.gather(
+                step, loss, outputs, faults, device, dtype)
+            nan = torch.full_like(values[1:], float("nan"))
+            gates = self._gate(dict(zip(names, torch.where(present > 0, values[1:], nan))), dtype)
+            vector = torch.cat([values, present, counts, first] + ([torch.stack(gates)] if gates else []))
+            return Packet(step, names, vector, {},
+                          meta={"faults": [], "gates": len(gates), "dist": layout})
+        flat: list = [loss]
+        names = []
+        on_host: dict = {}
+        for det_id, out in outputs.items():
+            for sig, value in out.items():
                 if isinstance(value, float):
-                    on_host[name] = value
+                    on_host[f"{det_id}.{sig}"] = value
                 else:
-                    names.append(name)
+                    names.append(f"{det_id}.{sig}")
                     flat.append(value)
-        gates: list = []
-        if self.gate:
-            fired = self.gate.evaluate({**dict(zip(names, flat[1:])), **on_host}, device)
-            keep = self.actuators["skip_step"].arm(~torch.stack(fired).any())
-            gates = [torch.logical_and(f, ~keep).to(dtype) for f in fired]
+        gates = self._gate({**dict(zip(names, flat[1:])), **on_host}, dtype)
         vector = torch.stack(flat + gates)
         return Packet(step, names, vector, on_host,
                       meta={"faults": [f.to_dict() for f in faults], "gates": len(gates)})
+
+    def _gate(self, signals: Mapping[str, Any], dtype: torch.dtype) -> list:
+        """The device gate's flags (one 0-dim tensor per gated rule that fired, 0/1), with the
+        skip armed on the device; ``[]`` without a gate."""
+        if not self.gate:
+            return []
+        fired = self.gate.evaluate(signals, self.device)
+        keep = self.actuators["skip_step"].arm(~torch.stack(fired).any())
+        return [torch.logical_and(f, ~keep).to(dtype) for f in fired]
+
+    def _decode(self, p: Packet) -> tuple:
+        """A landed packet's ``(loss, signals, faults, gate_flags)`` on the host."""
+        values, n_gates = p.values, p.meta["gates"]
+        body, flags = values[:len(values) - n_gates], values[len(values) - n_gates:]
+        if "dist" in p.meta:
+            loss, signals, faults = self.reducer.decode(body, p.meta["dist"])
+            return loss, signals, faults, flags
+        signals = dict(zip(p.names, body[1:]))
+        signals.update(p.host)
+        return body[0], signals, [Fault.from_dict(f) for f in p.meta["faults"]], flags
 
     def _landed(self, due: Optional[Packet]) -> tuple:
         """The Governor's inputs from a landed packet: (emitted, faults, device_actions)."""
         if due is None:
             return {}, [], []
-        n_gates = due.meta["gates"]
-        values = due.values
-        emitted = dict(zip(due.names, values[1:len(values) - n_gates]))
-        emitted.update(due.host)
-        faults = [Fault.from_dict(f) for f in due.meta["faults"]]
+        _, emitted, faults, flags = self._decode(due)
         # the gate acted only on a step the host took (a host skip or a halt came first)
         taken = not (due.meta.get("skipped") or due.meta.get("halted"))
-        gated = [rule for rule, flag in zip(self.gate.rules, values[len(values) - n_gates:])
-                 if flag and taken]
+        gated = [rule for rule, flag in zip(self.gate.rules, flags) if flag and taken]
         due.meta["gated"] = [rule.name for rule in gated]
         return emitted, faults, [gate_action(r, emitted, due.step, self.gate_mode) for r in gated]
 
@@ -436,6 +614,12 @@ class Guard:
                 faults.append(Fault.of("detector", det_id, "after_step", exc,
                                        self.policy.detectors[det_id].type))
         self._after_faults = faults
+        if self.reducer is not None:  # contained on every rank alike, at the next step
+            for fault in faults:
+                warnings.warn(f"rank {self.rank}: {fault.where} raised {fault.error}",
+                              stacklevel=2)
+            self._pending_after = faults
+            return []
         return faults
 
     def _write_row(self, p: Packet) -> None:
@@ -443,12 +627,13 @@ class Guard:
         if p.meta.get("written"):  # a mid-step state_dict (halt checkpoint) landed it early
             return
         p.meta["written"] = True
-        values, n_gates = p.values, p.meta["gates"]
-        row = {"step": p.step, "loss": values[0], "lr": p.meta["lr"],
+        loss, signals, faults, _ = self._decode(p)
+        row = {"step": p.step, "loss": loss, "lr": p.meta["lr"],
                "scheduled_lr": p.meta["scheduled_lr"],
-               "skipped": bool(p.meta["skipped"] or p.meta.get("gated")),
-               "signals": {**dict(zip(p.names, values[1:len(values) - n_gates])), **p.host}}
-        for key in ("faults", "after_faults", "gated"):
+               "skipped": bool(p.meta["skipped"] or p.meta.get("gated")), "signals": signals}
+        if faults:
+            row["faults"] = [f.to_dict() for f in faults]
+        for key in ("after_faults", "gated"):
             if p.meta.get(key):
                 row[key] = p.meta[key]
         if p.meta.get("halted"):
@@ -479,6 +664,7 @@ class Guard:
             "counts": gov["counts"],
             "skipped_steps": gov["skipped_steps"],
             "gated_steps": gov["gated_steps"],
+            "pending_after_faults": [f.to_dict() for f in self._pending_after],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -517,6 +703,7 @@ class Guard:
             det.load_state_dict(state["detectors"][det_id])
         self.governor.load_state_dict(state)
         self.transport.load_state_dict(state.get("transport") or {})
+        self._pending_after = [Fault.from_dict(f) for f in state.get("pending_after_faults", [])]
         self._step = int(state["step"])
 
     def summary(self) -> dict:
@@ -571,6 +758,8 @@ class Guard:
         return self.summary()
 
     def _write_summary(self) -> None:
+        if not self.writer:
+            return
         path = self.log_dir / "summary.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.summary(), indent=2) + "\n", encoding="utf-8")
@@ -591,6 +780,31 @@ def _signer(sign_key: Any) -> Any:
     if sign_key is None:
         sign_key = os.environ.get(SIGN_KEY_ENV) or None
     return None if sign_key is None else load_signer(sign_key)
+
+
+def _check_sharding(detectors: Mapping[str, Any], policy: Policy, optimizer: Any) -> None:
+    """Refuse detectors that cannot run on sharded (DTensor) parameters (FSDP2).
+
+    :raises ValueError: naming each such detector and why (its class's ``sharding`` text)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor: nothing can be sharded
+        return
+    if not any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
+        return
+    refused = {d: getattr(type(det), "sharding", None) for d, det in detectors.items()}
+    refused = {d: why for d, why in refused.items() if why}
+    if refused:
+        raise ValueError(
+            "the parameters are sharded (DTensor, e.g. FSDP2) and these detectors cannot run on "
+            "shards: " + "; ".join(f"{d!r} ({policy.detectors[d].type}): {why}"
+                                   for d, why in refused.items())
+            + ". Remove them from the policy for this run (docs/distributed.md)")
+
+
+def _not_taken() -> None:
+    """The step function of a step whose gradients hold inf/NaN (GradScaler's ``found_inf``):
+    the optimizer step is not taken."""
 
 
 def _scalar(val: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
