@@ -6,7 +6,8 @@ group's value is multiplied by ``scale``; right after, the value found before is
 user's value (or their scheduler's) is never overwritten and the scale never compounds with it,
 and ``optimizer.state_dict()`` always holds the user's values.
 
-Commands: ``multiply: f`` requests ``scale * f``; ``set: s`` requests ``s`` (``f, s > 0``).
+Commands: ``multiply: f`` requests ``scale * f``; ``set: s`` requests ``s`` (``f, s > 0``);
+``add: d`` requests ``scale + d`` (an additive increase, or a decrease for ``d < 0``).
 
 Bounds, applied in this order to every command and every recovery move:
 
@@ -90,6 +91,7 @@ class ScaleActuator(Actuator):
     commands = {
         "multiply": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SCALE},
         "set": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SCALE},
+        "add": {"type": "number", "minimum": -MAX_SCALE, "maximum": MAX_SCALE},
     }
     signals = ("scale",)
 
@@ -139,8 +141,11 @@ class ScaleActuator(Actuator):
             target = self.scale * float(value)
         elif verb == "set":
             target = float(value)
+        elif verb == "add":  # additive increase (LBW-Guard's +0.01 per calm collection)
+            target = self.scale + float(value)
         else:
-            raise ValueError(f"{self.name}: unknown verb {verb!r}; expected 'multiply' or 'set'")
+            raise ValueError(f"{self.name}: unknown verb {verb!r}; expected 'multiply', 'set' "
+                             f"or 'add'")
         target = _round(target)
         applied = self._clamp(target)
         return Action(self.name, verb, requested=target, applied=applied,

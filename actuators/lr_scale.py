@@ -11,6 +11,7 @@ Commands:
 
 - ``{actuator: lr_scale, multiply: f}``: request ``scale * f`` (``f > 0``).
 - ``{actuator: lr_scale, set: s}``: request ``s`` (``s > 0``).
+- ``{actuator: lr_scale, add: d}``: request ``scale + d`` (LBW-Guard's additive increase).
 
 Bounds (``actuators.lr_scale`` in the policy), applied in this order:
 

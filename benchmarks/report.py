@@ -13,8 +13,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-METHOD_ORDER = ("adamw", "clip", "zclip", "spam", "stablespam", "lbw", "lbw-audit")
-PEERS = ("adamw", "clip", "zclip", "spam", "stablespam")
+METHOD_ORDER = ("adamw", "clip", "zclip", "spam", "stablespam", "lbwguard", "lbw", "lbw-guard-eval",
+                "lbw-audit")
+PEERS = ("adamw", "clip", "zclip", "spam", "stablespam", "lbwguard")
 
 
 def load_results(out: Path) -> list:

@@ -11,7 +11,11 @@ Methods (same model init, data order and seeds):
     zclip        AdamW + ZClip (PyPI `zclip`, its defaults)
     spam         SPAM (PyPI `pytorch-optimizer`, its defaults but our betas/eps/weight decay)
     stablespam   StableSPAM (same)
+    lbwguard     AdamW + LBW-Guard's Eval controller (arXiv 2605.19008), implemented here from
+                 its documentation (:class:`LBWGuardEval`), independently of the engine
     lbw          AdamW governed by policies/default.yaml
+    lbw-guard-eval  AdamW governed by policies/lbw-guard-eval.yaml (the same controller as a
+                 policy; tests/test_lbw_guard_eval.py checks it follows LBWGuardEval)
     lbw-audit    AdamW under policies/audit-only.yaml (must equal plain AdamW: a correctness check)
 
 Grid: learning rates x seeds. Faults at the best AdamW learning rate of the grid, from step 100:
@@ -48,7 +52,10 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("adamw", "clip", "zclip", "spam", "stablespam", "lbw", "lbw-audit")
+METHODS = ("adamw", "clip", "zclip", "spam", "stablespam", "lbwguard", "lbw", "lbw-guard-eval",
+           "lbw-audit")
+#: the policy each governed method runs (``lbw`` runs ``RunSpec.policy``)
+GOVERNED = {"lbw": None, "lbw-guard-eval": "lbw-guard-eval", "lbw-audit": None}
 FAULTS = ("lr30", "noise", "grad1e3")
 FAULT_START = 100
 
@@ -90,6 +97,54 @@ def _lr_factor(spec: RunSpec, step: int) -> float:
     return f
 
 
+class LBWGuardEval:
+    """LBW-Guard's Eval controller, from its documentation (arXiv 2605.19008; PyPI ``lbw-guard``
+    1.1.3, ``lbw/governor.py``), written without the engine: the reference the policy
+    ``policies/lbw-guard-eval.yaml`` is checked against.
+
+    Every ``stats_freq`` steps, the first step included: ``x`` = the maximum over parameter
+    tensors of ``mean(g ** 2)``; ``ema`` = ``x`` at the first collection, then
+    ``decay * ema + (1 - decay) * x``; ``ratio = x / (ema + eps)``; ``flip`` = the sign of
+    ``sum(all g) / numel`` differs from the previous collection's. Then ``ratio > 1.5``: scale
+    ``max(lo, 0.7 * scale)``; else ``ratio > 1.1`` or ``flip``: ``max(lo, 0.85 * scale)``; else
+    ``min(1, scale + 0.01)``. The scale multiplies the scheduled learning rate until the next
+    collection. A non-finite ``x`` does not enter the EMA (the documentation does not say; the
+    policy's detector does the same).
+    """
+
+    def __init__(self, stats_freq: int = 10, decay: float = 0.85, eps: float = 1e-12,
+                 lo: float = 0.1) -> None:
+        self.stats_freq, self.decay, self.eps, self.lo = stats_freq, decay, eps, lo
+        self.scale = 1.0
+        self.ema: Optional[float] = None
+        self.sign: Optional[int] = None
+        self.steps = 0
+
+    def update(self, params) -> float:
+        """Call after ``backward()``, before the optimizer step; returns this step's scale."""
+        if self.steps % self.stats_freq == 0:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                x = max(float(g.float().pow(2).mean()) for g in grads)
+                mean = sum(float(g.float().sum()) for g in grads) / sum(g.numel() for g in grads)
+                sign = (mean > 0) - (mean < 0)
+                if math.isfinite(x):
+                    self.ema = x if self.ema is None else self.decay * self.ema + (1 - self.decay) * x
+                elif self.ema is None:
+                    self.ema = 0.0
+                ratio = x / (self.ema + self.eps)
+                flip = self.sign is not None and sign != self.sign
+                self.sign = sign
+                if ratio > 1.5:
+                    self.scale = max(self.lo, 0.7 * self.scale)
+                elif ratio > 1.1 or flip:
+                    self.scale = max(self.lo, 0.85 * self.scale)
+                else:
+                    self.scale = min(1.0, self.scale + 0.01)
+        self.steps += 1
+        return self.scale
+
+
 def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
     """Train one (method, lr, seed, fault) and return its metrics."""
     import torch
@@ -106,7 +161,7 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
                           n_head=spec.n_head, n_embd=spec.n_embd)).to(spec.device)
     params = list(model.parameters())
     common = dict(lr=spec.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    guard = zclip = None
+    guard = zclip = lbwguard = None
     if spec.method == "spam":
         from pytorch_optimizer import SPAM
 
@@ -121,15 +176,18 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
         from zclip import ZClip
 
         zclip = ZClip()
+    if spec.method == "lbwguard":
+        lbwguard = LBWGuardEval()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(spec, s))
     run_dir = Path(out_dir) / "runs" / spec.key.replace("|", "_")
-    if spec.method in ("lbw", "lbw-audit"):
+    if spec.method in GOVERNED:
         from lbw_policy import Guard
 
         if run_dir.exists():  # a re-run starts a fresh log
             for f in run_dir.iterdir():
                 f.unlink()
-        policy = spec.policy if spec.method == "lbw" else spec.audit_policy
+        policy = {"lbw": spec.policy, "lbw-audit": spec.audit_policy}.get(spec.method) \
+            or GOVERNED[spec.method]
         guard = Guard(optimizer, policy, model=model, log_dir=run_dir, run_id=spec.key.replace("|", "_"))
 
     gen = torch.Generator().manual_seed(spec.seed)
@@ -165,8 +223,15 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
             elif zclip is not None:
                 zclip.step(model)
+            scheduled = [g["lr"] for g in optimizer.param_groups]
+            if lbwguard is not None:  # the scale multiplies the scheduled rate for this step
+                scale = lbwguard.update(params)
+                for g in optimizer.param_groups:
+                    g["lr"] *= scale
             lr_value = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            for g, lr in zip(optimizer.param_groups, scheduled):
+                g["lr"] = lr  # the scheduler's value back: the scale never compounds
             loss_value = loss.item()  # host sync; the governed path gets the loss from its one transfer
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()

@@ -7,6 +7,7 @@ params, cost).
 from lbw_policy.hookspecs import hookimpl
 
 from .adam_update_stats import AdamUpdateStats
+from .grad_mean_square import GradMeanSquare
 from .attention_logits import AttentionLogits
 from .grad_norm import GradNorm
 from .grad_norm_trend import GradNormTrend
@@ -18,7 +19,7 @@ from .nonfinite import NonFinite
 from .spectral_entropy import SpectralEntropy
 from .update_ratio import UpdateRatio
 
-__all__ = ["AdamUpdateStats", "AttentionLogits", "GradNorm", "GradNormTrend", "LogitDivergence",
+__all__ = ["AdamUpdateStats", "AttentionLogits", "GradMeanSquare", "GradNorm", "GradNormTrend", "LogitDivergence",
            "LossSpike", "LRJump", "MoERouter", "NonFinite", "SpectralEntropy", "UpdateRatio"]
 
 
@@ -35,3 +36,4 @@ def register_detectors(register):
     register(LogitDivergence)
     register(MoERouter)
     register(LRJump)
+    register(GradMeanSquare)

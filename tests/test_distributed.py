@@ -96,6 +96,10 @@ def test_rank_0_writes_one_log_with_world_size_and_it_verifies(two):
     done = subprocess.run([sys.executable, "-m", "lbw_policy.cli", "verify", str(run)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    # replaying the same policy over the global telemetry reproduces every decision
+    done = subprocess.run([sys.executable, "-m", "lbw_policy.cli", "replay", str(run),
+                           "--policy", "default"], capture_output=True, text=True)
+    assert done.returncode == 0 and f"decisions differ: 0 of {STEPS}" in done.stdout, done.stdout
 
 
 def test_four_ranks_agree_and_stay_bitwise_equal_with_the_deferred_transport_and_gate(four):

@@ -382,7 +382,7 @@ def test_cli_plugins_lists_every_builtin_with_plugin_and_version(capsys):
                       "norm (same), ratio (same)"],
         "nonfinite": ["detector", "nonfinite", "lbw_policy.detectors", version,
                       "loss (any), grads (any), any (any)"],
-        "lr_scale": ["actuator", "lr_scale", "lbw_policy.actuators", version, "multiply, set"],
+        "lr_scale": ["actuator", "lr_scale", "lbw_policy.actuators", version, "multiply, set, add"],
         "skip_step": ["actuator", "skip_step", "lbw_policy.actuators", version, "apply"],
         "halt": ["actuator", "halt", "lbw_policy.actuators", version, "apply"],
     }
