@@ -7,10 +7,17 @@ report is the median over rounds, with a 95 % bootstrap confidence interval of t
 (``scipy.stats.bootstrap``, percentile method, 2,000 resamples): on a shared machine single rounds
 scatter by 10 % or more. A warm-up block of each runs first and is not counted.
 
+With ``--sign`` a third loop runs in the same rounds: the governed loop with a signed decision
+log (a fresh Ed25519 key, a checkpoint every ``--checkpoint-every`` records). It reports the
+ratio signed/unsigned governed steps per second (the end-to-end cost of signing) and, because a
+run writes few records and so few checkpoints, the cost of one checkpoint (sign + chained write,
+the median of 200 on a scratch log) as a fraction of a plain step: the price of each checkpoint.
+
 Usage::
 
     python benchmarks/overhead.py                        # default policy, CPU
     python benchmarks/overhead.py --policy early-warning --device cuda
+    python benchmarks/overhead.py --sign                 # + the signed decision log
     python benchmarks/overhead.py --nproc 2 --threads 1    # DDP on 2 processes (gloo)
 
 With ``--nproc N`` both loops are ``DistributedDataParallel`` on N processes (gloo on the CPU),
@@ -49,10 +56,17 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--sign", action="store_true",
+                        help="also run the governed loop with a signed decision log (issue 17; "
+                             "one process)")
+    parser.add_argument("--checkpoint-every", type=int, default=100,
+                        help="with --sign: records between signed checkpoints (default 100)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="DDP processes (gloo; default 1: this process, no DDP)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.jsonl"))
     args = parser.parse_args(argv)
+    if args.sign and args.nproc > 1:
+        parser.error("--sign measures one process: drop --nproc")
     if args.nproc > 1:
         import os
 
@@ -127,21 +141,38 @@ def measure(args, rank: int = 0, world: int = 1) -> int:
     for policy in args.policy or ["default"]:
         plain_model, plain_opt = make()
         gov_model, gov_opt = make()
+        sig_model, sig_opt = make()
         with tempfile.TemporaryDirectory() as tmp:
-            guard = Guard(gov_opt, policy, model=gov_model, log_dir=tmp)
+            guard = Guard(gov_opt, policy, model=gov_model, log_dir=Path(tmp) / "unsigned")
+            signed_guard = None
+            if args.sign:
+                from lbw_policy.signing import generate_keypair
+
+                key, _, _ = generate_keypair(Path(tmp) / "keys", "bench")
+                signed_guard = Guard(sig_opt, policy, model=sig_model, log_dir=Path(tmp) / "signed",
+                                     sign_key=key, checkpoint_every=args.checkpoint_every)
             g_plain = torch.Generator().manual_seed(1 + rank)
             g_gov = torch.Generator().manual_seed(1 + rank)
+            g_sig = torch.Generator().manual_seed(1 + rank)
             block(plain_model, plain_opt, None, g_plain, args.block)  # warm-up, not counted
             block(gov_model, gov_opt, guard, g_gov, args.block)
-            plain, governed = [], []
+            if signed_guard is not None:
+                block(sig_model, sig_opt, signed_guard, g_sig, args.block)
+            plain, governed, signed = [], [], []
             for _ in range(args.rounds):
                 plain.append(block(plain_model, plain_opt, None, g_plain, args.block))
                 governed.append(block(gov_model, gov_opt, guard, g_gov, args.block))
+                if signed_guard is not None:
+                    signed.append(block(sig_model, sig_opt, signed_guard, g_sig, args.block))
             k = None
             if guard.reducer is not None:
                 names, slots = guard.reducer.layout(0)
                 k = 1 + 2 * len(names) + len(slots)
             guard.close()
+            sign_row = {}
+            if signed_guard is not None:
+                signed_guard.close()
+                sign_row = _sign_figures(signed, governed, plain, signed_guard, key, Path(tmp))
         ratios = [g / p for g, p in zip(governed, plain)]
         ci = _median_ci(ratios)
         row = {"policy": policy, "device": args.device, "bf16": args.bf16,
@@ -152,13 +183,20 @@ def measure(args, rank: int = 0, world: int = 1) -> int:
                "rounds": args.rounds, "block": args.block, "threads": torch.get_num_threads(),
                "nproc": world, "collective_floats": k,
                "torch": torch.__version__,
-               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **sign_row}
         results.append(row)
         if rank:
             continue
         print(f"{policy:<16} plain {row['plain_steps_per_s']:.2f} steps/s, governed "
               f"{row['governed_steps_per_s']:.2f} steps/s, median ratio {row['median_ratio']:.3f} "
               f"(95 % CI {ci[0]:.3f} to {ci[1]:.3f}; rounds: {', '.join(f'{r:.3f}' for r in ratios)})")
+        if sign_row:
+            sci = sign_row["sign_ratio_ci95"]
+            print(f"{'':<16} signed {sign_row['signed_steps_per_s']:.2f} steps/s, signed/unsigned "
+                  f"median ratio {sign_row['sign_ratio']:.3f} (95 % CI {sci[0]:.3f} to {sci[1]:.3f}); "
+                  f"{sign_row['checkpoints']} checkpoints in the run; one checkpoint "
+                  f"{sign_row['checkpoint_seconds'] * 1e6:.0f} us = "
+                  f"{100 * sign_row['checkpoint_fraction_of_step']:.3f} % of a plain step")
     if rank:
         return 0
     out = Path(args.out)
@@ -167,6 +205,31 @@ def measure(args, rank: int = 0, world: int = 1) -> int:
         for row in results:
             fh.write(json.dumps(row) + "\n")
     return 0
+
+
+def _sign_figures(signed: list, governed: list, plain: list, signed_guard, key, tmp: Path) -> dict:
+    """The signed loop's figures: signed/unsigned ratio per round, and the cost of one
+    checkpoint (median of 200 on a scratch signed log) as a fraction of a plain step."""
+    from lbw_policy.decision_log import DecisionLog, read_log
+
+    ratios = [s / g for s, g in zip(signed, governed)]
+    log = DecisionLog(tmp / "scratch" / "decisions.jsonl", run={"run_id": "bench"}, signer=key,
+                      checkpoint_every=10**9)
+    log.append({"step": 0, "event": "run_start"})
+    times = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        log.checkpoint()
+        times.append(time.perf_counter() - t0)
+    log.close()
+    checkpoint_s = statistics.median(times)
+    records = read_log(signed_guard.log.path).records
+    return {"signed_steps_per_s": statistics.median(signed), "sign_ratio": statistics.median(ratios),
+            "sign_ratio_ci95": _median_ci(ratios), "sign_ratios": [round(r, 4) for r in ratios],
+            "checkpoint_every": signed_guard.log.checkpoint_every,
+            "checkpoints": sum(r.get("event") == "checkpoint" for r in records),
+            "checkpoint_seconds": checkpoint_s,
+            "checkpoint_fraction_of_step": checkpoint_s * statistics.median(plain)}
 
 
 def _median_ci(ratios: list) -> list:

@@ -31,7 +31,7 @@ from lbw_policy.records import effective_records, from_json_number
 __all__ = ["AuditLog", "load_audit", "parse_steps", "filter_records", "summarize", "flat_rows",
            "format_audit", "audit_json", "explain", "format_explanation"]
 
-_META_EVENTS = ("run_start", "run_end", "resume")
+_META_EVENTS = ("run_start", "run_end", "resume", "checkpoint")
 
 
 @dataclass
@@ -157,9 +157,13 @@ def flat_rows(records: Iterable[dict]) -> list:
     """One flat row per action (a record without actions gives one row with ``actuator``
     null): the shape DuckDB's ``read_json_auto`` and ``pandas.read_json(lines=True)`` want."""
     rows = []
+    described: dict = {}  # run id -> its run_start's policy description
     for r in records:
         pol = r.get("policy") or {}
         run = r.get("run") or {}
+        if r.get("event") == "run_start" and isinstance(pol, dict):
+            described[run.get("run_id")] = pol.get("description")
+        pol = dict(pol, description=pol.get("description", described.get(run.get("run_id"))))
         base = {"id": r.get("id"), "seq": r.get("seq"), "time": r.get("time"),
                 "run_id": run.get("run_id"), "rank": run.get("rank"), "step": r.get("step"),
                 "event": r.get("event"), "rule": r.get("rule"), "priority": r.get("priority"),
@@ -187,6 +191,8 @@ def _policies(records: Sequence[dict]) -> list:
     """Distinct (policy label, mode) pairs in order of first appearance, with record counts."""
     seen: dict = {}
     for r in records:
+        if r.get("event") == "checkpoint":  # the log's own records: no policy label
+            continue
         pol = r.get("policy") or {}
         key = (pol.get("name"), pol.get("revision"), r.get("mode"))
         if key not in seen:
@@ -244,6 +250,12 @@ def action_text(a: dict) -> str:
     return text
 
 
+def _checkpoint_text(r: dict) -> str:
+    stmt = r.get("checkpoint") if isinstance(r.get("checkpoint"), dict) else {}
+    return (f"signed {'final ' if stmt.get('final') else ''}checkpoint of {stmt.get('count')} "
+            f"records by {stmt.get('key')} (lbw-policy verify --public-key checks it)")
+
+
 def record_text(r: dict) -> str:
     """What a record did, in one line."""
     event = r.get("event")
@@ -258,7 +270,8 @@ def record_text(r: dict) -> str:
         return str(r.get("message", "halt"))
     if event in _META_EVENTS:
         return {"run_start": f"mode {r.get('mode')}, optimizer {r.get('optimizer', '?')}",
-                "run_end": "end of run", "resume": f"resumed at step {r.get('step')}"}[event]
+                "run_end": "end of run", "resume": f"resumed at step {r.get('step')}",
+                "checkpoint": _checkpoint_text(r)}[event]
     parts = [action_text(a) for a in r.get("actions") or ()]
     parts += [f"{o.get('actuator')} overridden by {o.get('overridden_by')}"
               for o in r.get("overridden") or ()]
@@ -379,7 +392,10 @@ def explain(log: AuditLog, decision_id: str, *, policy_file: Optional[str] = Non
         if r is rec:
             break
     bounds = dict((start or {}).get("actuators") or {})
-    pol_label = rec.get("policy") or {}
+    pol_label = dict(rec.get("policy") or {})
+    start_label = (start or {}).get("policy") or {}
+    if "description" not in pol_label and start_label.get("revision") == pol_label.get("revision"):
+        pol_label["description"] = start_label.get("description")  # in run_start only
     policy, why_not = _policy_for(log.path, pol_label.get("revision"), policy_file, registry)
     if why_not:
         notes.append(why_not)

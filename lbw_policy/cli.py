@@ -1,5 +1,5 @@
-"""``lbw-policy`` command line: run | validate | verify | test | replay | audit | plot | plugins |
-schema.
+"""``lbw-policy`` command line: run | validate | verify | keygen | test | replay | audit | plot |
+plugins | schema.
 
 Each command parses its arguments and calls one module (the tools live in
 :mod:`lbw_policy.policytest`, :mod:`lbw_policy.replay`, :mod:`lbw_policy.audit`,
@@ -31,7 +31,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          device=args.device, out=args.out, batch_size=args.batch_size,
                          block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                          n_embd=args.n_embd, warmup_steps=args.warmup_steps, progress=not args.no_progress,
-                         nproc=args.nproc)
+                         nproc=args.nproc, sign_key=args.sign_key,
+                         checkpoint_every=args.checkpoint_every,
+                         witness=args.witness if args.witness is not None else
+                         "-" if args.sign_key or os.environ.get("LBW_POLICY_SIGN_KEY") else None)
     summary = train(config)
     if summary.get("rank", 0) == 0:  # under torchrun, rank 0 reports for the run
         _print_run_summary(summary)
@@ -78,31 +81,44 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from lbw_policy.decision_log import verify_log
+    from lbw_policy.decision_log import read_summary_anchor, verify_log
+    from lbw_policy.signing import load_public_key
 
     path = Path(args.log)
-    expected_count = expected_head = None
+    expected_count = expected_head = summary_error = None
     if path.is_dir():
         path = path / "decisions.jsonl"
-    summary_file = path.parent / "summary.json"
-    if not args.no_summary and summary_file.exists():
-        try:
-            data = json.loads(summary_file.read_text(encoding="utf-8"))
-            log = data.get("log") if isinstance(data, dict) else None
-            if not (isinstance(log, dict) and isinstance(log.get("records"), int)
-                    and isinstance(log.get("head"), str)):
-                raise ValueError("expected {\"log\": {\"records\": int, \"head\": str}}, "
-                                 f"found {json.dumps(data)[:80]}")
-            expected_count, expected_head = log["records"], log["head"]
-        except (ValueError, OSError, UnicodeDecodeError) as exc:  # JSONDecodeError included
-            print(f"warning: cannot use {summary_file} (record count and head not checked): "
-                  f"{exc}", file=sys.stderr)
     if not path.exists():
         print(f"error: no decision log at {path}", file=sys.stderr)
         return 2
-    report = verify_log(path, expected_count=expected_count, expected_head=expected_head)
+    if (args.witness or args.run_id) and not args.public_key:
+        print("error: --witness and --run-id check signatures: give --public-key FILE too",
+              file=sys.stderr)
+        return 2
+    public_key = load_public_key(args.public_key) if args.public_key else None
+    summary_file = path.parent / "summary.json"
+    if not args.no_summary and (summary_file.exists() or summary_file.is_symlink()):
+        try:
+            expected_count, expected_head = read_summary_anchor(summary_file)
+        except (ValueError, OSError) as exc:  # garbage, too large, a FIFO, unreadable
+            summary_error = f"{summary_file}: {exc}"
+    report = verify_log(path, expected_count=expected_count, expected_head=expected_head,
+                        public_key=public_key, witness=args.witness, run_id=args.run_id,
+                        summary_error=summary_error)
     print(report.format())
     return 0 if report.ok else 1
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from lbw_policy.signing import generate_keypair
+
+    key, pub, fp = generate_keypair(args.directory, args.name)
+    print(f"private key  {key}  (mode 0600: keep it with the training job, never in the run "
+          "directory)")
+    print(f"public key   {pub}  (give it to whoever verifies: lbw-policy verify RUN "
+          f"--public-key {pub})")
+    print(f"fingerprint  {fp}")
+    return 0
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -238,16 +254,45 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train with DistributedDataParallel on N processes (gloo on the CPU, "
                           "one GPU each with --device cuda); rank 0 writes the run directory "
                           "(default: 1)")
+    run.add_argument("--sign-key", metavar="FILE", default=None,
+                     help="sign the decision log with this Ed25519 private key (lbw-policy keygen); "
+                          "default: the file named by $LBW_POLICY_SIGN_KEY, else unsigned")
+    run.add_argument("--witness", metavar="FILE", default=None,
+                     help="when signing, also append each signed checkpoint to FILE, outside the "
+                          "run directory (default: print them to stdout as JSON lines; - for stdout)")
+    run.add_argument("--checkpoint-every", type=_positive_int, default=100, metavar="N",
+                     help="when signing, a signed checkpoint every N records and at the end (default: 100)")
     run.set_defaults(func=_cmd_run)
 
     val = sub.add_parser("validate", help="validate policy files; non-zero exit on any error")
     val.add_argument("files", nargs="+", metavar="FILE")
     val.set_defaults(func=_cmd_validate)
 
-    ver = sub.add_parser("verify", help="verify a decision log's hash chain; non-zero exit on any edit, insertion or deletion")
+    ver = sub.add_parser("verify", help="verify a decision log's hash chain and, with --public-key, its "
+                         "signatures; exit 1 on any problem",
+                         description="Verify a decision log. Unsigned: the hash chain (detects "
+                         "accidents and naive edits). With --public-key: the log must be signed "
+                         "by that key and end with a valid final checkpoint, which detects "
+                         "rewrites, deletions, forgeries, splices, swaps and a cut tail "
+                         "(docs/decision-log.md, Threat model).")
     ver.add_argument("log", metavar="FILE_OR_RUN_DIR")
     ver.add_argument("--no-summary", action="store_true", help="ignore the run's summary.json (record count and head hash)")
+    ver.add_argument("--public-key", metavar="FILE", default=None,
+                     help="Ed25519 public key (NAME.pub from lbw-policy keygen): check the signed checkpoints")
+    ver.add_argument("--witness", metavar="FILE", default=None,
+                     help="witness file of the run (its signed checkpoints, kept outside the run "
+                          "directory): detects records cut from the end; needs --public-key")
+    ver.add_argument("--run-id", metavar="RUN_ID", default=None,
+                     help="the run the log must belong to (default: the log was signed in a "
+                          "directory of the name it is in now); needs --public-key")
     ver.set_defaults(func=_cmd_verify)
+
+    key = sub.add_parser("keygen", help="write an Ed25519 key pair to sign decision logs with",
+                         description="Write DIR/NAME.key (private, mode 0600) and DIR/NAME.pub "
+                         "(public). Existing files are never overwritten.")
+    key.add_argument("directory", metavar="DIR")
+    key.add_argument("--name", default="lbw-policy", help="file name stem (default: lbw-policy)")
+    key.set_defaults(func=_cmd_keygen)
 
     tst = sub.add_parser("test", help="run policy unit tests (YAML); non-zero exit on any failure",
                          description="Run policy unit tests: each test file names a policy and "

@@ -9,10 +9,19 @@ per line), ``id`` (``"<run_id>.<seq>"``), UTC ``time``, the ``run`` labels, the 
 (the previous record's ``hash``, :data:`GENESIS` for the first) and ``hash`` (:func:`record_hash`).
 
 Because every line must be canonical, carry the right hash, the next ``seq`` and the previous
-hash, :func:`verify_log` detects any edit, insertion or deletion inside the log. Deleting records
-from the *end* leaves a valid shorter chain: pass the count and head hash the run recorded
-elsewhere (its ``summary.json``) to detect that too. A torn last line (a crash mid-write) is a
-warning, not a failure; :class:`DecisionLog` cuts it off when it reopens the file.
+hash, :func:`verify_log` detects any edit, insertion or deletion inside the log that did not
+recompute the hashes. The chain is unkeyed: whoever can write the file can rewrite it whole, so
+it detects accidents and naive edits, not a motivated attacker. Deleting records from the *end*
+leaves a valid shorter chain: pass the count and head hash the run recorded elsewhere (its
+``summary.json``) to detect that too. A torn last line (a crash mid-write) is a warning, not a
+failure; :class:`DecisionLog` cuts it off when it reopens the file.
+
+With a ``signer`` (:mod:`lbw_policy.signing`), the writer appends a signed **checkpoint** record
+every ``checkpoint_every`` records and at :meth:`DecisionLog.close`; :func:`verify_log` with the
+public key then detects rewrites, deletions, forgeries, splices, swaps and an incomplete tail
+(docs/decision-log.md, "Threat model"). Reading is bounded: lines longer than
+:data:`MAX_LINE_BYTES` are reported, never loaded, and special files are refused
+(:mod:`lbw_policy.safeio`).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from .errors import DecisionLogError
+from .safeio import iter_lines
 
 try:  # POSIX advisory lock: one writer per log file.
     import fcntl
@@ -38,6 +48,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "SCHEMA", "GENESIS", "RESERVED_KEYS", "canonical_json", "sanitize", "record_hash",
     "DecisionLog", "LogRead", "read_log", "iter_records", "VerifyReport", "verify_log",
+    "MAX_LINE_BYTES", "read_summary_anchor",
 ]
 
 #: Schema tag written into every record.
@@ -48,6 +59,8 @@ GENESIS = "0" * 64
 RESERVED_KEYS = ("schema", "seq", "id", "time", "prev", "hash")
 _REQUIRED = ("schema", "seq", "id", "time", "run", "prev", "hash")
 _END_EVENTS = ("run_end", "halt")
+#: Longest line read from a decision log (a record is a few KiB; ``run_start`` the largest).
+MAX_LINE_BYTES = 1 << 20
 _LISTED_NOT_APPLIED = 5  # failed commits listed one by one in verify's warnings
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -145,8 +158,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _size(raw: bytes) -> int:
+    return raw.size if isinstance(raw, _Overlong) else len(raw)
+
+
 def _parse_line(raw: bytes) -> tuple[Optional[dict], str]:
     """Parse one line (with or without its newline). Returns ``(record, "")`` or ``(None, why)``."""
+    if isinstance(raw, _Overlong):
+        return None, f"longer than {MAX_LINE_BYTES} bytes ({raw.size} bytes; not a record)"
     body = raw[:-1] if raw.endswith(b"\n") else raw
     if not body.strip():
         return None, "empty line"
@@ -164,12 +183,25 @@ def _parse_line(raw: bytes) -> tuple[Optional[dict], str]:
 
 
 def _lines(path: PathLike) -> Iterator[tuple[int, int, bytes]]:
-    """Yield ``(lineno, byte_offset, raw)``; ``raw`` keeps its ``\\n`` (the last may lack it)."""
-    offset = 0
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            yield lineno, offset, raw
-            offset += len(raw)
+    """Yield ``(lineno, byte_offset, raw)``; ``raw`` keeps its ``\\n`` (the last may lack it).
+
+    A line longer than :data:`MAX_LINE_BYTES` is not loaded: its ``raw`` is a stand-in of the
+    same ending (``b"\\x00\\n"`` or ``b"\\x00"``) that :func:`_parse_line` rejects, and
+    offsets stay exact. Regular files only (:func:`lbw_policy.safeio.open_regular`).
+    """
+    for ln in iter_lines(path, MAX_LINE_BYTES, "decision log"):
+        raw = ln.raw if ln.raw is not None else _Overlong(ln.size, ln.newline)
+        yield ln.lineno, ln.offset, raw
+
+
+class _Overlong(bytes):
+    """Stand-in for a line longer than :data:`MAX_LINE_BYTES`: one NUL (and the ``\\n`` if
+    the line had one); ``size`` is the real length."""
+
+    def __new__(cls, size: int, newline: bool) -> "_Overlong":
+        obj = super().__new__(cls, b"\x00\n" if newline else b"\x00")
+        obj.size = size
+        return obj
 
 
 @dataclass
@@ -204,13 +236,13 @@ def _scan(path: PathLike, keep: bool) -> LogRead:
             else:
                 out.records[:] = [record]
         pending = entry
-        end = entry[1] + len(entry[2])
+        end = entry[1] + _size(entry[2])
     out.torn_offset = end
     if pending is not None:
         lineno, offset, raw = pending
         record, _ = _parse_line(raw)
         if record is None or not raw.endswith(b"\n"):
-            out.torn_tail, out.torn_bytes = True, len(raw)
+            out.torn_tail, out.torn_bytes = True, _size(raw)
             out.torn_line, out.torn_offset = lineno, offset
         elif keep:
             out.records.append(record)
@@ -225,6 +257,7 @@ def read_log(path: PathLike) -> LogRead:
     :param path: the ``.jsonl`` file.
     :returns: a :class:`LogRead`; damaged lines are listed, not raised.
     :raises OSError: the file cannot be read (``FileNotFoundError`` if it does not exist).
+    :raises lbw_policy.safeio.NotRegularFileError: it is a FIFO, device or directory.
     """
     return _scan(path, keep=True)
 
@@ -257,6 +290,14 @@ class DecisionLog:
         (sanitized) into every record under ``"run"``; ``run["run_id"]`` (default ``"run"``)
         prefixes record ids.
     :param fsync: ``os.fsync`` after every append (survives power loss, costs a disk flush).
+    :param signer: a :class:`lbw_policy.signing.Signer` (or anything
+        :func:`lbw_policy.signing.load_signer` takes: a key file path, an ``Ed25519PrivateKey``)
+        to sign checkpoints with; ``None`` (default): an unsigned log.
+    :param checkpoint_every: with a signer, a checkpoint record follows every this many
+        records (default 100; checkpoints themselves do not count), and one more, ``final``,
+        at :meth:`close`.
+    :param witness: with a signer, where each signed checkpoint is also reported
+        (:class:`lbw_policy.signing.Witness`: a file path, a logger, a callable, a list).
     :raises DecisionLogError: an earlier line is damaged, the last record is not a valid
         ``lbw-policy/decision/v1`` record, another writer holds the file, or it cannot be opened.
 
@@ -264,10 +305,12 @@ class DecisionLog:
     :ivar seq: ``seq`` the next record will get.
     :ivar last_hash: ``hash`` of the last record (:data:`GENESIS` for an empty log).
     :ivar recovered_torn_bytes: bytes of torn tail removed at open (0 if none).
+    :ivar signer: the :class:`~lbw_policy.signing.Signer`, or ``None``.
     """
 
     def __init__(self, path: PathLike, *, run: Optional[Mapping[str, Any]] = None,
-                 fsync: bool = False) -> None:
+                 fsync: bool = False, signer: Any = None, checkpoint_every: int = 100,
+                 witness: Any = None) -> None:
         self.path = Path(path)
         self.fsync = bool(fsync)
         self.run: dict = sanitize(dict(run or {}))
@@ -277,6 +320,19 @@ class DecisionLog:
         self.recovered_torn_bytes = 0
         self._lock = threading.Lock()
         self._file: Any = None
+        self.signer = self.witness = None
+        if signer is not None:
+            from lbw_policy.signing import load_signer, make_witness
+
+            if type(checkpoint_every) is not int or checkpoint_every < 1:
+                raise ValueError(f"checkpoint_every: expected an integer >= 1, found "
+                                 f"{checkpoint_every!r}")
+            self.signer, self.witness = load_signer(signer), make_witness(witness)
+            self._dir_name = self.path.resolve().parent.name  # the statement's `dir`
+        self.checkpoint_every = checkpoint_every
+        self._since_checkpoint = 0  # records appended since the last checkpoint
+        self._final_written = False  # the last record written is a final checkpoint
+        self._last_step: Any = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             created = not self.path.exists()
@@ -327,6 +383,8 @@ class DecisionLog:
                 f"record (schema {last.get('schema')!r}, hash check failed or fields missing); "
                 "refusing to extend it (start a new log file)")
         self.seq, self.last_hash = seq + 1, stored
+        if type(last.get("step")) is int:  # a checkpoint names the last step logged
+            self._last_step = last["step"]
 
     @property
     def closed(self) -> bool:
@@ -357,25 +415,72 @@ class DecisionLog:
         with self._lock:
             if self.closed:
                 raise DecisionLogError(f"decision log {self.path} is closed")
-            seq = self.seq
-            full = {"schema": SCHEMA, "seq": seq, "id": f"{self.run_id}.{seq}",
-                    "time": _utc_now(), "run": sanitize(self.run), **body,
-                    "prev": self.last_hash}
-            full["hash"] = record_hash(full)
-            data = canonical_json(full) + b"\n"
-            try:
-                view = memoryview(data)
-                while view:  # one write normally; loop only on a partial write
-                    view = view[self._file.write(view):]
-                if self.fsync:
-                    os.fsync(self._file.fileno())
-            except OSError as exc:
-                self._roll_back()
-                raise DecisionLogError(
-                    f"decision log {self.path}: writing record seq {seq} failed: {exc}") from exc
-            self._size += len(data)
-            self.seq, self.last_hash = seq + 1, full["hash"]
+            full = self._write(body)
+            self._final_written = False
+            if type(body.get("step")) is int:  # a checkpoint names the last step logged
+                self._last_step = body["step"]
+            if self.signer is not None:
+                self._since_checkpoint += 1
+                if self._since_checkpoint >= self.checkpoint_every:
+                    self._checkpoint(final=False)
             return full
+
+    def _write(self, body: dict, time: Optional[str] = None) -> dict:
+        """Chain, write and flush one record (the lock is held)."""
+        seq = self.seq
+        full = {"schema": SCHEMA, "seq": seq, "id": f"{self.run_id}.{seq}",
+                "time": time or _utc_now(), "run": sanitize(self.run), **body,
+                "prev": self.last_hash}
+        full["hash"] = record_hash(full)
+        data = canonical_json(full) + b"\n"
+        try:
+            view = memoryview(data)
+            while view:  # one write normally; loop only on a partial write
+                view = view[self._file.write(view):]
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        except OSError as exc:
+            self._roll_back()
+            raise DecisionLogError(
+                f"decision log {self.path}: writing record seq {seq} failed: {exc}") from exc
+        self._size += len(data)
+        self.seq, self.last_hash = seq + 1, full["hash"]
+        return full
+
+    def checkpoint(self, final: bool = False) -> Optional[dict]:
+        """Append a signed checkpoint record now (a signed log only; ``None`` otherwise).
+
+        The record is ``{"event": "checkpoint", "step": <last step logged>, "checkpoint":
+        <statement>, "signature": <base64>}``, chained like any other; the statement
+        (:func:`lbw_policy.signing.statement`) names the run, this log's directory, the key
+        fingerprint, ``count`` = the records before it and ``head`` = the last one's hash. The
+        witness, if any, receives it after it is on disk.
+
+        :raises DecisionLogError: the log is closed or the write failed.
+        """
+        with self._lock:
+            if self.closed:
+                raise DecisionLogError(f"decision log {self.path} is closed")
+            return self._checkpoint(final) if self.signer is not None else None
+
+    def _checkpoint(self, final: bool) -> dict:
+        from lbw_policy.signing import statement
+
+        now = _utc_now()
+        stmt = statement(run_id=self.run_id, directory=self._dir_name,
+                         key=self.signer.fingerprint, count=self.seq, head=self.last_hash,
+                         time=now, final=final)
+        signature = self.signer.sign(stmt)
+        # every field of a checkpoint record follows from the statement and the record before
+        # it, so the last record of a log (which no later signature covers) holds nothing
+        # unsigned (CheckpointVerifier checks it)
+        full = self._write({"step": self._last_step, "event": "checkpoint", "checkpoint": stmt,
+                            "signature": signature}, time=now)
+        self._since_checkpoint = 0
+        self._final_written = final
+        if self.witness:
+            self.witness.report(stmt, signature)
+        return full
 
     def _roll_back(self) -> None:
         try:
@@ -384,12 +489,22 @@ class DecisionLog:
             self._file.close()  # a half-written line stays; refuse further appends
 
     def close(self) -> None:
-        """Flush and close the file (idempotent)."""
+        """Write the final signed checkpoint (a signed log with records), flush and close the
+        file (idempotent).
+
+        :raises DecisionLogError: the final checkpoint could not be written (the file is
+            closed all the same; the log then verifies as incomplete).
+        """
         with self._lock:
             if self._file is not None and not self._file.closed:
-                if self.fsync:
-                    os.fsync(self._file.fileno())
-                self._file.close()
+                try:
+                    if self.signer is not None and self.seq and not (
+                            self._since_checkpoint == 0 and self._final_written):
+                        self._checkpoint(final=True)
+                    if self.fsync:
+                        os.fsync(self._file.fileno())
+                finally:
+                    self._file.close()
 
     def __enter__(self) -> "DecisionLog":
         return self
@@ -433,6 +548,9 @@ class VerifyReport:
         edited)"``.
     :ivar warnings: what is suspicious but not a broken chain (torn last line, no ``run_end``).
     :ivar path: the file verified.
+    :ivar signed: ``True`` when the log's ``run_start`` names a signing key, ``False`` when it
+        does not, ``None`` for a log without ``run_start``.
+    :ivar signing: one line on what the signatures (or their absence) establish.
     """
 
     ok: bool
@@ -441,21 +559,28 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     path: str = ""
+    signed: Optional[bool] = None
+    signing: str = ""
 
     def format(self) -> str:
-        """Human-readable report: a verdict line, then one line per problem and warning."""
+        """Human-readable report: a verdict line, the signing status, then one line per
+        problem and warning."""
         name = f"{self.path}: " if self.path else ""
         if self.ok:
             lines = [f"{name}OK: {self.records} records, chain intact, head {self.head}"]
         else:
             lines = [f"{name}FAILED: {len(self.problems)} problem(s) in {self.records} records"]
-            lines += [f"  problem: {p}" for p in self.problems]
+        if self.signing:
+            lines.append(f"  {self.signing}")
+        lines += [f"  problem: {p}" for p in self.problems]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
 def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
-               expected_head: Optional[str] = None) -> VerifyReport:
+               expected_head: Optional[str] = None, public_key: Any = None,
+               witness: Optional[PathLike] = None, run_id: Optional[str] = None,
+               summary_error: Optional[str] = None) -> VerifyReport:
     """Check a decision log's hash chain line by line.
 
     Every complete line must be the canonical JSON of a ``lbw-policy/decision/v1`` record whose
@@ -473,12 +598,30 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
     action of that actuator, else it is a problem; such actions (decided and logged, not
     applied) are warnings, the first five one by one, then their count.
 
+    The chain is unkeyed: an unsigned log that verifies was not damaged by accident nor edited
+    naively, nothing more (:attr:`VerifyReport.signing` says so). With ``public_key``, the log
+    must be signed by that key and end with a valid final checkpoint covering every record
+    (:class:`lbw_policy.signing.CheckpointVerifier`: each failure is named by its line).
+
     :param path: the ``.jsonl`` file.
     :param expected_count: number of records the run wrote, or ``None`` to skip the check.
     :param expected_head: ``hash`` of the run's last record, or ``None`` to skip the check.
+    :param public_key: an Ed25519 public key or its PEM file: check the signed checkpoints.
+    :param witness: a witness file (:class:`lbw_policy.signing.Witness`): with
+        ``public_key``, every head it saw for this run must be in the log.
+    :param run_id: with ``public_key``, the run the log must belong to (default: the log was
+        signed in a directory of the name it is in now).
+    :param summary_error: why the run's ``summary.json`` could not be used: a problem for an
+        unsigned log (its only anchor against records cut from the end), a warning with a key.
     :returns: a :class:`VerifyReport`.
     :raises OSError: the file cannot be read.
+    :raises lbw_policy.safeio.NotRegularFileError: it is a FIFO, device or directory.
+    :raises lbw_policy.signing.SigningKeyError: ``public_key`` cannot be loaded.
     """
+    from lbw_policy.signing import CheckpointVerifier
+
+    signed = CheckpointVerifier(public_key, run_id=run_id, witness=witness,
+                                directory=Path(path).resolve().parent.name)
     problems: list[str] = []
     warnings: list[str] = []
     count, head, last = 0, GENESIS, None
@@ -489,7 +632,12 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
     not_applied = 0
     for lineno, _, raw in _lines(path):
         if not raw.endswith(b"\n"):
-            torn = (lineno, len(raw))
+            if isinstance(raw, _Overlong):  # a crash tears one record, never 1 MiB of one
+                count += 1
+                problems.append(f"line {lineno}: {_parse_line(raw)[1]}, without a final "
+                                "newline: not a record torn by a crash")
+                break
+            torn = (lineno, _size(raw))
             break
         count += 1
         rec, why = _parse_line(raw)
@@ -503,7 +651,9 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
             expect_prev = None
             expect_seq = None if expect_seq is None else expect_seq + 1
             continue
-        last = rec
+        if rec.get("event") != "checkpoint":  # a final checkpoint follows run_end
+            last = rec
+        signed.record(lineno, rec)
         stored = rec.get("hash")
         head = stored if isinstance(stored, str) else ""
         problems += [f"line {lineno}: {p}"
@@ -528,6 +678,17 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
     if expected_head is not None and expected_head != head:
         problems.append(f"log head {head!r} does not match summary.json head {expected_head!r}: "
                         "the last record was changed, deleted or followed by others")
+    if summary_error is not None:
+        if signed.key is not None:
+            warnings.append(f"summary.json not used ({summary_error}); the signatures cover "
+                            "the log without it")
+        else:
+            problems.append(f"summary.json cannot be used ({summary_error}): it is this "
+                            "unsigned log's only record of its length, so records cut from the "
+                            "end cannot be detected")
+    sign_problems, sign_warnings, status = signed.finish(count)
+    problems += sign_problems
+    warnings += sign_warnings
     if torn is not None:
         text = (f"torn last line ({torn[1]} bytes) at line {torn[0]}: the run was interrupted "
                 "while writing")
@@ -537,7 +698,7 @@ def verify_log(path: PathLike, *, expected_count: Optional[int] = None,
     elif last is None or last.get("event") not in _END_EVENTS:
         warnings.append("no run_end record: the log may be truncated or the run still going")
     return VerifyReport(ok=not problems, records=count, head=head, problems=problems,
-                        warnings=warnings, path=str(path))
+                        warnings=warnings, path=str(path), signed=signed.signed, signing=status)
 
 
 def _check_not_applied(rec: dict, acted: dict) -> tuple[list[str], list[str]]:
@@ -592,3 +753,27 @@ def _check_record(rec: dict, canonical: bool, expect_seq: Optional[int],
         found.append(f"prev does not match hash of line {lineno - 1} "
                      "(record deleted or reordered)")
     return found
+
+
+def read_summary_anchor(path: PathLike) -> tuple:
+    """``(records, head)`` from a run's ``summary.json`` (``{"log": {"records": int, "head":
+    str}}``), read through :func:`lbw_policy.safeio.read_bytes` (at most
+    :data:`lbw_policy.safeio.MAX_SUMMARY_BYTES`).
+
+    :raises FileNotFoundError: there is no such file.
+    :raises ValueError: it is not a regular file, too large, not JSON, or lacks those fields
+        (the message says which; at most 80 characters of the content are quoted).
+    """
+    from .safeio import MAX_SUMMARY_BYTES, read_bytes
+
+    raw = read_bytes(path, MAX_SUMMARY_BYTES, "summary file")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not valid JSON: {str(exc)[:80]}") from None
+    log = data.get("log") if isinstance(data, dict) else None
+    if not (isinstance(log, dict) and type(log.get("records")) is int
+            and isinstance(log.get("head"), str)):
+        raise ValueError("expected {\"log\": {\"records\": int, \"head\": str}}, found "
+                         f"{raw[:80].decode('utf-8', 'replace')!r}")
+    return log["records"], log["head"]

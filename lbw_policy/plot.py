@@ -49,11 +49,14 @@ def default_signals(run_dir: Path, available: Sequence[str], records: Sequence[d
 
 def _thresholds(run_dir: Path) -> list:
     """``[(signal, value)]`` of every condition leaf of the run's policy (empty if unreadable)."""
-    import yaml
+    from lbw_policy.errors import PolicyError
+    from lbw_policy.yamlsource import Collector, decode, parse, read_source
 
-    try:
-        data = yaml.safe_load((run_dir / "policy.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+    path = run_dir / "policy.yaml"
+    try:  # the policy loader's bounded reader and parser: a hostile file costs nothing here
+        data = parse(decode(read_source(path, "policy file", PolicyError), str(path)),
+                     Collector(str(path), {}))
+    except (OSError, PolicyError):
         return []
     out: list = []
 

@@ -37,10 +37,10 @@ import yaml
 
 from lbw_policy.decision_log import canonical_json
 from lbw_policy.errors import (PolicyBoundsError, PolicyError, PolicyReferenceError,
-                               PolicySchemaError)
+                               PolicySchemaError, PolicySyntaxError)
 from lbw_policy.spec import ActuatorSpec, Command, DetectorSpec, RuleSpec
 from lbw_policy.yamlsource import (MAX_INT, Collector, PathT, check_plain, decode, format_path,
-                                   found, parse, path_key, suggest)
+                                   found, parse, path_key, read_source, suggest)
 
 __all__ = ["Policy", "load_policy", "loads_policy", "policy_schema", "canonical_json",
            "resolve_policy_path"]
@@ -119,22 +119,20 @@ def load_policy(source: Union[str, os.PathLike, Policy], *, registry: Any = None
     :param registry: object with ``detectors`` and ``actuators`` mappings of name ->
         registration (``.cls``, ``.plugin``, ``.version``); default
         :func:`lbw_policy.plugins.get_registry`.
-    :raises PolicyError: the file cannot be read (its path named) or the policy is invalid
-        (a subclass per kind; ``err.problems`` lists every problem).
+    :raises PolicyError: the file cannot be read (its path named), is not a regular file (a
+        FIFO or device is refused without reading), is larger than 4 MiB, or the policy is
+        invalid (a subclass per kind; ``err.problems`` lists every problem).
     """
     if isinstance(source, Policy):
         return source
     path = Path(source)
     try:
-        raw = path.read_bytes()
+        raw = read_source(path, "policy file", PolicySyntaxError)
     except FileNotFoundError:
         hint = "this looks like policy text: use loads_policy(text)" if "\n" in str(source) \
             else f"check the path; built-in policies: {sorted(_builtin_policies())}"
         raise PolicyError(f"policy file not found: {str(path)!r}", file=str(path),
                           hint=hint) from None
-    except OSError as exc:
-        raise PolicyError(f"cannot read policy file: {exc.strerror or exc}",
-                          file=str(path)) from None
     return _load(decode(raw, str(path)), str(path), registry)
 
 
@@ -275,6 +273,10 @@ def _explain(col: "Collector", kind: type, err: jsonschema.ValidationError, pref
             hint = _float_hint(inst)
         if keyword == "enum" and isinstance(inst, str):
             hint = suggest(inst, [v for v in schema["enum"] if isinstance(v, str)])
+        if keyword == "maxLength" and isinstance(inst, str):
+            col.add(kind, path, message, expected=f"at most {schema['maxLength']} characters",
+                    found=f"{len(inst)} characters", hint="shorten it")
+            return
         col.add(kind, path, message, expected=_describe(schema), found=found(inst), hint=hint)
     else:
         col.add(kind, path, err.message, found=found(inst))

@@ -49,7 +49,7 @@ from lbw_policy.errors import PolicyError, Problem
 from lbw_policy.policy import Policy, load_policy
 from lbw_policy.records import DECISION_EVENTS, action_rows
 from lbw_policy.shadow import STAND_IN_HYPERPARAMETERS as _HYPER, Shadow
-from lbw_policy.yamlsource import Collector, decode, format_path, parse, suggest
+from lbw_policy.yamlsource import Collector, decode, format_path, parse, read_source, suggest
 
 __all__ = ["PolicyTestFileError", "PolicyTestFile", "PolicyTestCase", "CaseResult",
            "FileResult", "parse_series", "load_test_file", "run_case", "run_test_file",
@@ -252,9 +252,9 @@ def load_test_file(path: "str | Path", *, registry: Any = None) -> PolicyTestFil
     # The policy loader's parser (lbw_policy.yamlsource): one YAML document of plain data, lines
     # of every node, no tags constructed, no anchors bomb.
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
+    try:  # regular files of at most 4 MiB (yamlsource.MAX_BYTES), like policies
+        raw = read_source(path, "test file", PolicyTestFileError)
+    except FileNotFoundError as exc:
         raise PolicyTestFileError(f"cannot read test file: {exc.strerror or exc}",
                                   file=str(path)) from None
     col = Collector(str(path), {})

@@ -17,6 +17,7 @@ Replaying a run with its own ``policy.yaml`` reproduces the decisions it took, s
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from lbw_policy.decision_log import read_log
 from lbw_policy.policy import Policy, load_policy
 from lbw_policy.records import DECISION_EVENTS, effective_records, from_json_number
 from lbw_policy.shadow import Shadow
-from lbw_policy.telemetry_log import read_telemetry
+from lbw_policy.telemetry_log import iter_telemetry
 
 __all__ = ["replay", "ReplayResult", "ReplayStep", "format_replay",
            "replay_json"]
@@ -100,7 +101,14 @@ def replay(run_dir: Union[str, "os.PathLike[str]"], policy: Union[Policy, str, "
     if not run.is_dir():
         raise FileNotFoundError(f"no run directory {str(run)!r}")
     shadow_policy = load_policy(policy, registry=registry)
-    rows, warnings = read_telemetry(run / "telemetry.jsonl")
+    # The telemetry is streamed twice, one row in memory at a time: first to count its run
+    # segments and the signals it recorded, then to replay the segments chosen.
+    tel_path = run / "telemetry.jsonl"
+    warnings: list = []
+    n_tel, recorded = 0, set()
+    for seg, row in _telemetry_segments(tel_path, warnings):
+        n_tel = seg + 1
+        recorded.update(row.get("signals") or {})
     log_path = run / "decisions.jsonl"
     if not log_path.is_file():
         raise FileNotFoundError(f"no decision log at {str(log_path)!r}")
@@ -123,12 +131,12 @@ def replay(run_dir: Union[str, "os.PathLike[str]"], policy: Union[Policy, str, "
             merged[-1] += seg
         else:
             merged.append(seg)
-    tel_segs = _segments(rows, lambda row, seg: row["step"] <= seg[-1]["step"])
-    if len(merged) != len(tel_segs):
-        if tel_segs and merged:
+    chosen = list(range(n_tel))
+    if len(merged) != n_tel:
+        if n_tel and merged:
             warnings.append(f"the run directory holds {len(merged)} run(s) in decisions.jsonl "
-                            f"and {len(tel_segs)} in telemetry.jsonl; replaying the last of each")
-        merged, tel_segs = merged[-1:], tel_segs[-1:]
+                            f"and {n_tel} in telemetry.jsonl; replaying the last of each")
+        merged, chosen = merged[-1:], chosen[-1:] if merged else []
     elif len(merged) > 1:
         warnings.append(f"the run directory holds {len(merged)} runs; each is replayed from a "
                         "fresh shadow state")
@@ -138,11 +146,13 @@ def replay(run_dir: Union[str, "os.PathLike[str]"], policy: Union[Policy, str, "
               "taken_min_scale": 1.0, "shadow_min_scale": 1.0, "differing_steps": 0,
               "scale_differs_steps": 0,
               "first_difference": None}
-    for seg_records, seg_rows in zip(merged, tel_segs):
-        _replay_segment(result, counts, shadow_policy, registry, seg_records, seg_rows)
+    wanted = set(chosen)
+    rows = ((seg, row) for seg, row in _telemetry_segments(tel_path, []) if seg in wanted)
+    for seg_records, (_, seg_rows) in zip(merged, itertools.groupby(rows, key=lambda sr: sr[0])):
+        _replay_segment(result, counts, shadow_policy, registry, seg_records,
+                        (row for _, row in seg_rows))
     result.summary = counts
     # A rule that reads a detector signal the run never recorded cannot decide anything here.
-    recorded = {name for row in rows for name in (row.get("signals") or {})}
     published = {f"{name}.{sig}" for name, spec in shadow_policy.actuators.items()
                  for sig in _actuator_signals(registry, name, spec.bounds)}
     for rule in shadow_policy.rules:
@@ -152,6 +162,17 @@ def replay(run_dir: Union[str, "os.PathLike[str]"], policy: Union[Policy, str, "
                             "the run never recorded: it cannot fire in this replay (add the "
                             "detector to the run's policy to record it)")
     return result
+
+
+def _telemetry_segments(path: Path, warnings: list) -> Any:
+    """``(segment index, row)`` for each telemetry row, streamed; a segment (one run in the
+    directory) starts where the step count goes back."""
+    seg, last = -1, None
+    for row in iter_telemetry(path, warnings):
+        if last is None or row["step"] <= last:
+            seg += 1
+        last = row["step"]
+        yield seg, row
 
 
 def _replay_segment(result, counts, policy, registry, records, rows) -> None:
@@ -169,7 +190,7 @@ def _replay_segment(result, counts, policy, registry, records, rows) -> None:
         if r.get("event") in DECISION_EVENTS and isinstance(r.get("step"), int):
             by_step.setdefault(r["step"], []).append(r)
     taken_halt = next((r["step"] for r in records if r.get("event") == "halt"), None)
-    row_at = {row["step"]: row for row in rows}
+    recent: dict = {}  # the last `delay` rows by step: the signals a deferred step evaluated
     for row in rows:
         step = row["step"]
         result.n_steps += 1
@@ -194,7 +215,11 @@ def _replay_segment(result, counts, policy, registry, records, rows) -> None:
                 result.steps.append(ReplayStep(step, taken, [], t_skip, True, taken_scale,
                                                math.nan, row.get("lr"), None, t_halt, True, True))
             continue
-        src = row_at.get(step - delay) if delay else row
+        src = recent.get(step - delay) if delay else row
+        if delay:
+            recent[step] = row
+            for old in [k for k in recent if k <= step - delay]:  # needed no more
+                del recent[old]
         out = shadow.step(step, (src or {}).get("signals") or {}, _faults(src, "faults"),
                           loss=(src or {}).get("loss", 0.0), scheduled_lr=row.get("scheduled_lr"),
                           signals_step=None if src is None else src["step"],

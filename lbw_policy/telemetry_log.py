@@ -11,12 +11,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 from lbw_policy.decision_log import sanitize
 from lbw_policy.records import from_json_number
+from lbw_policy.safeio import iter_lines
 
-__all__ = ["open_telemetry", "telemetry_line", "read_telemetry"]
+__all__ = ["open_telemetry", "telemetry_line", "read_telemetry", "iter_telemetry",
+           "MAX_LINE_BYTES"]
+
+#: Longest telemetry line read (a row is ~100 bytes per signal); longer lines are skipped
+#: with a warning, never loaded.
+MAX_LINE_BYTES = 1 << 20
 
 
 def open_telemetry(path: Path):
@@ -53,34 +59,50 @@ def telemetry_line(record: dict) -> str:
 
 
 def read_telemetry(path: Union[str, "os.PathLike[str]"]) -> tuple:
-    """Read a ``telemetry.jsonl`` leniently.
+    """Read a ``telemetry.jsonl`` leniently (:func:`iter_telemetry`, collected).
 
     :returns: ``(rows, warnings)``: rows are dicts ``{step, loss, lr, skipped, signals}`` with
         ``"NaN"`` / ``"Infinity"`` strings turned back into floats; a torn last line (a killed
-        run) or a damaged line is skipped with a warning naming its line.
-    :raises FileNotFoundError: the file does not exist.
+        run), a damaged line or one longer than :data:`MAX_LINE_BYTES` is skipped with a warning
+        naming its line.
+    :raises FileNotFoundError: the file does not exist (or is not a regular file).
     """
-    rows, warnings = [], []
+    warnings: list = []
+    return list(iter_telemetry(path, warnings)), warnings
+
+
+def iter_telemetry(path: Union[str, "os.PathLike[str]"], warnings: list) -> Iterator[dict]:
+    """Stream the rows of a ``telemetry.jsonl``, one line in memory at a time (see
+    :func:`read_telemetry`); warnings are appended to ``warnings`` as lines are read.
+
+    :raises FileNotFoundError: the file does not exist, or is a FIFO, device or directory
+        (checked before the first row).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no telemetry at {str(path)!r}: replay needs the "
-                                "telemetry.jsonl a governed run writes beside its decision log")
-    with open(path, "rb") as fh:
-        lines = fh.read().split(b"\n")
-    last = len(lines) - 1  # the text after the final "\n" ("" for a clean file)
-    for i, raw in enumerate(lines, start=1):
-        if not raw.strip():
+                                "telemetry.jsonl a governed run writes beside its decision log "
+                                "(a regular file)")
+    return _rows(path, warnings)
+
+
+def _rows(path: Path, warnings: list) -> Iterator[dict]:
+    for ln in iter_lines(path, MAX_LINE_BYTES, "telemetry file"):
+        if ln.raw is None:
+            warnings.append(f"telemetry line {ln.lineno}: longer than {MAX_LINE_BYTES} bytes "
+                            f"({ln.size} bytes); skipped")
+            continue
+        if not ln.raw.strip():
             continue
         try:
-            row = json.loads(raw.decode("utf-8"))
+            row = json.loads(ln.raw.decode("utf-8"))
             if not isinstance(row, dict) or not isinstance(row.get("step"), int) or \
                     not isinstance(row.get("signals", {}), dict):
                 raise ValueError("not a telemetry row")
-        except (ValueError, UnicodeDecodeError):
-            what = "torn last line (the run was interrupted)" if i == last + 1 else "damaged line"
-            warnings.append(f"telemetry line {i}: {what}; skipped")
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            what = "torn last line (the run was interrupted)" if not ln.newline else "damaged line"
+            warnings.append(f"telemetry line {ln.lineno}: {what}; skipped")
             continue
         row["signals"] = {k: from_json_number(v) for k, v in (row.get("signals") or {}).items()}
         row["loss"] = from_json_number(row.get("loss"))
-        rows.append(row)
-    return rows, warnings
+        yield row

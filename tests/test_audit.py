@@ -45,15 +45,25 @@ def test_the_run_made_the_expected_decisions(run):
     assert decisions(log.records) == EXPECTED
 
 
-def test_every_record_carries_owner_description_revision_run_and_step(run):
+def test_every_record_carries_owner_revision_run_and_step_and_run_start_the_description(run):
     log = audit.load_audit(run / "decisions.jsonl")
     revisions = {r["policy"]["revision"] for r in log.records}
     assert len(revisions) == 1 and len(revisions.pop()) == 64
     for r in log.records:
         assert r["policy"]["owner"] == "Ada Lovelace <ada@example.org>"
-        assert r["policy"]["description"] == "Brake on loss spikes, skip non-finite steps."
         assert r["policy"]["name"] == "audit-fixture"
         assert r["run"]["run_id"] == "run" and isinstance(r["step"], int)
+        # the description is in run_start only (issue 17: it is not copied into every record)
+        if r["event"] == "run_start":
+            assert r["policy"]["description"] == "Brake on loss spikes, skip non-finite steps."
+        else:
+            assert "description" not in r["policy"]
+    # ... and the audit still shows it for each decision (from its run_start)
+    rec = next(r for r in log.records if r["event"] == "fired")
+    assert audit.explain(log, rec["id"])["policy"]["description"] == \
+        "Brake on loss spikes, skip non-finite steps."
+    rows = audit.flat_rows(log.records)
+    assert {row["description"] for row in rows} == {"Brake on loss spikes, skip non-finite steps."}
 
 
 def test_summary_tables(run):

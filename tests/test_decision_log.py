@@ -377,12 +377,14 @@ def test_complete_but_unparseable_last_line_is_a_problem_not_a_torn_write(tmp_pa
 def test_report_format(tmp_path):
     path = tmp_path / "d.jsonl"
     written = _write_log(path)
-    assert verify_log(path).format() == \
-        f"{path}: OK: 5 records, chain intact, head {written[-1]['hash']}"
+    first, unsigned = verify_log(path).format().splitlines()
+    assert first == f"{path}: OK: 5 records, chain intact, head {written[-1]['hash']}"
+    assert unsigned.startswith("  unsigned log: its hash chain detects accidental damage and "
+                               "naive edits only")
     path.write_bytes(b"".join(_lines(path)[1:-1]))
     text = verify_log(path).format()
     assert text.splitlines() == [
-        f"{path}: FAILED: 2 problem(s) in 3 records",
+        f"{path}: FAILED: 2 problem(s) in 3 records", unsigned,
         "  problem: line 1: seq 1 expected 0 (record inserted or deleted)",
         "  problem: line 1: prev of the first record is not GENESIS (records deleted from the "
         "start, or the log was spliced)",

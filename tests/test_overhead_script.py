@@ -47,6 +47,21 @@ def test_overhead_run_writes_one_row_per_policy(tmp_path):
         assert r["plain_steps_per_s"] > 0 and r["governed_steps_per_s"] > 0
 
 
+def test_overhead_with_sign_measures_the_signed_loop_and_one_checkpoint(tmp_path):
+    mod = _module()
+    out = tmp_path / "overhead.jsonl"
+    assert mod.main(["--data", str(SHAKESPEARE), "--sign", "--checkpoint-every", "1",
+                     "--rounds", "2", "--block", "2", "--n-layer", "1", "--n-embd", "16",
+                     "--batch-size", "4", "--block-size", "16", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(row["sign_ratios"]) == 2 and row["signed_steps_per_s"] > 0
+    assert abs(row["sign_ratio"] - statistics.median(row["sign_ratios"])) < 1e-4
+    assert row["checkpoint_every"] == 1 and row["checkpoints"] >= 2  # one per record, and final
+    assert 0 < row["checkpoint_seconds"] < 1
+    assert row["checkpoint_fraction_of_step"] == \
+        row["checkpoint_seconds"] * row["plain_steps_per_s"]
+
+
 def test_overhead_nproc_2_measures_ddp_with_the_collective(tmp_path, monkeypatch):
     # spawned ranks import the script by name: put benchmarks/ on the path they inherit
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))

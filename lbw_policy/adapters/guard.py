@@ -121,10 +121,23 @@ class Guard:
         of calling ``clip_grad_norm_`` yourself before :meth:`step`, which would hide a spike
         from ``grad_norm``. It reuses the step's one norm reduction (a ``grad_clip`` actuator,
         which may change the gradients first, makes it reduce again).
+    :param sign_key: sign the decision log (:mod:`lbw_policy.signing`): a private key file
+        (``lbw-policy keygen``), an ``Ed25519PrivateKey`` or a
+        :class:`~lbw_policy.signing.Signer`. Default ``None``: the file named by the
+        environment variable ``LBW_POLICY_SIGN_KEY`` if it is set and not empty, else unsigned.
+        In a distributed run the rank that writes the log signs it.
+    :param witness: with a key, where each signed checkpoint is also reported, outside the run
+        directory: a file path, a ``logging.Logger``, a callable taking the entry (a dict), or
+        a list of these (:class:`~lbw_policy.signing.Witness`). Default ``None``.
+    :param checkpoint_every: with a key, a signed checkpoint every this many records (default
+        100), and a final one at :meth:`close`.
     :raises PolicyError: the policy is invalid (nothing was applied).
     :raises ActuatorError: an actuator cannot act on this optimizer (nothing was applied: hooks
         a detector had attached are removed again).
-    :raises ValueError: an unknown ``transfer``; ``clip_grad_norm`` not a positive number.
+    :raises ValueError: an unknown ``transfer``; ``clip_grad_norm`` not a positive number;
+        ``checkpoint_every`` not an integer >= 1.
+    :raises lbw_policy.signing.SigningKeyError: the signing key cannot be used (nothing was
+        applied).
     :raises FileExistsError: ``log_dir`` already holds a decision log and ``resume`` is false
         (nothing was applied).
     :raises RuntimeError: distributed: another rank failed to build its guard or loaded another
@@ -136,12 +149,21 @@ class Guard:
                  run_id: Optional[str] = None, rank: Optional[int] = None, registry=None,
                  fsync: bool = False, labels: Optional[Mapping[str, Any]] = None,
                  transfer: Optional[str] = None, host_scalars: bool = True, resume: bool = False,
-                 clip_grad_norm: Optional[float] = None, distributed: Any = "auto") -> None:
+                 clip_grad_norm: Optional[float] = None, distributed: Any = "auto",
+                 sign_key: Any = None, witness: Any = None, checkpoint_every: int = 100) -> None:
         if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float))
                                                and not isinstance(clip_grad_norm, bool)
                                                and 0 < clip_grad_norm < float("inf")):
             raise ValueError(f"clip_grad_norm must be a positive finite number or None, found "
                              f"{clip_grad_norm!r}")
+        signer = _signer(sign_key)  # a bad key fails before anything is built
+        if signer is not None:
+            from lbw_policy.signing import make_witness
+
+            witness = make_witness(witness)  # TypeError for a witness of the wrong kind
+            if type(checkpoint_every) is not int or checkpoint_every < 1:
+                raise ValueError(f"checkpoint_every: expected an integer >= 1, found "
+                                 f"{checkpoint_every!r}")
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         device = next((p.device for g in optimizer.param_groups for p in g["params"]),
                       torch.device("cpu"))
@@ -203,7 +225,8 @@ class Guard:
             except BaseException:
                 self._close_detectors()
                 raise
-        self._open_run(policy, optimizer, rank=self.rank, fsync=fsync, labels=labels)
+        self._open_run(policy, optimizer, rank=self.rank, fsync=fsync, labels=labels,
+                       signer=signer, witness=witness, checkpoint_every=checkpoint_every)
 
     def _build(self, policy: Policy, registry: Any, model: Any, optimizer: Any,
                context: ActuatorContext, transfer: Optional[str], resume: bool) -> None:
@@ -256,8 +279,10 @@ class Guard:
                 f"the saved guard state with load_state_dict), or choose another log_dir")
 
     def _open_run(self, policy: Policy, optimizer: Any, *, rank: int, fsync: bool,
-                  labels: Optional[Mapping[str, Any]]) -> None:
-        """Open the run's files (rank 0 only in a distributed run) and write ``run_start``."""
+                  labels: Optional[Mapping[str, Any]], signer: Any = None, witness: Any = None,
+                  checkpoint_every: int = 100) -> None:
+        """Open the run's files (rank 0 only in a distributed run) and write ``run_start``
+        (with the signing key's fingerprint when ``signer`` is given)."""
         from lbw_policy import __version__
 
         gated = self.gate.rules
@@ -267,7 +292,9 @@ class Guard:
         run_labels.update(labels or {})
         if self.writer:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self.log = DecisionLog(self.log_dir / "decisions.jsonl", run=run_labels, fsync=fsync)
+            self.log = DecisionLog(self.log_dir / "decisions.jsonl", run=run_labels, fsync=fsync,
+                                   signer=signer, checkpoint_every=checkpoint_every,
+                                   witness=witness)
             (self.log_dir / "policy.yaml").write_text(policy.text, encoding="utf-8")
             self._telemetry_file = open_telemetry(self.log_dir / "telemetry.jsonl")
         else:
@@ -285,7 +312,11 @@ class Guard:
         self._due_in_step: Any = "in flight"
         self._halted = False
         self._closed = False
-        self._write({"step": 0, "event": "run_start", "mode": policy.mode,
+        signing = {"signing": {"algorithm": signer.algorithm, "key": signer.fingerprint,
+                               "checkpoint_every": checkpoint_every}} if signer else {}
+        self._write({"step": 0, "event": "run_start", "mode": policy.mode, **signing,
+                     # the description goes here only, not into every record
+                     "policy": dict(self._policy_label(), description=policy.description),
                      "transfer": self.transport.mode, "delay": self.transport.delay,
                      "gate": {"mode": self.gate_mode, "rules": [r.name for r in gated]},
                      "detectors": {k: {"type": v.type, "params": dict(v.params), "every": v.every}
@@ -319,8 +350,9 @@ class Guard:
         return self.governor.engine
 
     def _policy_label(self) -> dict:
+        """The policy fields of every record (``run_start`` adds the description)."""
         return {"name": self.policy.name, "revision": self.policy.revision,
-                "owner": self.policy.owner, "description": self.policy.description}
+                "owner": self.policy.owner}
 
     def _write(self, record: dict) -> dict:
         record = {"policy": self._policy_label(), "mode": self.policy.mode, **record}
@@ -738,6 +770,16 @@ class Guard:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _signer(sign_key: Any) -> Any:
+    """The :class:`~lbw_policy.signing.Signer` for ``sign_key`` (``None``: the file named by
+    ``LBW_POLICY_SIGN_KEY``, if set), or ``None`` for an unsigned log."""
+    from lbw_policy.signing import SIGN_KEY_ENV, load_signer
+
+    if sign_key is None:
+        sign_key = os.environ.get(SIGN_KEY_ENV) or None
+    return None if sign_key is None else load_signer(sign_key)
 
 
 def _check_sharding(detectors: Mapping[str, Any], policy: Policy, optimizer: Any) -> None:

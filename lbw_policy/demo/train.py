@@ -61,6 +61,10 @@ class TrainConfig:
     max_corpus_bytes: int = 2_000_000  # cap on the stdlib corpus when data is None
     progress: bool = True           # tqdm progress bar on stderr (lbw_policy.progress.Progress)
     nproc: int = 1                  # processes of a DDP run started here (1: this process only)
+    sign_key: Optional[str] = None  # private key file to sign the decision log (None: the file
+                                    # named by LBW_POLICY_SIGN_KEY, if set; else unsigned)
+    witness: Optional[str] = None   # where signed checkpoints also go: a file, or "-" for stdout
+    checkpoint_every: int = 100     # records between signed checkpoints (and one at the end)
 
 
 def lr_lambda(config: TrainConfig):
@@ -75,6 +79,14 @@ def lr_lambda(config: TrainConfig):
         return config.min_lr_ratio + 0.5 * (1.0 - config.min_lr_ratio) * (1.0 + math.cos(math.pi * progress))
 
     return f
+
+
+def _witness(target: Optional[str]):
+    """``"-"``: print each signed checkpoint to stdout as one JSON line (a witness file when
+    stdout is saved: ``verify --witness`` skips the other lines); a path: that file."""
+    if target != "-":
+        return target
+    return lambda entry: print(json.dumps(entry, sort_keys=True, separators=(",", ":")), flush=True)
 
 
 def train(config: TrainConfig) -> dict:
@@ -183,7 +195,9 @@ def _train(config: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     out = Path(config.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-lr{config.lr:g}-s{config.seed}")
     guard = Guard(optimizer, policy, model=model, log_dir=out,
-                  labels={"job": "lbw-policy run", "data": config.data or "<stdlib>", "seed": config.seed})
+                  labels={"job": "lbw-policy run", "data": config.data or "<stdlib>", "seed": config.seed},
+                  sign_key=config.sign_key, witness=_witness(config.witness),
+                  checkpoint_every=config.checkpoint_every)
 
     halted = None
     losses = []
