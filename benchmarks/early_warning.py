@@ -99,16 +99,7 @@ def analyse(run: Path, margin: float = 0.3) -> dict:
     policy = load_policy(run / "policy.yaml")
     rows = read_telemetry(run / "telemetry.jsonl")
     event = loss_event(rows, margin)
-    fired: dict = {}
-    log = run / "decisions.jsonl"
-    if log.exists():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("event") == "fired" and rec.get("rule") not in fired:
-                fired[rec["rule"]] = rec["step"]
+    fired = {rule: steps[0] for rule, steps in _fired(run).items()}
     leaves, rules = [], []
     latest: dict = {}
     first_held = {}
@@ -205,11 +196,12 @@ def lead_row(result: dict, margin: float) -> dict:
     start = result["fault_start"] if result["fault"] != "none" else 0
     of_rule = _rule_detectors(policy)
     detectors: dict = {}
+    fired_by_rule = _fired(run)
     for rule in rep["rules"]:
         det = of_rule[rule["rule"]]
         d = detectors.setdefault(det, {"kind": _kind(policy, det), "warning": None, "pre_fault": None,
                                        "rules": []})
-        fired = _fired_steps(run, rule["rule"])
+        fired = fired_by_rule.get(rule["rule"], [])
         pre = [t for t in fired if t < start]
         post = [t for t in fired if t >= start]
         if fired:
@@ -241,18 +233,18 @@ def lead_row(result: dict, margin: float) -> dict:
             "run_dir": str(run)}
 
 
-def _fired_steps(run: Path, rule: str) -> list:
-    """Steps of the ``fired`` records of ``rule`` in ``<run>/decisions.jsonl``, in order."""
+def _fired(run: Path) -> dict:
+    """``{rule: [steps of its fired records, in order]}`` from ``<run>/decisions.jsonl``."""
     log = run / "decisions.jsonl"
-    steps = []
+    steps: dict = {}
     if log.exists():
         for line in log.read_text(encoding="utf-8").splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if rec.get("event") == "fired" and rec.get("rule") == rule:
-                steps.append(rec["step"])
+            if rec.get("event") == "fired":
+                steps.setdefault(rec.get("rule"), []).append(rec["step"])
     return steps
 
 
