@@ -210,11 +210,17 @@ def _runs(records: Sequence[dict]) -> list:
         key = (run.get("run_id"), run.get("rank"))
         if key not in seen:
             seen[key] = {"run_id": run.get("run_id"), "rank": run.get("rank"),
+                         "world_size": run.get("world_size") or 1,
                          "lbw_policy": run.get("lbw_policy"), "torch": run.get("torch"),
                          "records": 0, "first_step": r.get("step"), "last_step": r.get("step")}
         seen[key]["records"] += 1
         seen[key]["last_step"] = r.get("step")
     return list(seen.values())
+
+
+def _of_world(run: dict) -> str:
+    """`` of N`` for a run of a distributed job (rank 0 writes its one log), else ``""``."""
+    return f" of {run['world_size']}" if (run.get("world_size") or 1) > 1 else ""
 
 
 def _chain_text(log: AuditLog) -> str:
@@ -286,7 +292,7 @@ def format_audit(log: AuditLog, records: Sequence[dict], *, limit: int = 50,
     """The header, the summary tables of ``records`` and up to ``limit`` record lines (0: all)."""
     lines = [f"decision log  {log.path}  ({len(log.records)} records; {_chain_text(log)})"]
     for run in _runs(log.records):
-        lines.append(f"run           {run['run_id']} (rank {run['rank']}, steps "
+        lines.append(f"run           {run['run_id']} (rank {run['rank']}{_of_world(run)}, steps "
                      f"{run['first_step']}..{run['last_step']}, lbw_policy {run['lbw_policy']}, "
                      f"torch {run['torch']})")
     for pol in _policies(log.records):

@@ -100,6 +100,9 @@ def test_rank_0_writes_one_log_with_world_size_and_it_verifies(two):
     done = subprocess.run([sys.executable, "-m", "lbw_policy.cli", "replay", str(run),
                            "--policy", "default"], capture_output=True, text=True)
     assert done.returncode == 0 and f"decisions differ: 0 of {STEPS}" in done.stdout, done.stdout
+    done = subprocess.run([sys.executable, "-m", "lbw_policy.cli", "audit", str(run)],
+                          capture_output=True, text=True)
+    assert "(rank 0 of 2, steps 0..50" in done.stdout, done.stdout
 
 
 def test_four_ranks_agree_and_stay_bitwise_equal_with_the_deferred_transport_and_gate(four):
