@@ -36,8 +36,10 @@ and at 3x it. Per run, per detector (the rules whose signals all come from that 
 
 - ``warning``: the first ``fired`` record of any of its rules at or after the fault's first
   step (a record before it is counted in ``pre_fault``, a false alarm);
-- ``loss_event``: as above (running minimum + ``--margin``);
-- ``divergence``: the first step whose loss is non-finite or above ``max(ln V, loss at step 0)``
+- ``loss_event``: as above (running minimum + ``--margin``), at or after the fault's first step
+  (the minimum runs from step 0; a one-batch spike during warm-up is not the fault's event);
+- ``divergence``: at or after the fault's first step, the first step whose loss is non-finite,
+  or the first of ``DIVERGE_STEPS`` (5) consecutive steps above ``max(ln V, loss at step 0)``
   (worse than the untrained model), if any;
 - ``lead = loss_event - warning`` (steps; positive: the warning came first).
 
@@ -69,15 +71,16 @@ def read_telemetry(path: Path) -> list[dict]:
     return _read_telemetry(path)[0]
 
 
-def loss_event(rows: list[dict], margin: float) -> Optional[int]:
-    """First step whose loss exceeds the running minimum (this step included) by ``margin``."""
+def loss_event(rows: list[dict], margin: float, start: int = 0) -> Optional[int]:
+    """First step ``>= start`` whose loss exceeds the running minimum (from step 0, this step
+    included) by ``margin``."""
     best = math.inf
     for row in rows:
         loss = row["loss"]
         if not isinstance(loss, (int, float)) or math.isnan(loss):
             continue
         best = min(best, loss)
-        if loss > best + margin:
+        if loss > best + margin and row["step"] >= start:
             return row["step"]
     return None
 
@@ -94,11 +97,11 @@ def _leaves(node: dict) -> Iterator[dict]:
     yield node
 
 
-def analyse(run: Path, margin: float = 0.3) -> dict:
-    """The report for one run directory, as plain data."""
+def analyse(run: Path, margin: float = 0.3, start: int = 0) -> dict:
+    """The report for one run directory, as plain data (loss events from step ``start``)."""
     policy = load_policy(run / "policy.yaml")
     rows = read_telemetry(run / "telemetry.jsonl")
-    event = loss_event(rows, margin)
+    event = loss_event(rows, margin, start)
     fired = {rule: steps[0] for rule, steps in _fired(run).items()}
     leaves, rules = [], []
     latest: dict = {}
@@ -159,15 +162,27 @@ TINY = dict(steps=60, fault_start=20, rates="1.15", seeds="0", n_layer=1, n_head
             block_size=16, batch_size=8, warmup_steps=5, eval_batches=2, jobs=1)
 
 
-def divergence_step(losses: list, vocab_size: int) -> Optional[int]:
-    """First step whose loss is non-finite (``None`` in the stress harness' list) or above
+#: consecutive steps above the untrained model's loss that make a divergence (one bad batch
+#: does not)
+DIVERGE_STEPS = 5
+
+
+def divergence_step(losses: list, vocab_size: int, start: int = 0) -> Optional[int]:
+    """From step ``start``: the first step whose loss is non-finite (``None`` in the stress
+    harness' list), or the first of ``DIVERGE_STEPS`` consecutive steps above
     ``max(ln V, loss at step 0)`` nats (worse than the untrained model); ``None`` if none."""
     bound = math.log(vocab_size)
     if losses and losses[0] is not None and math.isfinite(losses[0]):
         bound = max(bound, losses[0])
+    run = 0
     for step, loss in enumerate(losses):
-        if loss is None or not math.isfinite(loss) or loss > bound:
-            return step
+        if step < start:
+            continue
+        if loss is None or not math.isfinite(loss):
+            return step - run
+        run = run + 1 if loss > bound else 0
+        if run == DIVERGE_STEPS:
+            return step - run + 1
     return None
 
 
@@ -192,8 +207,8 @@ def lead_row(result: dict, margin: float) -> dict:
     """The lead-time record of one stress-harness result (a run with a decision log)."""
     run = Path(result["run_dir"])
     policy = load_policy(run / "policy.yaml")
-    rep = analyse(run, margin)
     start = result["fault_start"] if result["fault"] != "none" else 0
+    rep = analyse(run, margin, start)
     of_rule = _rule_detectors(policy)
     detectors: dict = {}
     fired_by_rule = _fired(run)
@@ -222,7 +237,7 @@ def lead_row(result: dict, margin: float) -> dict:
             "onset_rate": result["onset_rate"] if result["fault"] != "none" else None,
             "fault_start": result["fault_start"] if result["fault"] != "none" else None,
             "steps": result["steps"], "loss_event": event,
-            "divergence": divergence_step(result["losses"], result["vocab_size"]),
+            "divergence": divergence_step(result["losses"], result["vocab_size"], start),
             "final_val_loss": result["final_val_loss"], "detectors": detectors,
             "first_mechanism": mech, "first_loss_only": loss_only,
             "mechanism_lead": None if mech is None or event is None else event - mech,

@@ -186,3 +186,16 @@ def test_tiny_study_end_to_end(tmp_path):
         losses = results[f"lbw|0.003|0|{key}"]["losses"]
         assert losses[:first] == clean["losses"][:first] and losses[first] != clean["losses"][first]
     assert rep["summary"]["clean"][1]["lr"] == pytest.approx(9e-3)
+
+
+def test_events_count_from_the_fault_and_one_bad_batch_is_not_a_divergence():
+    ew = _module()
+    # a one-batch spike at step 3 (before the fault at step 6), then a slow rise after it
+    losses = [4.0, 3.5, 3.0, 4.6, 2.9, 2.8, 2.9, 3.0, 3.2, 4.5, 4.6, 4.7, 4.8, 4.9, 5.0]
+    rows = [{"step": i, "loss": v} for i, v in enumerate(losses)]
+    assert ew.loss_event(rows, 0.3) == 3
+    assert ew.loss_event(rows, 0.3, start=6) == 8            # 3.2 > 2.8 + 0.3
+    v = 60                                                    # bound max(ln 60, 4.0) = 4.09 nats
+    assert ew.divergence_step(losses, v) == 9                # 5 steps above 4.09 from step 9
+    assert ew.divergence_step(losses[:13], v) is None         # only 4 such steps
+    assert ew.divergence_step(losses[:5] + [None], v, start=2) == 5
