@@ -97,9 +97,10 @@ def _leaves(node: dict) -> Iterator[dict]:
     yield node
 
 
-def analyse(run: Path, margin: float = 0.3, start: int = 0) -> dict:
-    """The report for one run directory, as plain data (loss events from step ``start``)."""
-    policy = load_policy(run / "policy.yaml")
+def analyse(run: Path, margin: float = 0.3, start: int = 0, policy: Any = None) -> dict:
+    """The report for one run directory, as plain data (loss events from step ``start``;
+    ``policy``: evaluate another policy's rules than the run's own ``policy.yaml``)."""
+    policy = policy or load_policy(run / "policy.yaml")
     rows = read_telemetry(run / "telemetry.jsonl")
     event = loss_event(rows, margin, start)
     fired = {rule: steps[0] for rule, steps in _fired(run).items()}
@@ -203,15 +204,22 @@ def _kind(policy, det: str) -> str:
     return "loss-only" if types <= set(LOSS_ONLY) else "mechanism"
 
 
-def lead_row(result: dict, margin: float) -> dict:
-    """The lead-time record of one stress-harness result (a run with a decision log)."""
+def lead_row(result: dict, margin: float, policy: Any = None) -> dict:
+    """The lead-time record of one stress-harness result (a run with a decision log).
+
+    ``policy``: instead of the run's decision log, the steps where each rule of ``policy`` holds
+    on the run's recorded signals (an audit-mode run's signals do not depend on its policy, so
+    this is what that policy would have warned; ``benchmarks/calibrate_early_warning.py``)."""
     run = Path(result["run_dir"])
-    policy = load_policy(run / "policy.yaml")
     start = result["fault_start"] if result["fault"] != "none" else 0
-    rep = analyse(run, margin, start)
+    if policy is None:
+        policy = load_policy(run / "policy.yaml")
+        fired_by_rule = _fired(run)
+    else:
+        fired_by_rule = held_steps(policy, read_telemetry(run / "telemetry.jsonl"))
+    rep = analyse(run, margin, start, policy)
     of_rule = _rule_detectors(policy)
     detectors: dict = {}
-    fired_by_rule = _fired(run)
     for rule in rep["rules"]:
         det = of_rule[rule["rule"]]
         d = detectors.setdefault(det, {"kind": _kind(policy, det), "warning": None, "pre_fault": None,
@@ -246,6 +254,18 @@ def lead_row(result: dict, margin: float) -> dict:
             "false_alarms": sorted(r["rule"] for d in detectors.values() if d["kind"] == "mechanism"
                                    for r in d["rules"] if r["pre_fault"] or result["fault"] == "none"),
             "run_dir": str(run)}
+
+
+def held_steps(policy: Any, rows: list) -> dict:
+    """``{rule: [steps where its condition holds]}`` over telemetry ``rows``, sample-and-hold."""
+    latest: dict = {}
+    steps: dict = {}
+    for row in rows:
+        latest.update(row["signals"])
+        for rule in policy.rules:
+            if evaluate_condition(rule.when, latest):
+                steps.setdefault(rule.name, []).append(row["step"])
+    return steps
 
 
 def _fired(run: Path) -> dict:

@@ -168,7 +168,7 @@ def test_tiny_study_end_to_end(tmp_path):
         best, event = float("inf"), None
         for step, loss in enumerate(losses):
             best = min(best, loss)
-            if loss > best + 0.3:
+            if loss > best + 0.3 and step >= (row["fault_start"] or 0):
                 event = step
                 break
         assert row["loss_event"] == event
@@ -199,3 +199,32 @@ def test_events_count_from_the_fault_and_one_bad_batch_is_not_a_divergence():
     assert ew.divergence_step(losses, v) == 9                # 5 steps above 4.09 from step 9
     assert ew.divergence_step(losses[:13], v) is None         # only 4 such steps
     assert ew.divergence_step(losses[:5] + [None], v, start=2) == 5
+
+
+def test_calibration_by_replay_silences_the_clean_runs_and_only_raises_thresholds(tmp_path):
+    """benchmarks/calibrate_early_warning.py on a tiny study: the calibrated policy loads, no
+    mechanism rule holds on the clean tuning runs' recorded signals, and every threshold moved
+    away from the shipped one or stayed."""
+    import sys
+
+    ew = _module()
+    out = tmp_path / "study"
+    assert ew.main(["--study", str(out), "--tiny", "--data", str(SHAKESPEARE), "--format", "json"]) == 0
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import calibrate_early_warning as cal
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert cal.main([str(out), "--tune-seeds", "0"]) == 0
+    report = json.loads((out / "calibrated.json").read_text())
+    for t in report["thresholds"]:
+        assert (t["calibrated"] >= t["shipped"]) if t["op"].startswith(">") else (t["calibrated"] <= t["shipped"])
+    assert any(t["calibrated"] != t["shipped"] for t in report["thresholds"])
+    policy = ew.load_policy(out / "early-warning-calibrated.yaml")
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for r in results:
+        if r["fault"] == "none":
+            held = ew.held_steps(policy, ew.read_telemetry(Path(r["run_dir"]) / "telemetry.jsonl"))
+            rules = {name for name in held if ew._kind(policy, ew._rule_detectors(policy)[name]) == "mechanism"}
+            assert not rules, (r["key"], rules)
+    assert "## Held-out seeds" in (out / "calibrated.md").read_text()
