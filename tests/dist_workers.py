@@ -252,15 +252,21 @@ def fsdp_grad_norm(rank: int, world: int, out: Path) -> None:
 
 
 def construction(rank: int, world: int, out: Path) -> None:
-    """Rank 1 cannot load its policy: every rank's Guard() raises (none waits in a collective)."""
+    """Rank 1 cannot load its policy, then rank 0 cannot open its run directory (a file stands
+    where it should be): both times every rank's Guard() raises (none waits in a collective)."""
     model, opt = model_and_optimizer(lr=1e-2)
-    policy = str(out / "missing.yaml") if rank == 1 else "default"
-    try:
-        Guard(opt, policy, model=model, log_dir=out / "run")
-        error = None
-    except Exception as exc:  # noqa: BLE001 - the test compares the errors
-        error = f"{type(exc).__name__}: {exc}"
-    (out / f"construction-r{rank}.json").write_text(json.dumps({"error": error}))
+    errors = []
+    if rank == 0:
+        (out / "not-a-dir").write_text("x")
+    dist.barrier()
+    for policy, log_dir in ((str(out / "missing.yaml") if rank == 1 else "default", out / "run"),
+                            ("default", out / "not-a-dir" / "run")):
+        try:
+            Guard(opt, policy, model=model, log_dir=log_dir)
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - the test compares the errors
+            errors.append(f"{type(exc).__name__}: {exc}")
+    (out / f"construction-r{rank}.json").write_text(json.dumps({"errors": errors}))
 
 
 SCENARIOS = {"construction": construction, "ddp_fault": ddp_fault, "halt_and_fault": halt_and_fault, "resume": resume,

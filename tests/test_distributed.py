@@ -169,11 +169,16 @@ def test_fsdp2_grad_norm_is_the_whole_models(two):
 
 
 def test_a_guard_that_fails_to_build_on_one_rank_fails_on_every_rank(two):
-    e0, e1 = (_json(two / "construction" / f"construction-r{r}.json")["error"] for r in range(2))
-    assert e1.startswith("FileNotFoundError")
-    assert e0 == ("RuntimeError: Guard() failed on rank(s) [1] (see their errors); every rank "
+    (p0, d0), (p1, d1) = (_json(two / "construction" / f"construction-r{r}.json")["errors"]
+                          for r in range(2))
+    # rank 1's policy file is missing
+    assert p1.startswith("FileNotFoundError")
+    assert p0 == ("RuntimeError: Guard() failed on rank(s) [1] (see their errors); every rank "
                   "must build its guard for the run to be governed")
     assert not (two / "construction" / "run").exists()  # rank 0 wrote nothing
+    # rank 0 cannot create its run directory (only rank 0 writes one)
+    assert d0.startswith(("FileExistsError", "NotADirectoryError")), d0
+    assert d1.startswith("RuntimeError: Guard() failed on rank(s) [0]"), d1
 
 
 def test_cli_run_nproc_trains_the_demo_with_ddp(tmp_path):

@@ -30,10 +30,11 @@ are global by nature are computed globally before this stage: the gradient norm 
 (DTensor) gradients is the whole model's (:attr:`lbw_policy.telemetry.Telemetry.grad_norm`;
 under FSDP that is the one extra scalar all-reduce ``clip_grad_norm_`` also does).
 
-Construction (:meth:`DistContext.agree`) adds one small all-gather when the guard is built, not
-per step: every rank learns whether every other rank built its guard, under the same policy
-revision, so a rank that failed to build fails the others with a clear error instead of leaving
-them waiting in the first step's collective.
+Construction (:meth:`DistContext.agree`) adds two small all-gathers when the guard is built, not
+per step (after the plugins are built, and after rank 0 opened the run directory): every rank
+learns whether every other rank built its guard, under the same policy revision, so a rank that
+failed to build fails the others with a clear error instead of leaving them waiting in the
+first step's collective.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ class DistContext:
     world_size: int
 
     def agree(self, ok: bool, revision: str, device: torch.device) -> None:
-        """One all-gather at construction: did every rank build its guard, under the same
-        policy revision?
+        """One all-gather at construction (two per guard): has every rank built its guard so
+        far, under the same policy revision?
 
         :raises RuntimeError: another rank failed to build its guard, or runs another policy
             revision (when ``ok``; a rank that failed raises its own error instead).

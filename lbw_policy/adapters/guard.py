@@ -151,36 +151,36 @@ class Guard:
                  transfer: Optional[str] = None, host_scalars: bool = True, resume: bool = False,
                  clip_grad_norm: Optional[float] = None, distributed: Any = "auto",
                  sign_key: Any = None, witness: Any = None, checkpoint_every: int = 100) -> None:
-        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float))
-                                               and not isinstance(clip_grad_norm, bool)
-                                               and 0 < clip_grad_norm < float("inf")):
-            raise ValueError(f"clip_grad_norm must be a positive finite number or None, found "
-                             f"{clip_grad_norm!r}")
-        signer = _signer(sign_key)  # a bad key fails before anything is built
-        if signer is not None:
-            from lbw_policy.signing import make_witness
-
-            witness = make_witness(witness)  # TypeError for a witness of the wrong kind
-            if type(checkpoint_every) is not int or checkpoint_every < 1:
-                raise ValueError(f"checkpoint_every: expected an integer >= 1, found "
-                                 f"{checkpoint_every!r}")
-        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         device = next((p.device for g in optimizer.param_groups for p in g["params"]),
                       torch.device("cpu"))
         self.dist = resolve_distributed(distributed)
-        if registry is None:
-            from lbw_policy.plugins import get_registry
+        try:  # in a distributed run a rank that fails here tells the others (no one waits)
+            if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float))
+                                                   and not isinstance(clip_grad_norm, bool)
+                                                   and 0 < clip_grad_norm < float("inf")):
+                raise ValueError(f"clip_grad_norm must be a positive finite number or None, "
+                                 f"found {clip_grad_norm!r}")
+            signer = _signer(sign_key)  # a bad key fails before anything is built
+            if signer is not None:
+                from lbw_policy.signing import make_witness
 
-            registry = get_registry()
-        if not isinstance(policy, Policy):
-            from lbw_policy.policy import resolve_policy_path
+                witness = make_witness(witness)  # TypeError for a witness of the wrong kind
+                if type(checkpoint_every) is not int or checkpoint_every < 1:
+                    raise ValueError(f"checkpoint_every: expected an integer >= 1, found "
+                                     f"{checkpoint_every!r}")
+            if registry is None:
+                from lbw_policy.plugins import get_registry
 
-            try:
+                registry = get_registry()
+            if not isinstance(policy, Policy):
+                from lbw_policy.policy import resolve_policy_path
+
                 policy = load_policy(resolve_policy_path(policy), registry=registry)
-            except BaseException:
-                if self.dist is not None:  # the other ranks learn it instead of waiting for us
-                    self.dist.agree(False, "", device)
-                raise
+        except BaseException:
+            if self.dist is not None:
+                self.dist.agree(False, "", device)
+            raise
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.policy = policy
         self.optimizer = optimizer
         self.model = model
@@ -225,8 +225,20 @@ class Guard:
             except BaseException:
                 self._close_detectors()
                 raise
-        self._open_run(policy, optimizer, rank=self.rank, fsync=fsync, labels=labels,
-                       signer=signer, witness=witness, checkpoint_every=checkpoint_every)
+        try:
+            self._open_run(policy, optimizer, rank=self.rank, fsync=fsync, labels=labels,
+                           signer=signer, witness=witness, checkpoint_every=checkpoint_every)
+        except BaseException:
+            self._close_detectors()
+            if self.dist is not None:  # rank 0 could not open the run directory: say so
+                self.dist.agree(False, policy.revision, device)
+            raise
+        if self.dist is not None:
+            try:
+                self.dist.agree(True, policy.revision, device)
+            except BaseException:
+                self._close_detectors()
+                raise
 
     def _build(self, policy: Policy, registry: Any, model: Any, optimizer: Any,
                context: ActuatorContext, transfer: Optional[str], resume: bool) -> None:
