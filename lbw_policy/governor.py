@@ -198,7 +198,9 @@ class Governor:
         :param faults: the detectors' ``compute`` faults of ``signals_step``.
         :param observation: what actuators' ``observe`` receives (a ``Telemetry`` or stand-in).
         :param optimizer: what actuators' ``before_step`` / ``after_step`` receive.
-        :param step_fn: takes the optimizer step; called only when no actuator vetoes it.
+        :param step_fn: takes the optimizer step; called only when no actuator vetoes it. It may
+            return ``False`` to say it took no step after all (GradScaler's inf/NaN gradients):
+            the step then counts as skipped and ``after_step`` hooks see ``stepped=False``.
         :param after_step: ``after_step(stepped) -> faults``: the caller's post-step hook
             (detectors' ``after_step``), called once the actuators are unwound.
         :param signals_step: the step whose signals ``emitted`` holds (default ``step``).
@@ -366,7 +368,7 @@ class Governor:
             if group is not None:
                 out.lr = _float(group.get("lr"))
             if proceed and step_fn is not None:
-                step_fn()
+                proceed = step_fn() is not False  # a step function may report it took none
             out.stepped = proceed
         except _Stop as exc:  # a halt (or a failed sink) during before_step: not stepped
             stop = exc

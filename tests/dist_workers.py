@@ -6,6 +6,7 @@ spawned processes can import the functions by name."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -30,7 +31,9 @@ COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all
 def init(rank: int, world: int, store: str) -> None:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # a short timeout: a test whose ranks fall out of step fails instead of hanging CI
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
 
 
 @contextlib.contextmanager
@@ -269,7 +272,34 @@ def construction(rank: int, world: int, out: Path) -> None:
     (out / f"construction-r{rank}.json").write_text(json.dumps({"errors": errors}))
 
 
-SCENARIOS = {"construction": construction, "ddp_fault": ddp_fault, "halt_and_fault": halt_and_fault, "resume": resume,
+def scaler_nan(rank: int, world: int, out: Path) -> None:
+    """GradScaler over DDP: rank 1's loss is NaN at step 4, so every rank's averaged gradients
+    hold NaN (found_inf everywhere) but only rank 1's loss is non-finite. Every rank must take
+    the same path (a governed step that is never taken, not the scaler's skip on rank 0 only)."""
+    from lbw_policy.integrations import GuardedOptimizer
+
+    model, inner = model_and_optimizer(lr=1e-2)
+    opt = GuardedOptimizer(inner, "default", model=model, log_dir=out / "run")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    steps = []
+    for step in range(8):
+        x, y = batch(rank, step)
+        _, loss = model(x, y)
+        if rank == 1 and step == 4:
+            loss = loss * float("nan")
+        scaler.scale(loss).backward()
+        opt.observe_loss(loss)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        steps.append([opt.last_result.skipped,
+                      [[r.get("event"), r.get("rule")] for r in opt.last_result.decisions]])
+    opt.close()
+    torch.save(flat_weights(model), out / f"scaler-weights-r{rank}.pt")
+    (out / f"scaler-r{rank}.json").write_text(json.dumps(steps))
+
+
+SCENARIOS = {"scaler_nan": scaler_nan, "construction": construction, "ddp_fault": ddp_fault, "halt_and_fault": halt_and_fault, "resume": resume,
              "fsdp_grad_norm": fsdp_grad_norm}
 
 

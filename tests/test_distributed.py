@@ -30,7 +30,7 @@ def two(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist2")
     w.spawn(2, str(out), [("ddp_fault", {"steps": STEPS, "alone": True}),
                           ("halt_and_fault", {}), ("resume", {"steps": 16}),
-                          ("construction", {}),
+                          ("construction", {}), ("scaler_nan", {}),
                           ("fsdp_grad_norm", {})])
     return out
 
@@ -179,6 +179,17 @@ def test_a_guard_that_fails_to_build_on_one_rank_fails_on_every_rank(two):
     # rank 0 cannot create its run directory (only rank 0 writes one)
     assert d0.startswith(("FileExistsError", "NotADirectoryError")), d0
     assert d1.startswith("RuntimeError: Guard() failed on rank(s) [0]"), d1
+
+
+def test_a_scaler_step_takes_the_same_path_on_every_rank(two):
+    """found_inf on every rank, a NaN loss on rank 1 only: both ranks govern the step (the NaN
+    rules fire on both, the step is not taken), none takes the scaler's silent skip alone."""
+    s0, s1 = (_json(two / "scaler_nan" / f"scaler-r{r}.json") for r in range(2))
+    assert s0 == s1
+    skipped, records = s0[4]
+    assert skipped and ["fired", "nonfinite-skip"] in records
+    assert torch.equal(*(torch.load(two / "scaler_nan" / f"scaler-weights-r{r}.pt")
+                         for r in range(2)))
 
 
 def test_cli_run_nproc_trains_the_demo_with_ddp(tmp_path):

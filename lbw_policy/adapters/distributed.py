@@ -99,6 +99,15 @@ class DistContext:
                                f"policy file")
 
 
+    def all_reduce_max(self, values: torch.Tensor) -> None:
+        """``values`` (any shape) <- its element-wise maximum over the ranks, in place. Used
+        only on GradScaler steps (the guard's choice between the scaler's skip and a governed
+        step must be the same on every rank)."""
+        import torch.distributed as dist
+
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+
+
 def resolve_distributed(distributed: Any) -> Optional[DistContext]:
     """The :class:`DistContext` of ``Guard(distributed=...)``.
 

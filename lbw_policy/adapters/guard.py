@@ -160,7 +160,8 @@ class Guard:
                                                    and 0 < clip_grad_norm < float("inf")):
                 raise ValueError(f"clip_grad_norm must be a positive finite number or None, "
                                  f"found {clip_grad_norm!r}")
-            signer = _signer(sign_key)  # a bad key fails before anything is built
+            # a bad key fails before anything is built; only the rank that writes the log signs
+            signer = _signer(sign_key) if self.dist is None or self.dist.rank == 0 else None
             if signer is not None:
                 from lbw_policy.signing import make_witness
 
@@ -238,6 +239,11 @@ class Guard:
                 self.dist.agree(True, policy.revision, device)
             except BaseException:
                 self._close_detectors()
+                for f in (self._telemetry_file, self.log):  # another rank failed: let go
+                    try:
+                        f.close()
+                    except Exception:  # noqa: BLE001 - the agreement's error is the one to report
+                        pass
                 raise
 
     def _build(self, policy: Policy, registry: Any, model: Any, optimizer: Any,
@@ -413,7 +419,9 @@ class Guard:
             real fault: the step is governed as usual (the policy's rules see it) and the
             optimizer step is never taken. Reading the flag and the loss's finiteness is one
             host read (on CUDA one sync; GradScaler's own step takes the same sync for an
-            optimizer that is not fused).
+            optimizer that is not fused). In a distributed run both are first reduced across
+            ranks (one all-reduce of 2 values, on GradScaler steps only), so every rank takes
+            the same path.
         :return: :class:`StepResult`.
         :raises TrainingHalted: a ``halt`` command fired (enforce mode); its record is on disk.
         :raises DecisionLogError: the decision log could not be written; the guard is halted
@@ -446,9 +454,6 @@ class Guard:
         except BaseException:  # optimizer.step() raised (out of memory, ...): the actuators are
             self._stop()       # unwound; rule timers have moved, so this guard cannot go on
             raise
-        if take is _not_taken and outcome.stepped:  # inf/NaN gradients: never stepped
-            outcome.stepped, outcome.skipped = False, True
-            self.governor.skipped_steps += 1
         self._end_step(outcome, due, packet)
         return StepResult(step=outcome.step, loss=due.values[0] if due else float("nan"),
                           skipped=outcome.skipped, lr=outcome.lr, decisions=outcome.records,
@@ -463,6 +468,12 @@ class Guard:
         ``optimizer.step`` or, when the gradients hold inf/NaN, a step that is never taken."""
         flag = found_inf.detach().reshape(()) > 0
         finite = torch.isfinite(torch.as_tensor(loss).detach().reshape(())).to(flag.device)
+        if self.dist is not None:
+            # every rank must take the same path (the scaler's skip issues no collective, the
+            # governed step does): inf/NaN on any rank's gradients, a non-finite loss on any rank
+            flags = torch.stack([flag, ~finite]).to(device=self.device, dtype=torch.float64)
+            self.dist.all_reduce_max(flags)
+            flag, finite = flags[0] > 0, flags[1] == 0
         found, loss_finite = torch.stack([flag, finite]).tolist()  # the one host read
         if not found:
             return False, self.optimizer.step
@@ -489,12 +500,16 @@ class Guard:
             self._stop()
             raise outcome.fatal
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+        scale = (float(self.actuators["lr_scale"].state_dict().get("scale", 1.0))
+                 if "lr_scale" in self.actuators and self.enforce else 1.0)
         return StepResult(step=outcome.step, loss=float("nan"), skipped=True,
-                          lr=float("nan") if lr is None else float(lr),
-                          decisions=outcome.records, signals=dict(self.governor.latest))
+                          lr=float("nan") if lr is None else float(lr) * scale,
+                          decisions=outcome.records, signals=dict(self.governor.latest),
+                          lr_scale=scale)
 
-    def _clip_and_step(self, tel: Telemetry, take: Any) -> None:
-        """Stage 6: the fixed clip (``clip_grad_norm``), then the optimizer step."""
+    def _clip_and_step(self, tel: Telemetry, take: Any) -> Any:
+        """Stage 6: the fixed clip (``clip_grad_norm``), then the optimizer step; returns what
+        ``take`` returns (``False``: no step was taken)."""
         if self.clip_grad_norm is not None:
             params = [p for p in tel.parameters() if p.grad is not None]
             # the step's shared norm, unless a grad_clip actuator changed the gradients since
@@ -503,7 +518,7 @@ class Guard:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params],
                                                      error_if_nonfinite=False)
             torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, norm)
-        take()
+        return take()
 
     def _end_step(self, outcome: Any, due: Optional[Packet], packet: Packet) -> None:
         """Count the step, write the telemetry rows of the steps done, raise a halt."""
@@ -814,9 +829,11 @@ def _check_sharding(detectors: Mapping[str, Any], policy: Policy, optimizer: Any
             + ". Remove them from the policy for this run (docs/distributed.md)")
 
 
-def _not_taken() -> None:
+def _not_taken() -> bool:
     """The step function of a step whose gradients hold inf/NaN (GradScaler's ``found_inf``):
-    the optimizer step is not taken."""
+    the optimizer step is not taken, and ``False`` tells the Governor so (every actuator's and
+    detector's ``after_step`` then sees ``stepped=False``)."""
+    return False
 
 
 def _scalar(val: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
