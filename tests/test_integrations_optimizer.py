@@ -166,7 +166,7 @@ def test_accumulation_is_one_guard_step_on_the_mean_micro_batch_loss(chars, tmp_
         _, loss = model(x, y)
         (loss / 4).backward()
         opt.observe_loss(loss)
-        micro.append(float(loss))
+        micro.append(float(loss.detach()))
         if i % 4 == 3:
             opt.step()
             opt.zero_grad()
