@@ -43,18 +43,6 @@ from lbw_policy.policy import load_policy, resolve_policy_path  # noqa: E402
 KEEP_SIGNALS = ("gtrend.p",)
 
 
-def _leaf_dicts(node: dict):
-    for key in ("all", "any"):
-        if key in node:
-            for child in node[key]:
-                yield from _leaf_dicts(child)
-            return
-    if "not" in node:
-        yield from _leaf_dicts(node["not"])
-        return
-    yield node
-
-
 def clean_extremes(runs: list, signals: set) -> dict:
     """``{signal: (min, max)}`` over every step of ``runs``' telemetry (finite values)."""
     ext: dict = {}
@@ -73,13 +61,13 @@ def calibrate(policy_text: str, policy, clean: list, headroom: float) -> tuple:
     of_rule = ew._rule_detectors(policy)
     mechanism = {r.name for r in policy.rules if ew._kind(policy, of_rule[r.name]) == "mechanism"}
     signals = {leaf["signal"] for rule in doc["rules"] if rule["name"] in mechanism
-               for leaf in _leaf_dicts(rule["when"])}
+               for leaf in ew._leaves(rule["when"])}
     ext = clean_extremes(clean, signals)
     table = []
     for rule in doc["rules"]:
         if rule["name"] not in mechanism:
             continue
-        for leaf in _leaf_dicts(rule["when"]):
+        for leaf in ew._leaves(rule["when"]):
             sig, op, value = leaf["signal"], leaf["op"], float(leaf["value"])
             if sig in KEEP_SIGNALS or sig not in ext or op not in (">", ">=", "<", "<="):
                 table.append({"rule": rule["name"], "signal": sig, "op": op, "shipped": value,

@@ -212,44 +212,53 @@ class Guard:
         context = ActuatorContext(model=model, log_dir=self.log_dir, rank=self.rank,
                                   world_size=self.world_size,
                                   save_checkpoint=self._save_checkpoint)
+        # Two stages, each agreed on by every rank in a distributed run: build the plugins
+        # (no file written), then open the run directory (rank 0).
+        self._stage(lambda: self._build(policy, registry, model, optimizer, context, transfer,
+                                        resume))
+        self._stage(lambda: self._open_run(policy, optimizer, rank=self.rank, fsync=fsync,
+                                           labels=labels, signer=signer, witness=witness,
+                                           checkpoint_every=checkpoint_every))
+
+    def _stage(self, build: Any) -> None:
+        """Run one construction stage; unwind it if it, or another rank's, failed (detector
+        hooks removed, run files closed). In a distributed run every rank reports how the stage
+        went (:meth:`DistContext.agree`), so a failed rank fails them all, none waits for it.
+
+        :raises: the stage's own error, or ``RuntimeError`` when another rank failed."""
         try:
-            self.transport = make_transport(transfer or policy.transfer, device)
-            self._build(policy, registry, model, optimizer, context, transfer, resume)
+            build()
+            ok = True
         except BaseException:
-            self._close_detectors()
-            if self.dist is not None:  # the other ranks learn it instead of waiting for us
-                self.dist.agree(False, policy.revision, device)
+            ok = False
             raise
-        if self.dist is not None:
+        finally:
             try:
-                self.dist.agree(True, policy.revision, device)
+                if self.dist is not None:
+                    self.dist.agree(ok, self.policy.revision, self.device)
             except BaseException:
-                self._close_detectors()
+                ok = False
                 raise
-        try:
-            self._open_run(policy, optimizer, rank=self.rank, fsync=fsync, labels=labels,
-                           signer=signer, witness=witness, checkpoint_every=checkpoint_every)
-        except BaseException:
-            self._close_detectors()
-            if self.dist is not None:  # rank 0 could not open the run directory: say so
-                self.dist.agree(False, policy.revision, device)
-            raise
-        if self.dist is not None:
+            finally:
+                if not ok:
+                    self._unwind()
+
+    def _unwind(self) -> None:
+        """A failed construction: remove detector hooks, close the run files opened so far."""
+        self._close_detectors()
+        for name in ("_telemetry_file", "log"):
+            f = getattr(self, name, None)
             try:
-                self.dist.agree(True, policy.revision, device)
-            except BaseException:
-                self._close_detectors()
-                for f in (self._telemetry_file, self.log):  # another rank failed: let go
-                    try:
-                        f.close()
-                    except Exception:  # noqa: BLE001 - the agreement's error is the one to report
-                        pass
-                raise
+                if f is not None:
+                    f.close()
+            except Exception:  # noqa: BLE001 - the construction's error is the one to report
+                pass
 
     def _build(self, policy: Policy, registry: Any, model: Any, optimizer: Any,
                context: ActuatorContext, transfer: Optional[str], resume: bool) -> None:
-        """Build and attach every plugin and the gate; check the run directory. Writes no file.
-        The caller removes detector hooks again when this raises."""
+        """Build the transport, build and attach every plugin and the gate; check the run
+        directory. Writes no file. The caller removes detector hooks again when this raises."""
+        self.transport = make_transport(transfer or policy.transfer, self.device)
         for det_id, spec in policy.detectors.items():
             reg = registry.detectors[spec.type]
             self.detectors[det_id] = reg.cls(**dict(spec.params))
