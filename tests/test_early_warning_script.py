@@ -228,3 +228,14 @@ def test_calibration_by_replay_silences_the_clean_runs_and_only_raises_threshold
             rules = {name for name in held if ew._kind(policy, ew._rule_detectors(policy)[name]) == "mechanism"}
             assert not rules, (r["key"], rules)
     assert "## Held-out seeds" in (out / "calibrated.md").read_text()
+
+
+def test_the_enforce_copy_of_the_early_warning_policy_differs_only_in_mode_and_name():
+    import yaml
+
+    shipped = yaml.safe_load((ROOT / "policies" / "early-warning.yaml").read_text())
+    enforce = yaml.safe_load((ROOT / "benchmarks" / "policies" / "early-warning-enforce.yaml").read_text())
+    assert (shipped["mode"], enforce["mode"]) == ("audit", "enforce")
+    for doc in (shipped, enforce):
+        del doc["mode"], doc["metadata"]["name"]
+    assert shipped == enforce
