@@ -20,6 +20,10 @@ that so with **one collective per step**:
    propagate (a NaN on one rank is a NaN for everyone). An error flag set on any rank is a fault
    on every rank, with the lowest faulting rank and the count of faulting ranks.
 
+(On a ``torch.amp.GradScaler`` step the guard adds one all-reduce of 2 values before sensing,
+:meth:`DistContext.all_reduce_max`, so every rank takes the same path: the scaler's skip, or a
+governed step.)
+
 Identical inputs give identical decisions: the Governor is deterministic, so every rank's
 Governor takes the same decisions from the reduced vector, and only rank 0 writes the decision
 log (one hash chain for the run) and ``telemetry.jsonl``.
