@@ -449,7 +449,7 @@ class Guard:
         tel = Telemetry(self._step, loss, self.optimizer, self.model,         # 1. telemetry
                         host_scalars=self.host_scalars)
         self._warn_foot_guns(tel)
-        packet = self._sense(tel)                                            # 2. detect (+ gate)
+        packet = self._sense(tel)                            # 2. detect, 3. reduce (+ gate)
         due = self.transport.send(packet)                                    # 4. transfer
         emitted, faults, device_actions = self._landed(due)
         self._due_in_step = due  # what a mid-step state_dict (halt checkpoint) saves as in flight
