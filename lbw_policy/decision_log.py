@@ -177,6 +177,8 @@ def _parse_line(raw: bytes) -> tuple[Optional[dict], str]:
         obj = json.loads(text, parse_constant=_reject_constant)
     except ValueError:
         return None, "not valid JSON"
+    except RecursionError:
+        return None, "not a record (JSON nested too deep)"
     if not isinstance(obj, dict):
         return None, f"not a JSON object (found {type(obj).__name__})"
     return obj, ""
@@ -771,6 +773,8 @@ def read_summary_anchor(path: PathLike) -> tuple:
         data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"not valid JSON: {str(exc)[:80]}") from None
+    except RecursionError:
+        raise ValueError("not a summary: JSON nested too deep") from None
     log = data.get("log") if isinstance(data, dict) else None
     if not (isinstance(log, dict) and type(log.get("records")) is int
             and isinstance(log.get("head"), str)):

@@ -290,7 +290,7 @@ def read_witness(path: PathLike) -> Iterator[tuple]:
             continue
         try:
             entry = json.loads(ln.raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: damaged
             yield ln.lineno, None
             continue
         if (isinstance(entry, dict) and entry.get("schema") == WITNESS_SCHEMA
@@ -307,10 +307,16 @@ def statement(*, run_id: str, directory: str, key: str, count: int, head: str, t
             "count": count, "head": head, "time": time, "final": bool(final)}
 
 
-def witness_heads(entries: Iterable[tuple], run_id: str) -> list:
-    """``[(line, statement, signature)]`` of the witness entries of ``run_id``."""
+def witness_heads(entries: Iterable[tuple], run_ids: Iterable[Any], dirs: Iterable[Any] = (),
+                  key: Optional[str] = None) -> list:
+    """``[(line, statement, signature)]`` of the witness entries of this log: those of one of
+    its ``run_ids``, and those signed by ``key`` in one of its run directories ``dirs`` (a
+    resumed session under another run id, whose records may have been cut from the log)."""
+    run_ids, dirs = set(run_ids), set(dirs)
     return [(line, e["checkpoint"], e.get("signature")) for line, e in entries
-            if e is not None and e["checkpoint"].get("run_id") == run_id]
+            if e is not None and (e["checkpoint"].get("run_id") in run_ids
+                                  or (key is not None and e["checkpoint"].get("key") == key
+                                      and e["checkpoint"].get("dir") in dirs))]
 
 
 def make_witness(witness: Any) -> Optional[Witness]:
@@ -357,6 +363,8 @@ class CheckpointVerifier:
         self.signed: Optional[bool] = None
         self.log_key: Optional[str] = None
         self.log_run_id: Any = None
+        self.run_ids: set = set()  # every run_start's run id (a resumed log may hold several)
+        self.dirs: set = set()  # the run directory names its valid checkpoints were signed in
         self.checkpoints = 0
         self.valid = 0
         self.last_good: Optional[tuple] = None  # (line, count, final)
@@ -383,6 +391,8 @@ class CheckpointVerifier:
             self.log_run_id = run_id
         if event == "run_start":
             self._current_run = run_id
+            if isinstance(run_id, str):
+                self.run_ids.add(run_id)
         elif run_id != self._current_run and self.key is not None and not self._spliced:
             self._spliced = True
             self.problems.append(f"line {lineno}: a record of run {run_id!r} in run "
@@ -465,6 +475,7 @@ class CheckpointVerifier:
             self.tail_records += 1
             return
         self.valid += 1
+        self.dirs.add(stmt["dir"])
         self.last_good = (lineno, stmt["count"], bool(stmt["final"]))
         self.heads[stmt["count"]] = (stmt["head"], lineno)
         self.tail_first, self.tail_records, self.after_final_event = None, 0, None
@@ -533,7 +544,8 @@ class CheckpointVerifier:
         if self.witness is None:
             return
         covered = self.last_good[1] if self.last_good else 0
-        seen = witness_heads(read_witness(self.witness), self.log_run_id)
+        seen = witness_heads(read_witness(self.witness), self.run_ids or {self.log_run_id},
+                             self.dirs or {self.directory}, self.key_fp)
         if not seen:
             warnings.append(f"the witness file {str(self.witness)!r} has no checkpoint of run "
                             f"{self.log_run_id!r}: it is not this run's witness, or the witness "

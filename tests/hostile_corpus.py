@@ -128,6 +128,22 @@ def build(d: Path) -> dict:
                                        "--strict"], None)
     # audit reads a damaged log and reports it (exit 0, "chain FAILED"): bounded all the same
     cases["audit_long_line"] = (["audit", str(d / "nul.jsonl")], None)
+    # 13. JSON nested 200,000 deep (beyond Python's recursion limit) in a decision log, a
+    #     summary.json and a witness file: a damaged line, never an internal error
+    deep = "[" * 200_000 + "]" * 200_000 + "\n"
+    run3 = d / "run3"
+    run3.mkdir()
+    (run3 / "decisions.jsonl").write_text(deep)
+    (run3 / "summary.json").write_text('{"log": ' + "[" * 5_000 + "]" * 5_000 + "}")
+    (d / "deep_witness.jsonl").write_text(deep)
+    from lbw_policy.signing import generate_keypair
+
+    generate_keypair(d, "key")
+    cases["verify_deep_json"] = (["verify", str(run3)], None)
+    cases["audit_deep_json"] = (["audit", str(run3)], None)
+    cases["verify_deep_witness"] = (["verify", str(run3), "--no-summary", "--public-key",
+                                     str(d / "key.pub"), "--witness",
+                                     str(d / "deep_witness.jsonl")], None)
     return cases
 
 

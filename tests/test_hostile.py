@@ -45,11 +45,15 @@ def test_the_corpus_covers_bombs_sizes_numbers_strings_and_special_files(corpus)
 
 
 def test_every_case_is_rejected_never_an_internal_error(corpus):
+    audits = ("audit_long_line", "audit_deep_json")  # audit reports a damaged log, exit 0
     bad = {n: (r["code"], r["output"][-300:]) for n, r in _cases(corpus)
-           if r["code"] not in (1, 2) and n != "audit_long_line"}
+           if r["code"] not in (1, 2) and n not in audits}
     assert not bad
-    audit = corpus["cases"]["audit_long_line"]  # audit reports a damaged log, exit 0
-    assert audit["code"] == 0 and "chain FAILED (1 problem(s)" in audit["output"]
+    for name in audits:
+        audit = corpus["cases"][name]
+        assert audit["code"] == 0 and "chain FAILED (1 problem(s)" in audit["output"], name
+    deep = corpus["cases"]["verify_deep_json"]["output"]
+    assert "nested too deep" in deep, deep
 
 
 def test_every_case_is_fast_and_small(corpus):

@@ -525,3 +525,28 @@ def test_a_resumed_signed_run_verifies_as_one_log(keys, tmp_path, capsys):
     assert events.count("run_start") == 2 and events[-1] == "checkpoint"
     code, out = _verify(capsys, tmp_path / "run", "--public-key", keys["pub"])
     assert code == 0, out
+
+
+def test_witness_detects_a_resumed_log_cut_back_to_an_earlier_sessions_end(keys, tmp_path,
+                                                                           capsys):
+    """A resumed session (here under another run id) appends to the log and ends with its own
+    final checkpoint. Cutting the file back to the first session's final checkpoint leaves a
+    log that ends well; the witness, which saw the later session's heads, tells."""
+    run_dir, wit = tmp_path / "run", tmp_path / "witness.jsonl"
+    signer = load_signer(keys["key"])
+    _write_run(run_dir, signer, witness=wit, run_id="A")
+    first = (run_dir / "decisions.jsonl").read_bytes()
+    log = DecisionLog(run_dir / "decisions.jsonl", run={"run_id": "B"}, signer=signer,
+                      checkpoint_every=4, witness=wit)
+    log.append({"step": 11, "event": "run_start", "signing": {
+        "algorithm": "ed25519", "key": signer.fingerprint, "checkpoint_every": 4}})
+    for i in range(5):
+        log.append({"step": 11 + i, "event": "action", "rule": "brake"})
+    log.close()
+    _summary(run_dir)
+    assert _verify(capsys, run_dir, "--public-key", keys["pub"], "--witness", wit)[0] == 0
+    (run_dir / "decisions.jsonl").write_bytes(first)  # the second session cut away
+    (run_dir / "summary.json").unlink()
+    assert _verify(capsys, run_dir, "--public-key", keys["pub"])[0] == 0  # no witness: fine
+    code, out = _verify(capsys, run_dir, "--public-key", keys["pub"], "--witness", wit)
+    assert code == 1 and "tail truncated" in out, out
