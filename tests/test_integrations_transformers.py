@@ -49,15 +49,17 @@ def _model(vocab: int):
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def _trainer(data, out, log_dir, resume=False, **extra):
+def _trainer(data, out, log_dir, resume=None, **extra):
     vocab, ds = data
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=LR,
         lr_scheduler_type="constant", logging_steps=5, save_steps=30, save_strategy="steps",
         report_to="none", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
         **extra)
-    return GuardedTrainer(model=_model(vocab), args=args, train_dataset=ds,
-                          guard={"policy": "default", "log_dir": str(log_dir), "resume": resume})
+    guard = {"policy": "default", "log_dir": str(log_dir)}
+    if resume is not None:
+        guard["resume"] = resume
+    return GuardedTrainer(model=_model(vocab), args=args, train_dataset=ds, guard=guard)
 
 
 def _decisions(log_dir, since=0):
@@ -89,13 +91,35 @@ def test_trainer_is_governed_logged_checkpointed_and_resumes_the_same(data, tmp_
     assert out.returncode == 0, out.stdout + out.stderr
     assert (tmp_path / "out" / "checkpoint-30" / GUARD_STATE_FILE).exists()
 
-    # resume from the Trainer's checkpoint: the same decisions from step 30 on
+    # resume from the Trainer's checkpoint: the same decisions from step 30 on (the guard is
+    # built with resume=True by train(resume_from_checkpoint=...) itself)
     resumed = _trainer(data, tmp_path / "out", tmp_path / "log2")
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-30"))
     assert resumed.guarded_optimizer.guard.step_count == STEPS
     assert events(tmp_path / "log2", "resume")
     assert _decisions(tmp_path / "log2", since=30) == _decisions(tmp_path / "log", since=30)
     assert _decisions(tmp_path / "log", since=30), "decisions after the checkpoint to compare"
+
+
+def test_the_callers_training_arguments_keep_their_clip(data, tmp_path):
+    vocab, ds = data
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                          max_grad_norm=1.0)
+    trainer = GuardedTrainer(model=_model(vocab), args=args, train_dataset=ds,
+                             guard={"policy": "default", "log_dir": str(tmp_path / "log")})
+    assert trainer.args.max_grad_norm == 0.0 and args.max_grad_norm == 1.0
+
+
+def test_a_resumed_trainer_continues_its_own_decision_log(data, tmp_path):
+    """train(resume_from_checkpoint=...) into the run's own log_dir needs no resume flag."""
+    first = _trainer(data, tmp_path / "out", tmp_path / "log")
+    first.train()
+    again = _trainer(data, tmp_path / "out", tmp_path / "log")
+    again.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-30"))
+    assert events(tmp_path / "log", "resume")
+    out = subprocess.run([sys.executable, "-m", "lbw_policy.cli", "verify", str(tmp_path / "log")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_plain_optimizer_and_deepspeed_are_refused(data, tmp_path):

@@ -303,7 +303,8 @@ class Guard:
                 and log_path.stat().st_size > 0):
             raise FileExistsError(
                 f"{log_path} already holds a run: pass resume=True to continue it (then load "
-                f"the saved guard state with load_state_dict), or choose another log_dir")
+                f"the saved guard state with load_state_dict; GuardedTrainer does both when "
+                f"train(resume_from_checkpoint=...) is called), or choose another log_dir")
 
     def _open_run(self, policy: Policy, optimizer: Any, *, rank: int, fsync: bool,
                   labels: Optional[Mapping[str, Any]], signer: Any = None, witness: Any = None,

@@ -22,16 +22,18 @@ What it does, per optimizer step (``Trainer`` calls ``optimizer.step()`` once pe
 - **clipping**: ``TrainingArguments.max_grad_norm`` (default 1.0) would clip *before* the
   guard's detectors read the gradient norm, hiding a spike from them. The mixin moves the clip
   into the guard (``Guard(clip_grad_norm=...)``: same threshold, applied after the detectors,
-  right before the optimizer step) and sets ``args.max_grad_norm = 0`` on its arguments. The
-  Trainer then logs ``grad_norm`` itself (unclipped, its own extra reduction).
+  right before the optimizer step) and sets ``max_grad_norm = 0`` on its own copy of the
+  arguments (the ``TrainingArguments`` you passed are left as they were). The Trainer then
+  logs ``grad_norm`` itself (unclipped, its own extra reduction).
 - **logging**: each training log gets :func:`~lbw_policy.integrations.optimizer.guard_metrics`
   (``lbw/<detector>.<signal>``, ``lbw/lr_scale``, ``lbw/decisions``, ...); ``learning_rate`` becomes the *effective* rate of the last step
   (after ``lr_scale`` / ``lr_cap``), the scheduler's rate is ``lbw/scheduled_lr``. Every
   reporting integration (TensorBoard, W&B, MLflow) receives them through ``Trainer.log``.
 - **checkpoints**: ``on_save`` writes the guard's state to ``<checkpoint>/lbw_guard.pt``;
   ``train(resume_from_checkpoint=...)`` loads it back at ``on_train_begin`` (after the Trainer
-  restored model, optimizer, scheduler and RNG), so the resumed run makes the same decisions.
-  Build the guard with ``resume=True`` to continue the same ``log_dir``.
+  restored model, optimizer, scheduler and RNG), so the resumed run makes the same decisions;
+  with a ``guard={...}`` dict the guard is built with ``resume=True`` then, so it continues the
+  same ``log_dir`` (a ``GuardedOptimizer`` you pass yourself needs ``resume=True``).
 - **end**: ``on_train_end`` closes the guard (``run_end`` record, ``summary.json``).
 - **DeepSpeed**: refused with :class:`~lbw_policy.integrations.UnsupportedStack`.
 
@@ -42,6 +44,7 @@ step the guard or the scaler skipped, as in a plain torch loop.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Optional
 
@@ -119,6 +122,7 @@ class GuardedTrainerMixin:
         self._lbw_resume_from: Optional[str] = None
         # the clip moves into the guard: after the detectors, before the step
         self._lbw_clip = self.args.max_grad_norm if self.args.max_grad_norm else None
+        self.args = copy.copy(self.args)  # the caller's TrainingArguments stay as given
         self.args.max_grad_norm = 0.0
         if given is not None:
             self._take_clip(given)
@@ -145,6 +149,8 @@ class GuardedTrainerMixin:
             inner = super().create_optimizer(model)
             kwargs = dict(self._lbw_guard_kwargs)
             kwargs.setdefault("model", self.model)
+            if self._lbw_resume_from is not None:  # train(resume_from_checkpoint=...): the
+                kwargs.setdefault("resume", True)  # decision log goes on; state loads later
             self.optimizer = GuardedOptimizer(inner, **kwargs)
             self._take_clip(self.optimizer)
         return self.optimizer
