@@ -211,7 +211,8 @@ class LogRead:
     """What :func:`read_log` found.
 
     :ivar records: parsed records of the complete, parseable lines, in file order.
-    :ivar torn_tail: the last line lacks its ``\\n`` or is not a JSON object (a crash mid-write).
+    :ivar torn_tail: the last line lacks its ``\\n``, or holds NUL bytes and no record (a crash
+        mid-write; a whole last line that is no record otherwise is a bad line).
     :ivar torn_bytes: length in bytes of that torn line (0 when there is none).
     :ivar bad_lines: ``(line, reason)`` for unparseable lines before the last one (1-based).
     """
@@ -242,10 +243,14 @@ def _scan(path: PathLike, keep: bool) -> LogRead:
     out.torn_offset = end
     if pending is not None:
         lineno, offset, raw = pending
-        record, _ = _parse_line(raw)
-        if record is None or not raw.endswith(b"\n"):
+        record, why = _parse_line(raw)
+        # a crash mid-write: the line never got its newline, or the file system extended the
+        # file with zero-filled blocks (NUL bytes) that were never written
+        if not raw.endswith(b"\n") or (record is None and b"\x00" in raw):
             out.torn_tail, out.torn_bytes = True, _size(raw)
             out.torn_line, out.torn_offset = lineno, offset
+        elif record is None:  # a whole line that is no record: damage (an edit), not a crash
+            out.bad_lines.append((lineno, why))
         elif keep:
             out.records.append(record)
         else:

@@ -516,3 +516,16 @@ def test_random_records_round_trip_and_verify(records):
         report = verify_log(path, expected_count=len(records),
                             expected_head=written[-1]["hash"] if written else GENESIS)
         assert report.ok, report.problems
+
+
+def test_reopening_refuses_a_whole_last_line_that_is_no_record(tmp_path):
+    """A crash leaves a line without its newline (or zero-filled blocks); a complete line that
+    is no record is an edit. Reopening must not erase it: it refuses, the file untouched."""
+    path = tmp_path / "d.jsonl"
+    _write_log(path, _events()[:2])
+    with open(path, "ab") as fh:
+        fh.write(b'{"forged": tru}\n')
+    before = path.read_bytes()
+    with pytest.raises(DecisionLogError, match="line 3 is not valid JSON; refusing to append"):
+        DecisionLog(path)
+    assert path.read_bytes() == before
