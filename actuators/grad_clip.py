@@ -1,4 +1,5 @@
-"""``grad_clip``: clip the global gradient norm to ``k`` times its running mean.
+"""``grad_clip``: clip the global gradient norm to ``k`` times its running mean, under an
+optional fixed ceiling ``max_norm``.
 
 Fixed-threshold clipping (``clip_grad_norm_(params, 1.0)``) needs a threshold tuned per model and
 per phase of training; ZClip (Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM
@@ -32,6 +33,11 @@ Bounds (``actuators.grad_clip``):
 - ``warmup`` (int >= 1, default 25): steps observed before clipping may act.
 - ``recover: {every}`` (default none): while no firing rule holds ``grad_clip``, ``every`` steps
   after the last change ``k`` returns to ``default`` (one logged move).
+- ``max_norm`` (number > 0 or ``null``, default ``null``): a fixed ceiling on the norm, in the
+  gradients' own units, applied at every step from the first, whether or not ``k`` is set
+  (``torch.nn.utils.clip_grad_norm_(params, max_norm)``, the field's usual 1.0: nanoGPT, HF
+  Trainer's ``max_grad_norm``). With ``k`` active the threshold is ``min(k * m, max_norm)``. Not
+  commanded by rules: it is part of the policy's revision, like every bound.
 
 Signals: ``grad_clip.k`` (``k`` in force, ``-1`` when off) and ``grad_clip.active`` (1 when
 clipping can act this step). The per-step clip coefficient and the running mean stay on the
@@ -58,6 +64,8 @@ class GradClip(Actuator):
     :param alpha: EMA factor (default 0.97).
     :param warmup: steps observed before clipping acts (default 25).
     :param recover: ``{"every": n}`` or ``None``.
+    :param max_norm: fixed ceiling on the global L2 grad norm (gradient units), or ``None`` (the
+        default).
     :raises ValueError: ``min > max``, or ``default`` outside ``[min, max]``.
     """
 
@@ -74,6 +82,8 @@ class GradClip(Actuator):
                       "description": "EMA factor of the running mean; default 0.97"},
             "warmup": {"type": "integer", "minimum": 1,
                        "description": "steps observed before clipping acts; default 25"},
+            "max_norm": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                         "description": "fixed ceiling on the global grad norm, every step; null: none (default)"},
             "recover": {"type": "object", "additionalProperties": False, "required": ["every"],
                         "description": "return k to `default` `every` steps after the last change",
                         "properties": {"every": {"type": "integer", "minimum": 1}}},
@@ -86,15 +96,17 @@ class GradClip(Actuator):
     signals = ("k", "active")
 
     def __init__(self, min: float = 1.0, max: float = 10.0, default: Optional[float] = None,
-                 alpha: float = 0.97, warmup: int = 25, recover: Optional[dict] = None) -> None:
+                 alpha: float = 0.97, warmup: int = 25, recover: Optional[dict] = None,
+                 max_norm: Optional[float] = None) -> None:
         super().__init__(min=min, max=max, default=default, alpha=alpha, warmup=warmup,
-                         recover=recover)
+                         recover=recover, max_norm=max_norm)
         self.validate_bounds(self.bounds)
         self.min, self.max = float(min), float(max)
         self.default = None if default is None else float(default)
         self.alpha = float(alpha)
         self.warmup = int(warmup)
         self.recover_every = None if not recover else int(recover["every"])
+        self.max_norm = None if max_norm is None else float(max_norm)
         self.k: Optional[float] = self.default
         self.last_change_step = -1
         self.observed = 0           # steps whose norm was observed (host count)
@@ -173,10 +185,16 @@ class GradClip(Actuator):
             self._seen = torch.full((), self._saved_mean[1], dtype=torch.bool, device=norm.device)
         finite = torch.isfinite(norm)
         sample = norm
+        threshold = None
         if self.k is not None and self.observed >= self.warmup:
-            threshold = self.k * self._mean
+            # no finite sample yet: no relative threshold (inf / norm clamps to a coefficient of 1)
+            threshold = torch.where(self._seen, self.k * self._mean, torch.full_like(self._mean, math.inf))
+        if self.max_norm is not None:
+            ceiling = torch.full_like(norm, self.max_norm)
+            threshold = ceiling if threshold is None else torch.minimum(threshold, ceiling)
+        if threshold is not None:
             coef = torch.clamp(threshold / (norm + 1e-6), max=1.0)
-            coef = torch.where(finite & self._seen, coef, torch.ones_like(coef))
+            coef = torch.where(finite, coef, torch.ones_like(coef))
             with torch.no_grad():
                 for grad in grads:
                     grad.mul_(coef.to(grad.dtype))

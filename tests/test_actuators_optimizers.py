@@ -223,6 +223,32 @@ def test_grad_clip_clips_to_k_times_the_running_mean(kind):
     clip.after_step(opt, True, 0)
 
 
+def test_grad_clip_max_norm_is_clip_grad_norm_from_the_first_step_and_caps_k():
+    """``max_norm`` clips every step from the first exactly as ``clip_grad_norm_(max_norm)``
+    (no warm-up, no rule), and with ``k`` active the smaller threshold wins."""
+    model, opt = make()
+    ref_model, _ = make()
+    ref_model.load_state_dict(model.state_dict())
+    clip = _attached(GradClip(max_norm=0.05, warmup=2), opt, model)
+    for s in range(3):
+        forward_backward(model, s, scale=10.0)
+        forward_backward(ref_model, s, scale=10.0)
+        norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.05)
+        assert norm > 0.05                     # the ceiling acts at this scale
+        clip.before_step(opt, s)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=0)
+        clip.after_step(opt, True, s)
+        opt.zero_grad()
+        ref_model.zero_grad()
+    assert clip.state_dict()["mean"] == pytest.approx(0.05, rel=1e-5)   # the mean of clipped norms
+    clip.commit(clip.plan("set", 1.0, step=3))                          # k * m = 0.05 ...
+    clip.max_norm = 0.01                                                 # ... above the ceiling
+    forward_backward(model, 3, scale=10.0)
+    clip.before_step(opt, 3)
+    assert torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item() == pytest.approx(0.01, rel=1e-4)
+
+
 def test_grad_clip_leaves_non_finite_gradients_and_the_mean_alone():
     model, opt = make()
     clip = _attached(GradClip(default=2.0, warmup=1), opt, model)
