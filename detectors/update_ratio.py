@@ -7,11 +7,23 @@ step and ``dW_p`` its change by the step::
     ratio (global) = sqrt(sum_p ||dW_p||^2) / max(sqrt(sum_p ||W_p||^2), eps)   # all parameters
     group<i>.ratio = the same over parameter group i's tensors
 
+and the update's RMS per weight element, in the weights' own units (not relative to them)::
+
+    rms = sqrt(sum_p ||dW_p||^2 / sum_p numel(W_p))                           # all parameters
+
+The ratio depends on the scale the weights were initialized at: the same Adam step (about
+``lr`` per element, whatever the gradient's scale) is a four times smaller ratio on weights
+drawn with std ``1 / sqrt(128)`` than with std 0.02. ``rms`` does not: under Adam-family
+optimizers it is about the learning rate times the RMS of Adam's normalized step ``m / sqrt(v)``,
+whatever the initialization, the vocabulary or the loss's scale (issue 15: a brake on ``rms``
+transfers across initializations where one on ``ratio`` does not).
+
 The sums run over the weight matrices only (tensors of 2 or more dims) unless
 ``matrices_only: false``: biases and normalization gains often start at exactly 0, where the
 ratio is meaningless (``||dW|| / eps``), and are not what the heuristic watches.
 
-Signals (0-dim tensors, dimensionless): ``ratio`` (global), ``max`` (largest ``ratio_p``),
+Signals (0-dim tensors; ``rms`` in the weights' units, the others dimensionless): ``ratio``
+(global), ``rms`` (global, above), ``max`` (largest ``ratio_p``),
 ``worst`` (index of that tensor in the optimizer's parameter order over *all* its tensors, from
 0), and for each ``i < groups``: ``group<i>.ratio`` and ``group<i>.max`` (0 and -inf for a group
 with no measured tensor). Healthy AdamW training keeps the
@@ -93,7 +105,8 @@ class _Layout(NamedTuple):
     ``sketched`` are the positions of the tensors measured each way, ``samples[k]`` the
     ``(stride s, start o, count m')`` of sketched tensor ``k``, and ``scale`` (float, on the
     device; ``None`` when nothing is sketched) ``sqrt(s)`` per measured tensor (1 for an exact
-    one), which turns a sample's norm into the estimate of the tensor's."""
+    one), which turns a sample's norm into the estimate of the tensor's; ``count`` the number of
+    elements measured (whole tensors, sketched or not)."""
     key: tuple
     buffers: list
     index: torch.Tensor
@@ -103,12 +116,13 @@ class _Layout(NamedTuple):
     sketched: tuple
     samples: tuple
     scale: Optional[torch.Tensor]
+    count: float
 
 
 class UpdateRatio(Detector):
     name = "update_ratio"
-    signals = ("ratio", "max", "worst")
-    reductions = {"ratio": "same", "max": "same", "worst": "same"}  # replicated weights (DDP)
+    signals = ("ratio", "max", "worst", "rms")
+    reductions = {"ratio": "same", "max": "same", "worst": "same", "rms": "same"}  # replicated weights (DDP)
     sharding = ("it compares whole parameter tensors before and after the step; on FSDP2 "
                 "shards each rank would see a part of every ratio")
     params_schema = {
@@ -200,7 +214,8 @@ class UpdateRatio(Detector):
             one_device = all(p.device == dev for _, _, p in measured)
             self._layout = _Layout(key, buffers, index, groups, (norm_dtype, one_device), tuple(exact),
                                    tuple(sketched), tuple(samples),
-                                   torch.tensor(scale, device=dev, dtype=dtype) if sketched else None)
+                                   torch.tensor(scale, device=dev, dtype=dtype) if sketched else None,
+                                   float(sum(p.numel() for _, _, p in measured)))
         return self._layout
 
     @torch.no_grad()
@@ -233,7 +248,7 @@ class UpdateRatio(Detector):
     @torch.no_grad()
     def _measure(self) -> None:
         sources, self._armed = self._armed, None
-        _, buffers, index, groups, how, exact, sketched, _, scale = self._layout
+        _, buffers, index, groups, how, exact, sketched, _, scale, count = self._layout
         dev = sources[0].device
         wn = _norms(buffers, how, dev)
         if not sketched:
@@ -248,7 +263,8 @@ class UpdateRatio(Detector):
             dn, wn = dn * scale, wn * scale
         per = dn / torch.clamp(wn, min=self.eps)
         ratio, top = _global(dn, wn, self.eps), per.max()
-        out = {"ratio": ratio, "max": top, "worst": torch.take(index, per.argmax())}
+        out = {"ratio": ratio, "max": top, "worst": torch.take(index, per.argmax()),
+               "rms": torch.sqrt((dn * dn).sum() / count)}
         for i, pos in enumerate(groups):
             if pos is None:                 # the group holds every measured tensor
                 out[f"group{i}.ratio"], out[f"group{i}.max"] = ratio, top

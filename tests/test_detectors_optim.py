@@ -67,6 +67,8 @@ def test_update_ratio_matches_numpy_per_group(matrices_only):
     assert float(out["ratio"]) == pytest.approx(glob(keep), rel=1e-6)
     assert float(out["max"]) == pytest.approx(max(per.values()), rel=1e-6)
     assert float(out["worst"]) == max(per, key=per.get)
+    count = sum(before[i].size for i in keep)          # rms: in the weights' units, not relative
+    assert float(out["rms"]) == pytest.approx(math.sqrt(sum(d[i] ** 2 for i in keep) / count), rel=1e-6)
     for g, ids in ((0, [0, 1]), (1, [2, 3])):
         ids = [i for i in ids if i in keep]
         assert float(out[f"group{g}.ratio"]) == pytest.approx(glob(ids), rel=1e-6)

@@ -195,6 +195,8 @@ def test_sketch_matches_the_exact_ratio_under_adamw(sketch, tol):
             assert float(out["group1.ratio"]) == pytest.approx(_global(d, w, [2, 3]), rel=tol)
             assert float(out["group0.max"]) == pytest.approx(max(per[:2]), rel=tol)
             assert float(out["max"]) == pytest.approx(max(per), rel=tol)
+            count = sum(p.numel() for p in ref_params)
+            assert float(out["rms"]) == pytest.approx(math.sqrt(sum(x * x for x in d) / count), rel=tol)
             top, second = sorted(per)[-1], sorted(per)[-2]
             if top > second * (1 + 3 * tol):                                 # clearly ahead
                 assert float(out["worst"]) == per.index(top)
