@@ -87,6 +87,13 @@ class RunSpec:
     onset_rate: float = 1.03          # its growth factor per step
     fault_bits: int = 3               # attn-lowp: mantissa bits kept in the attention logits
     max_severity: float = 1e6         # cap of the growth factor
+    # the generalization matrix (issue 15, benchmarks/matrix.py); see "Models, initializations
+    # and tokenizations" below
+    model: str = "demo"               # "demo" (lbw_policy.demo.gpt) or "gpt2" (HF GPT2LMHeadModel)
+    init: str = "default"             # "default" (the model's own) or "fan-in"
+    tokenizer: str = "char"           # "char", "byte" or "bpe"
+    bpe_vocab: int = 512              # vocabulary size of the BPE trained on the train split
+    weight_decay: float = 0.0         # AdamW's decoupled weight decay
 
     @property
     def key(self) -> str:
@@ -125,6 +132,126 @@ class RunSpec:
 
 #: Base weight decay of ``wd-grow`` (the benchmark's AdamW has none): wd(t) = WD_FAULT * s(t).
 WD_FAULT = 0.1
+
+
+# ------------------------------------------------- models, initializations and tokenizations (issue 15)
+#
+# The stress benchmark's default cell is the demo GPT on characters. The generalization matrix
+# (benchmarks/matrix.py) varies, one RunSpec field each:
+#
+#     model      "demo": lbw_policy.demo.gpt.GPT (nanoGPT-style init, std 0.02, tied head);
+#                "gpt2": transformers.GPT2LMHeadModel from a GPT2Config of the same shape (its own
+#                init: std 0.02, residual projections 0.02 / sqrt(2 n_layer); fused c_attn; tied
+#                head; dropout 0), the loss computed here on the unshifted targets
+#     init       "default": the model's own; "fan-in": every weight matrix and embedding table
+#                re-drawn from a normal truncated at +-2 std with std = 1 / sqrt(fan_in) (fan_in =
+#                n_embd for embeddings), biases 0, LayerNorm untouched
+#     tokenizer  "char": one id per distinct character; "byte": the UTF-8 bytes (V = 256);
+#                "bpe": a byte-level BPE (PyPI ``tokenizers``) of ``bpe_vocab`` ids trained on the
+#                train split only
+#     weight_decay  AdamW's (applied to every parameter, as the peers do)
+
+#: models the harness builds (RunSpec.model)
+MODELS = ("demo", "gpt2")
+INITS = ("default", "fan-in")
+TOKENIZERS = ("char", "byte", "bpe")
+
+
+def _bpe_ids(text: str, train_chars: int, vocab: int) -> tuple:
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator([text[:train_chars]], vocab_size=vocab, min_frequency=2, show_progress=False)
+    return tok.encode(text).ids, tok.get_vocab_size()
+
+
+_CORPORA: dict = {}
+
+
+def build_corpus(spec: RunSpec):
+    """The corpus of ``spec``: a :class:`lbw_policy.demo.data.CharCorpus` (``tokenizer="char"``)
+    or the same class over byte or BPE ids (90/10 split in order; the BPE is trained on the first
+    90 % of the text only). Cached per process."""
+    import torch
+
+    from lbw_policy.demo.data import CharCorpus, load_text
+
+    key = (spec.data, spec.tokenizer, spec.bpe_vocab)
+    if key in _CORPORA:
+        return _CORPORA[key]
+    text = load_text(spec.data)
+    if spec.tokenizer == "char":
+        corpus = CharCorpus(text)
+    elif spec.tokenizer in ("byte", "bpe"):
+        if spec.tokenizer == "byte":
+            ids, vocab = list(text.encode("utf-8")), 256
+        else:
+            ids, vocab = _bpe_ids(text, int(len(text) * 0.9), spec.bpe_vocab)
+        corpus = CharCorpus.__new__(CharCorpus)     # the same batching code over other ids
+        corpus.chars, corpus.stoi = [], {}
+        corpus.vocab_size = vocab
+        corpus.data = torch.tensor(ids, dtype=torch.long)
+        n_val = int(len(corpus.data) * 0.1)
+        corpus.train, corpus.val = corpus.data[:-n_val], corpus.data[-n_val:]
+    else:
+        raise ValueError(f"unknown tokenizer {spec.tokenizer!r}; choose from {TOKENIZERS}")
+    _CORPORA[key] = corpus
+    return corpus
+
+
+def build_model(spec: RunSpec, vocab_size: int):
+    """The model of ``spec`` (seeded by the caller), called as ``model(x, y) -> (logits, loss)``
+    with ``x, y`` of shape ``(B, T)``; the loss is the mean cross-entropy in nats."""
+    import torch
+    import torch.nn.functional as F
+
+    if spec.model == "demo":
+        from lbw_policy.demo.gpt import GPT, GPTConfig
+
+        model = GPT(GPTConfig(vocab_size=vocab_size, block_size=spec.block_size, n_layer=spec.n_layer,
+                              n_head=spec.n_head, n_embd=spec.n_embd))
+    elif spec.model == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        class GPT2LM(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                cfg = GPT2Config(vocab_size=vocab_size, n_positions=spec.block_size, n_embd=spec.n_embd,
+                                 n_layer=spec.n_layer, n_head=spec.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                 attn_pdrop=0.0)
+                self.lm = GPT2LMHeadModel(cfg)
+
+            def forward(self, idx, targets=None):
+                logits = self.lm(input_ids=idx).logits
+                loss = None if targets is None else F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+                return logits, loss
+
+        model = GPT2LM()
+    else:
+        raise ValueError(f"unknown model {spec.model!r}; choose from {MODELS}")
+    if spec.init == "fan-in":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() < 2 or "ln" in name.split(".")[-2]:
+                    if name.endswith("bias"):
+                        p.zero_()
+                    continue
+                # nn.Linear / nn.Embedding store (out, in) / (V, d); HF Conv1D stores (in, out)
+                conv1d = type(_owner(model, name)).__name__ == "Conv1D"
+                fan_in = p.shape[1] if not conv1d else p.shape[0]
+                std = 1.0 / math.sqrt(fan_in)
+                torch.nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+    elif spec.init != "default":
+        raise ValueError(f"unknown init {spec.init!r}; choose from {INITS}")
+    return model
+
+
+def _owner(model, name: str):
+    mod = model
+    for part in name.split(".")[:-1]:
+        mod = getattr(mod, part)
+    return mod
 
 
 def fault_severity(spec: RunSpec, step: int) -> float:
@@ -276,15 +403,13 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
     torch.set_num_threads(threads)
     if spec.device == "cpu":
         torch.set_flush_denormal(True)
-    from lbw_policy.demo.data import CharCorpus, load_text
-    from lbw_policy.demo.gpt import GPT, GPTConfig, evaluate
+    from lbw_policy.demo.gpt import evaluate
 
-    corpus = CharCorpus(load_text(spec.data))
+    corpus = build_corpus(spec)
     torch.manual_seed(spec.seed)
-    model = GPT(GPTConfig(vocab_size=corpus.vocab_size, block_size=spec.block_size, n_layer=spec.n_layer,
-                          n_head=spec.n_head, n_embd=spec.n_embd)).to(spec.device)
+    model = build_model(spec, corpus.vocab_size).to(spec.device)
     params = list(model.parameters())
-    common = dict(lr=spec.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    common = dict(lr=spec.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=spec.weight_decay)
     guard = zclip = lbwguard = None
     if spec.method == "spam":
         from pytorch_optimizer import SPAM
