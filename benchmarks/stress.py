@@ -218,7 +218,7 @@ def build_model(spec: RunSpec, vocab_size: int):
                 super().__init__()
                 cfg = GPT2Config(vocab_size=vocab_size, n_positions=spec.block_size, n_embd=spec.n_embd,
                                  n_layer=spec.n_layer, n_head=spec.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                 attn_pdrop=0.0)
+                                 attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
                 self.lm = GPT2LMHeadModel(cfg)
 
             def forward(self, idx, targets=None):

@@ -97,7 +97,8 @@ def run_dir(tmp_path) -> Path:
     """A short governed run with its summary.json, as `lbw-policy run` leaves it."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    # Adam moves each weight by about lr a step: 1e-3 stays under the default's update-RMS brake
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     out = tmp_path / "run"
     guard = Guard(opt, "default", model=model, log_dir=out)
     for s in range(5):
