@@ -12,13 +12,20 @@ host sync:
 
 - ``g`` = the global L2 norm of every gradient (the step's telemetry value, shared with the
   detectors: no extra reduction when a detector already read it).
-- When clipping is active (``k`` set and at least ``warmup`` steps observed):
-  ``coef = min(1, k * m / (g + 1e-6))`` and every gradient is multiplied by ``coef`` (the
-  formula of ``torch.nn.utils.clip_grad_norm_``). A non-finite ``g`` is left alone (that is
-  ``skip_step``'s case).
-- The EMA is updated with the norm *after* clipping, ``min(g, k * m)`` (ZClip's choice: a spike
-  does not drag the mean up), or ``g`` while inactive: ``m = alpha * m + (1 - alpha) * x``,
-  started at the first finite ``x``; non-finite norms are ignored.
+- The threshold ``T``: ``k * m`` when ``k`` is set and at least ``warmup`` steps were observed,
+  ``max_norm`` when that bound is set, the smaller of the two when both hold; none otherwise.
+- With a threshold: ``coef = min(1, T / (g + 1e-6))`` and every gradient is multiplied by
+  ``coef`` (the formula of ``torch.nn.utils.clip_grad_norm_``). A non-finite ``g`` is left alone
+  (that is ``skip_step``'s case).
+- The EMA is updated with the norm *after* clipping, ``min(g, T)`` (ZClip's choice: a spike
+  does not drag the mean up), or ``g`` without a threshold: ``m = alpha * m + (1 - alpha) * x``,
+  started at the first finite ``x``; non-finite norms are ignored. (With ``max_norm`` set and
+  norms mostly above it, ``m`` settles near ``max_norm``, so ``k >= 1`` rarely acts below it.)
+- The norm after clipping, ``g * coef``, is kept for the step (:attr:`GradClip.norm_after`), so
+  the guard's own fixed clip (``Guard(clip_grad_norm=)``) reuses it instead of reducing again.
+
+In audit mode the guard never calls :meth:`GradClip.before_step`: nothing is clipped and the
+mean is not tracked.
 
 Commands: ``{actuator: grad_clip, set: k}`` (``k > 0``): clip at ``k`` x the running mean;
 ``{actuator: grad_clip, multiply: f}`` (``f > 0``): ``k * f`` (from ``default`` when off).
@@ -28,7 +35,8 @@ Bounds (``actuators.grad_clip``):
 - ``min`` (default 1.0), ``max`` (default 10.0): ``k`` stays in ``[min, max]`` (``0 < min <=
   max``). ``k < 1`` would clip every step below the mean; allowed when ``min`` allows it.
 - ``default`` (number in ``[min, max]`` or ``null``, default ``null``): ``k`` when no rule has
-  set it; ``null`` means no clipping (the actuator only tracks the mean).
+  set it; ``null`` means no relative clipping (the actuator tracks the mean; ``max_norm`` still
+  applies).
 - ``alpha`` (in (0, 1), default 0.97): EMA factor of the running mean.
 - ``warmup`` (int >= 1, default 25): steps observed before clipping may act.
 - ``recover: {every}`` (default none): while no firing rule holds ``grad_clip``, ``every`` steps
@@ -40,13 +48,14 @@ Bounds (``actuators.grad_clip``):
   commanded by rules: it is part of the policy's revision, like every bound.
 
 Signals: ``grad_clip.k`` (``k`` in force, ``-1`` when off) and ``grad_clip.active`` (1 when
-clipping can act this step). The per-step clip coefficient and the running mean stay on the
+clipping can act this step: a relative threshold past its warm-up, or ``max_norm``). The per-step clip coefficient and the running mean stay on the
 device (``state_dict()`` reads the mean: call it at checkpoint time). Works with any optimizer.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Optional
 
 from lbw_policy.base import Action, Actuator
@@ -113,7 +122,10 @@ class GradClip(Actuator):
         self._mean = None           # 0-dim float32 tensor on the gradients' device
         self._seen = None           # 0-dim bool: the mean holds at least one finite sample
         self._saved_mean = (0.0, False)
-        self._tel = None
+        self._tel = None            # weak reference to the step's telemetry (observe)
+        #: the global grad norm after this step's clip (0-dim tensor on the device), or ``None``
+        #: when this step's gradients were not scaled
+        self.norm_after = None
 
     @classmethod
     def validate_bounds(cls, bounds) -> None:
@@ -132,10 +144,14 @@ class GradClip(Actuator):
 
     def signal_values(self) -> dict:
         return {"k": -1.0 if self.k is None else self.k,
-                "active": int(self.k is not None and self.observed >= self.warmup)}
+                "active": int((self.k is not None and self.observed >= self.warmup)
+                              or self.max_norm is not None)}
 
     def observe(self, telemetry) -> None:
-        self._tel = telemetry
+        # a weak reference: the step's telemetry holds its gradients, and in audit mode no
+        # before_step comes to let go of them (they must be freed by the user's zero_grad)
+        self._tel = weakref.ref(telemetry)
+        self.norm_after = None
 
     # ---------------------------------------------------------------- commands
     def _clamp(self, k: float) -> float:
@@ -174,8 +190,9 @@ class GradClip(Actuator):
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return True
-        if self._tel is not None:
-            norm = self._tel.grad_norm
+        tel = self._tel() if self._tel is not None else None
+        if tel is not None:
+            norm = tel.grad_norm
         else:  # no guard: reduce here
             norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
         norm = norm.detach().float()
@@ -199,6 +216,7 @@ class GradClip(Actuator):
                 for grad in grads:
                     grad.mul_(coef.to(grad.dtype))
             sample = torch.minimum(norm, threshold)
+            self.norm_after = norm * coef
         updated = torch.where(self._seen, self.alpha * self._mean + (1 - self.alpha) * sample, sample)
         self._mean = torch.where(finite, updated, self._mean)
         self._seen = self._seen | finite

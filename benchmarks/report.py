@@ -45,13 +45,18 @@ def summarize(rows: list) -> dict:
     means = {k: _mean([_loss(r["final_val_loss"], ln_v) for r in v]) for k, v in cell.items()}
     methods = [m for m in METHOD_ORDER if any(k[0] == m for k in cell)]
     grid_lrs = sorted({k[1] for k in cell if k[2] == "none"})
-    # LR sensitivity (Wortsman et al., arXiv 2309.14322): E_lr[min(loss, ln V)] - best loss.
+    # LR sensitivity (Wortsman et al., arXiv 2309.14322): E_lr[min(loss, ln V)] minus the
+    # method's own best loss over the grid; "sensitivity_global" subtracts the best loss of any
+    # method instead (the variant this report used before issue 15).
     grid = {(m, lr): means[(m, lr, "none")] for m in methods for lr in grid_lrs if (m, lr, "none") in means}
     best = min(grid.values())
     complete = [m for m in methods if all((m, lr) in grid for lr in grid_lrs)]
-    sensitivity = {m: statistics.fmean(min(grid[(m, lr)], ln_v) for lr in grid_lrs) - best for m in complete}
+    mean = {m: statistics.fmean(min(grid[(m, lr)], ln_v) for lr in grid_lrs) for m in complete}
+    own = {m: min(min(grid[(m, lr)], ln_v) for lr in grid_lrs) for m in complete}
+    sensitivity = {m: mean[m] - own[m] for m in complete}
     return {"ln_v": ln_v, "means": means, "methods": methods, "lrs": grid_lrs, "best": best,
-            "sensitivity": sensitivity, "cells": cell}
+            "sensitivity": sensitivity, "sensitivity_global": {m: mean[m] - best for m in complete},
+            "cells": cell}
 
 
 def _fmt(x, nd=3):

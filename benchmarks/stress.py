@@ -29,8 +29,7 @@ Metrics per run: final validation loss (nats), diverged (a non-finite loss), spi
 after warm-up whose loss exceeds the EMA of the earlier losses, decay 0.9, by more than 0.5
 nats), step of the first governance action that changed training, steps per second. Per method:
 LR sensitivity as defined by Wortsman et al. (arXiv 2309.14322): the mean over the grid of
-min(loss, ln V) minus the best loss of any method at any learning rate in the same run (losses
-are means over seeds).
+min(loss, ln V) minus the method's own best loss on the grid (losses are means over seeds).
 
 Usage::
 
@@ -144,11 +143,14 @@ WD_FAULT = 0.1
 #                init: std 0.02, residual projections 0.02 / sqrt(2 n_layer); fused c_attn; tied
 #                head; dropout 0), the loss computed here on the unshifted targets
 #     init       "default": the model's own; "fan-in": every weight matrix and embedding table
-#                re-drawn from a normal truncated at +-2 std with std = 1 / sqrt(fan_in) (fan_in =
-#                n_embd for embeddings), biases 0, LayerNorm untouched
+#                re-drawn from a normal of std 1 / sqrt(fan_in) truncated at +-2 std (fan_in =
+#                n_embd for embeddings; the truncated draw's std is 0.88 / sqrt(fan_in)), biases 0,
+#                LayerNorm untouched
 #     tokenizer  "char": one id per distinct character; "byte": the UTF-8 bytes (V = 256);
 #                "bpe": a byte-level BPE (PyPI ``tokenizers``) of ``bpe_vocab`` ids trained on the
-#                train split only
+#                first 90 % of the text's characters; the whole text is then encoded and split
+#                90/10 by tokens, as the other corpora (the validation tokens lie in the text the
+#                BPE did not see, a little under the last 10 % of it)
 #     weight_decay  AdamW's (applied to every parameter, as the peers do)
 
 #: models the harness builds (RunSpec.model)
@@ -191,7 +193,7 @@ def build_corpus(spec: RunSpec):
         corpus.chars, corpus.stoi = [], {}
         corpus.vocab_size = vocab
         corpus.data = torch.tensor(ids, dtype=torch.long)
-        n_val = int(len(corpus.data) * 0.1)
+        n_val = max(1, int(len(corpus.data) * 0.1))
         corpus.train, corpus.val = corpus.data[:-n_val], corpus.data[-n_val:]
     else:
         raise ValueError(f"unknown tokenizer {spec.tokenizer!r}; choose from {TOKENIZERS}")
@@ -222,7 +224,7 @@ def build_model(spec: RunSpec, vocab_size: int):
                 self.lm = GPT2LMHeadModel(cfg)
 
             def forward(self, idx, targets=None):
-                logits = self.lm(input_ids=idx).logits
+                logits = self.lm(input_ids=idx, use_cache=False).logits
                 loss = None if targets is None else F.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
                 return logits, loss
@@ -233,7 +235,7 @@ def build_model(spec: RunSpec, vocab_size: int):
     if spec.init == "fan-in":
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if p.dim() < 2 or "ln" in name.split(".")[-2]:
+                if p.dim() < 2:         # biases to 0; LayerNorm gains (1-D) untouched
                     if name.endswith("bias"):
                         p.zero_()
                     continue

@@ -14,9 +14,12 @@ and the update's RMS per weight element, in the weights' own units (not relative
 The ratio depends on the scale the weights were initialized at: the same Adam step (about
 ``lr`` per element, whatever the gradient's scale) is a four times smaller ratio on weights
 drawn with std ``1 / sqrt(128)`` than with std 0.02. ``rms`` does not: under Adam-family
-optimizers it is about the learning rate times the RMS of Adam's normalized step ``m / sqrt(v)``,
-whatever the initialization, the vocabulary or the loss's scale (issue 15: a brake on ``rms``
-transfers across initializations where one on ``ratio`` does not).
+optimizers it is about the learning rate times the RMS of Adam's normalized step ``m / sqrt(v)``
+(exactly the learning rate at Adam's first step, where that step is ``sign(g)``), whatever the
+initialization or the loss's scale (issue 15: a brake on ``rms`` transfers across
+initializations where one on ``ratio`` does not). Tensors, or rows of an embedding, that get
+little or no gradient lower it. Under SGD it is the learning rate times the gradient's RMS, not
+scale-free.
 
 The sums run over the weight matrices only (tensors of 2 or more dims) unless
 ``matrices_only: false``: biases and normalization gains often start at exactly 0, where the

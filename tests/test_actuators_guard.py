@@ -237,3 +237,41 @@ rules: []
     assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[0]["betas"] == (0.9, 0.999)
     assert decisions_of(records(tmp_path / "run")) == []
     assert [s["step"] for s in guard.actuators["rollback"].snapshots] == [6, 9]
+
+
+# ---------------------------------------------------------------------- grad_clip's max_norm
+
+def test_default_policy_clips_at_one_and_a_smaller_guard_clip_reuses_the_clipped_norm(tmp_path, monkeypatch):
+    """The default policy's ``grad_clip: {max_norm: 1.0}`` clips every step; ``Guard(
+    clip_grad_norm=0.5)`` then clips again from the norm grad_clip kept, with no second
+    reduction of the gradients."""
+    model, opt = make(lr=1e-4)
+    guard = Guard(opt, "default", model=model, log_dir=tmp_path / "a", clip_grad_norm=0.5)
+    calls = []
+    real = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for s in range(3):
+        forward_backward(model, s, scale=100.0)
+        raw = real([p.grad for p in model.parameters()]).item()
+        guard.step(torch.tensor(1.0))
+        assert raw > 1.0
+        assert real([p.grad for p in model.parameters()]).item() == pytest.approx(0.5, rel=1e-4)
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    assert len(calls) == 3      # one reduction a step (the telemetry's, shared); none for the second clip
+
+
+def test_audit_mode_does_not_keep_a_steps_gradients_alive(tmp_path):
+    """In audit mode grad_clip never runs before_step; the step's gradients must still be freed
+    by the user's ``zero_grad(set_to_none=True)``."""
+    import weakref
+
+    model, opt = make(lr=1e-4)
+    guard = Guard(opt, "audit-only", model=model, log_dir=tmp_path / "a")
+    for s in range(2):
+        forward_backward(model, s)
+        guard.step(torch.tensor(1.0))
+        ref = weakref.ref(next(model.parameters()).grad)
+        opt.zero_grad(set_to_none=True)
+        assert ref() is None
+    guard.close()

@@ -247,6 +247,14 @@ def test_grad_clip_max_norm_is_clip_grad_norm_from_the_first_step_and_caps_k():
     forward_backward(model, 3, scale=10.0)
     clip.before_step(opt, 3)
     assert torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item() == pytest.approx(0.01, rel=1e-4)
+    clip.after_step(opt, True, 3)
+    opt.zero_grad()
+    mean = clip.state_dict()["mean"]
+    clip.max_norm = 1e3                                                  # now k * m is the smaller
+    forward_backward(model, 4, scale=10.0)
+    clip.before_step(opt, 4)
+    assert torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item() == pytest.approx(mean, rel=1e-4)
+    assert clip.signal_values() == {"k": 1.0, "active": 1}
 
 
 def test_grad_clip_leaves_non_finite_gradients_and_the_mean_alone():

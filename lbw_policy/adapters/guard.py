@@ -522,11 +522,12 @@ class Guard:
         ``take`` returns (``False``: no step was taken)."""
         if self.clip_grad_norm is not None:
             params = [p for p in tel.parameters() if p.grad is not None]
-            # the step's shared norm, unless a grad_clip actuator changed the gradients since
-            norm = None if "grad_clip" in self.actuators else tel.grad_norm
+            # the step's shared norm, or the norm after the policy's grad_clip scaled the
+            # gradients this step (it keeps it): no second reduction either way
+            clip = self.actuators.get("grad_clip") if self.enforce else None
+            norm = getattr(clip, "norm_after", None)
             if norm is None:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params],
-                                                     error_if_nonfinite=False)
+                norm = tel.grad_norm
             torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, norm)
         return take()
 
