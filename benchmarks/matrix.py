@@ -197,7 +197,7 @@ def plot_gaps(summary: dict, path: Path) -> None:
     for i in range(len(names)):
         for j in range(len(lrs)):
             if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:+.3f}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, f"{round(float(grid[i, j]), 3) + 0.0:+.3f}", ha="center", va="center", fontsize=8,
                         fontweight="bold" if grid[i, j] > GAP else "normal")
     ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
     ax.set_yticks(range(len(names)), [n + (" (held out)" if summary[n]["held_out"] else "") for n in names])
