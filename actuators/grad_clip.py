@@ -212,9 +212,12 @@ class GradClip(Actuator):
         if threshold is not None:
             coef = torch.clamp(threshold / (norm + 1e-6), max=1.0)
             coef = torch.where(finite, coef, torch.ones_like(coef))
-            with torch.no_grad():
+            with torch.no_grad():       # one fused multiply per (device, dtype), as clip_grad_norm_
+                kinds: dict = {}
                 for grad in grads:
-                    grad.mul_(coef.to(grad.dtype))
+                    kinds.setdefault((grad.device, grad.dtype), []).append(grad)
+                for (device, dtype), group in kinds.items():
+                    torch._foreach_mul_(group, coef.to(device=device, dtype=dtype))
             sample = torch.minimum(norm, threshold)
             self.norm_after = norm * coef
         updated = torch.where(self._seen, self.alpha * self._mean + (1 - self.alpha) * sample, sample)
