@@ -74,10 +74,33 @@ has ratio 0. Without an ``after_step`` call (a harness other than the guard), th
 :meth:`compute` measures the change since the copy instead. The first evaluation emits
 nothing (the signals are absent until then).
 
+Trend (off unless ``trend_window`` is set): over the last ``trend_window`` finite, positive
+global ratios, ``y_i = ln(ratio_i)`` against the step ``x_i`` at which each was measured, the
+Theil-Sen slope and the Mann-Kendall test of :mod:`grad_norm_trend` (the same computation, on
+the device)::
+
+    trend_slope  = median over pairs of (y_j - y_i) / (x_j - x_i)     # ln units per step
+    trend_growth = exp(trend_slope * (max x - min x)) - 1              # relative growth over the window
+    trend_p      = the Mann-Kendall two-sided p-value
+
+A ln slope is scale-free: it does not depend on the learning rate's level nor on the init's
+scale, only on how fast the update grows relative to the weights. After a warm-up, a
+decaying or constant schedule makes the ratio flat or falling, so a significant, steady rise
+says the effective step is growing (a learning rate or weight decay that creeps up, or
+curvature that grows under it): issue 16's slow-onset faults, measured in
+``docs/results.md``. During a learning-rate warm-up the ratio rises by design: start the
+window after it (``trend_start``). Until ``trend_min_points`` ratios are in the window (and
+before ``trend_start``) ``trend_slope = trend_growth = 0`` and ``trend_p = 1`` (never fires).
+A skipped step's ratio (0) is not entered. Sources: Theil (1950), Sen (1968), Mann (1945),
+Kendall (1975), as in ``grad_norm_trend``.
+
 Params: ``groups`` (per-group signals for the first ``groups`` parameter groups, default 1),
 ``matrices_only`` (default true), ``eps`` (floor on a weight norm, default 1e-12), ``sketch``
 (most elements sampled from a tensor larger than it, default 65536; 0 or null: every tensor
-exactly), ``seed`` (of the samples' starts, default 0).
+exactly), ``seed`` (of the samples' starts, default 0), ``trend_window`` (ratios kept for the
+trend, 4..1024; default 0: no trend signals), ``trend_min_points`` (ratios in the window
+before the trend is emitted, 3..``trend_window``; default ``trend_window``), ``trend_start``
+(first step whose ratio enters the window, default 0).
 
 :raises ValueError: (in :meth:`setup`) the optimizer has fewer than ``groups`` parameter groups.
 """
@@ -90,6 +113,9 @@ from typing import Any, Mapping, NamedTuple, Optional
 import torch
 
 from lbw_policy.base import Detector
+
+from ._ring import Ring
+from .grad_norm_trend import theil_sen_mann_kendall
 
 __all__ = ["UpdateRatio"]
 
@@ -125,7 +151,8 @@ class _Layout(NamedTuple):
 class UpdateRatio(Detector):
     name = "update_ratio"
     signals = ("ratio", "max", "worst", "rms")
-    reductions = {"ratio": "same", "max": "same", "worst": "same", "rms": "same"}  # replicated weights (DDP)
+    reductions = {"ratio": "same", "max": "same", "worst": "same", "rms": "same",   # replicated weights (DDP)
+                  "trend_slope": "same", "trend_growth": "same", "trend_p": "same"}
     sharding = ("it compares whole parameter tensors before and after the step; on FSDP2 "
                 "shards each rank would see a part of every ratio")
     params_schema = {
@@ -145,19 +172,52 @@ class UpdateRatio(Detector):
                                       f"default {DEFAULT_SKETCH}"},
             "seed": {"type": "integer", "minimum": 0,
                      "description": "seed of the samples' random starts; default 0"},
+            "trend_window": {"type": "integer", "minimum": 0, "maximum": 1024,
+                             "description": "global ratios kept for the trend signals (Theil-Sen "
+                                            "slope and Mann-Kendall p of ln ratio); 0: no trend; "
+                                            "default 0"},
+            "trend_min_points": {"type": "integer", "minimum": 3,
+                                 "description": "ratios in the window before the trend is emitted; "
+                                                "default trend_window"},
+            "trend_start": {"type": "integer", "minimum": 0,
+                            "description": "first step whose ratio enters the trend window (after "
+                                           "a learning-rate warm-up); default 0"},
         },
     }
+
+    @classmethod
+    def validate_params(cls, params: Mapping[str, Any]) -> None:
+        window = int(params.get("trend_window", 0) or 0)
+        if 0 < window < 4:
+            raise ValueError(f"trend_window must be 0 (off) or >= 4, got {window}")
+        if "trend_min_points" in params or "trend_start" in params:
+            if not window:
+                raise ValueError("trend_min_points and trend_start need trend_window > 0")
+            mp = int(params.get("trend_min_points", window))
+            if mp > window:
+                raise ValueError(f"trend_min_points ({mp}) must be <= trend_window ({window})")
 
     @classmethod
     def signals_for(cls, params: Mapping[str, Any]) -> tuple[str, ...]:
         names = list(cls.signals)
         for i in range(int(params.get("groups", 1))):
             names += [f"group{i}.ratio", f"group{i}.max"]
+        if params.get("trend_window"):
+            names += ["trend_slope", "trend_growth", "trend_p"]
         return tuple(names)
 
     def __init__(self, groups: int = 1, matrices_only: bool = True, eps: float = 1e-12,
-                 sketch: Optional[int] = DEFAULT_SKETCH, seed: int = 0) -> None:
-        super().__init__(groups=groups, matrices_only=matrices_only, eps=eps, sketch=sketch, seed=seed)
+                 sketch: Optional[int] = DEFAULT_SKETCH, seed: int = 0, trend_window: int = 0,
+                 trend_min_points: Optional[int] = None, trend_start: int = 0) -> None:
+        trend = {} if not trend_window else {"trend_window": trend_window, "trend_start": trend_start,
+                                             "trend_min_points": trend_min_points or trend_window}
+        self.validate_params(trend)
+        super().__init__(groups=groups, matrices_only=matrices_only, eps=eps, sketch=sketch, seed=seed,
+                         **trend)
+        self.trend = Ring(int(trend_window)) if trend_window else None
+        self.trend_min_points = int(trend_min_points or trend_window or 0)
+        self.trend_start = int(trend_start)
+        self._armed_step = 0                # the step whose copy is armed
         self.groups = int(groups)
         self.matrices_only = bool(matrices_only)
         self.eps = float(eps)
@@ -242,6 +302,7 @@ class UpdateRatio(Detector):
                 if part:
                     torch._foreach_copy_([layout.buffers[q] for q in part], [sources[q] for q in part])
         self._armed = sources
+        self._armed_step = int(telemetry.step)
         return out
 
     def after_step(self, telemetry, stepped: bool) -> None:
@@ -268,6 +329,8 @@ class UpdateRatio(Detector):
         ratio, top = _global(dn, wn, self.eps), per.max()
         out = {"ratio": ratio, "max": top, "worst": torch.take(index, per.argmax()),
                "rms": torch.sqrt((dn * dn).sum() / count)}
+        if self.trend is not None:
+            out.update(self._trend(ratio))
         for i, pos in enumerate(groups):
             if pos is None:                 # the group holds every measured tensor
                 out[f"group{i}.ratio"], out[f"group{i}.max"] = ratio, top
@@ -279,15 +342,37 @@ class UpdateRatio(Detector):
                 out[f"group{i}.max"] = per.index_select(0, pos).max()
         self._pending = out
 
+    def _trend(self, ratio: torch.Tensor) -> dict:
+        """Enter ``ln(ratio)`` (measured for the step armed at ``_armed_step``) into the window and
+        return the trend signals; nothing enters before ``trend_start`` or when the ratio is 0
+        (a skipped step) or not finite."""
+        r = self.trend
+        if self._armed_step >= self.trend_start:
+            r.push(torch.log(ratio), self._armed_step)
+        elif r.values is None:
+            r.ensure(ratio.device)
+        st = theil_sen_mann_kendall(r.values, r.steps, r.valid)
+        warm = st["n"] >= self.trend_min_points
+        slope = torch.where(warm, torch.nan_to_num(st["slope"], nan=0.0), 0.0)
+        return {"trend_slope": slope,
+                "trend_growth": torch.where(warm, torch.expm1(slope * st["span"]), 0.0),
+                "trend_p": torch.where(warm, st["p"], 1.0)}
+
     def state_dict(self) -> dict:
         # Guard checkpoints are taken between steps: the copy is current only inside a step.
-        return {"pending": None if self._pending is None else {k: float(v) for k, v in self._pending.items()}}
+        state = {"pending": None if self._pending is None else
+                 {k: float(v) for k, v in self._pending.items()}}
+        if self.trend is not None:
+            state["trend"] = self.trend.state_dict()
+        return state
 
     def load_state_dict(self, state) -> None:
         p = state.get("pending")
         self._pending = None if p is None else {k: torch.tensor(float(v), dtype=torch.float64)
                                                 for k, v in p.items()}
         self._armed = None
+        if self.trend is not None:
+            self.trend.load_state_dict(state.get("trend", {}))
 
 
 def _stride_for(n: int, m: int) -> int:

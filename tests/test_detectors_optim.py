@@ -148,6 +148,53 @@ def test_update_ratio_reuses_its_copy_and_follows_new_parameters():
     assert float(out["worst"]) == 4.0                     # its index in parameter order
 
 
+def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio():
+    """The trend signals equal scipy's Theil-Sen slope and Kendall's tau test of ln(ratio)
+    against the step; a skipped step (ratio 0) and steps before trend_start are not entered;
+    the window survives a state_dict round trip."""
+    stats = pytest.importorskip("scipy.stats")
+    net = _net(2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    det = UpdateRatio(trend_window=6, trend_min_points=4, trend_start=2)
+    assert set(UpdateRatio.signals_for({"trend_window": 6})) >= {"trend_slope", "trend_growth", "trend_p"}
+    assert "trend_p" not in UpdateRatio.signals_for({})
+    det.setup(net, opt)
+    lrs = [0.01, 0.01, 0.01, 0.012, 0.015, 0.02, 0.0, 0.03, 0.045, 0.07, 0.1]   # 0.0: a skipped step
+    seen, out = [], {}
+    for step, lr in enumerate(lrs):
+        tel = Telemetry(step, _backward(net, step), opt)
+        out = det.compute(tel)
+        if step >= 1 and step - 1 >= 2 and lrs[step - 1] > 0:
+            seen.append((step - 1, math.log(float(out["ratio"]))))
+        if step == 4:                           # 2 ratios entered (steps 2, 3): still warming up
+            assert float(out["trend_slope"]) == 0.0 and float(out["trend_p"]) == 1.0
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if lr > 0:
+            opt.step()
+        det.after_step(tel, lr > 0)
+        if step == 6:
+            state = copy.deepcopy(det.state_dict())
+    window = seen[-6:]
+    x, y = np.array([w[0] for w in window], float), np.array([w[1] for w in window])
+    assert 6 not in x                           # the skipped step never entered
+    assert float(out["trend_slope"]) == pytest.approx(stats.theilslopes(y, x)[0], rel=1e-9)
+    assert float(out["trend_growth"]) == pytest.approx(
+        math.expm1(stats.theilslopes(y, x)[0] * (x.max() - x.min())), rel=1e-9)
+    n = len(x)                                  # Mann-Kendall: continuity-corrected normal approximation
+    s = sum(np.sign(y[j] - y[i]) for i in range(n) for j in range(n) if x[i] < x[j])
+    z = (s - np.sign(s)) / math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
+    assert float(out["trend_p"]) == pytest.approx(math.erfc(abs(z) / math.sqrt(2)), rel=1e-9)
+    assert float(out["trend_p"]) < 0.05 and float(out["trend_slope"]) > 0.1
+    fresh = UpdateRatio(trend_window=6, trend_min_points=4, trend_start=2)
+    fresh.load_state_dict(state)
+    assert fresh.trend.state_dict() == state["trend"]
+    with pytest.raises(ValueError, match="trend_min_points .7. must be <= trend_window .6."):
+        UpdateRatio(trend_window=6, trend_min_points=7)
+    with pytest.raises(ValueError, match="need trend_window"):
+        UpdateRatio.validate_params({"trend_start": 5})
+
+
 def test_update_ratio_group_without_a_measured_tensor_reads_zero_and_minus_inf():
     net = _net(4)
     opt = torch.optim.SGD([{"params": [net[0].weight, net[2].weight]},
