@@ -12,6 +12,8 @@ Usage::
         [--rates 1.02,1.03,1.05] [--seeds 0,1,2] [--lr 3e-3] [--fault-start 100] [--steps 300] \
         [--policy early-warning] [--jobs 2]
     python benchmarks/early_warning.py --study DIR --tiny      # a seconds-long smoke run (tests)
+    # enforce against audit: final losses per fault of studies of the same grid (the first: audit)
+    python benchmarks/early_warning.py --compare AUDIT_DIR ENFORCE_DIR [ENFORCE_DIR ...]
 
 Reads ``<run>/telemetry.jsonl`` (per-step loss and the signals computed that step),
 ``<run>/policy.yaml`` (the policy the run used, copied there by the guard) and
@@ -435,6 +437,76 @@ def study(out: Path, data: str, faults: list, rates: list, seeds: list, lr: floa
     return {"rows": rows, "summary": summary}
 
 
+def _final_losses(study_dir: Path) -> tuple[dict, dict]:
+    """``({(fault, onset rate, lr): [final val loss per seed]}, config)`` of a study directory;
+    a final loss that is not finite or above ``ln V`` (worse than the untrained model: a
+    divergence) counts as ``ln V``. Clean runs have fault ``"none"`` and rate ``None``."""
+    results = study_dir / "results.jsonl"
+    if not results.exists():
+        raise ValueError(f"{results}: no such file (run the study first: --study {study_dir})")
+    cells: dict = {}
+    for n, line in enumerate(results.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            r = json.loads(line)
+            lnv = math.log(r["vocab_size"])
+            v = r["final_val_loss"]
+            key = (r["fault"].split("@")[0], r["onset_rate"] if r["fault"] != "none" else None, round(r["lr"], 12))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{results}:{n}: not a stress-harness result ({exc})") from None
+        cells.setdefault(key, []).append(lnv if v is None or not math.isfinite(v) or v > lnv else v)
+    config = json.loads((study_dir / "config.json").read_text()) if (study_dir / "config.json").exists() else {}
+    return cells, config
+
+
+def compare(dirs: list, labels: Optional[list] = None, gap: float = 0.5, within: float = 0.1) -> str:
+    """Markdown table of the mean final validation loss per fault and onset rate over studies of
+    the same grid: ``dirs[0]`` is the reference (an audit-mode study: its runs are plain AdamW's),
+    each other directory a policy in enforce mode. A *goal cell* is one where the reference ends
+    more than ``gap`` nats above its clean run at the study's learning rate; there, issue 16 asks
+    each enforced run to end within ``within`` nats of its own clean run (also shown: against
+    the reference's clean run).
+
+    :raises ValueError: a directory without results, or studies with different learning rates.
+    """
+    loaded = [_final_losses(Path(d)) for d in dirs]
+    labels = labels or [Path(d).name for d in dirs]
+    lrs = {cfg.get("lr") for _, cfg in loaded}
+    if len(lrs) != 1:
+        raise ValueError(f"the studies ran at different learning rates: {sorted(map(str, lrs))}")
+    lr = round(lrs.pop() or 0.0, 12)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    ref = loaded[0][0]
+    clean = [mean(c[("none", None, lr)]) if ("none", None, lr) in c else float("nan") for c, _ in loaded]
+    head = ["run", f"{labels[0]}"] + [x for lab in labels[1:] for x in (lab, f"{lab} - own clean")]
+    lines = ["| " + " | ".join(head + ["goal cell"]) + " |", "|" + "---|" * (len(head) + 1)]
+    verdicts = {lab: [0, 0] for lab in labels[1:]}
+    for key in sorted(k for k in ref if k[0] != "none"):
+        a = mean(ref[key])
+        goal = a - clean[0] > gap
+        row = [f"{key[0]} at {key[1]}", f"{a:.3f} ({a - clean[0]:+.3f})"]
+        for lab, (cells, _), c in zip(labels[1:], loaded[1:], clean[1:]):
+            if key not in cells:
+                row += ["-", "-"]
+                continue
+            v = mean(cells[key])
+            ok = v - c <= within
+            row += [f"{v:.3f} ({v - clean[0]:+.3f})", f"{v - c:+.3f}" + (" **met**" if goal and ok else "")]
+            if goal:
+                verdicts[lab][0] += ok
+                verdicts[lab][1] += 1
+        lines.append("| " + " | ".join(row + ["yes" if goal else "no"]) + " |")
+    cleans = []
+    for x in sorted({k[2] for c, _ in loaded for k in c if k[0] == "none"}):
+        cleans.append(f"clean at lr {x:g}: " + ", ".join(
+            f"{lab} {mean(c[('none', None, x)]):.3f}" for lab, (c, _) in zip(labels, loaded) if ("none", None, x) in c))
+    notes = [f"Mean final validation loss over seeds (nats; a divergence counts as ln V); in brackets, minus "
+             f"{labels[0]}'s clean run at lr {lr:g}. Goal cell: {labels[0]} ends more than {gap} above its clean "
+             f"run; there the enforced run should end within {within} of its own clean run."]
+    notes += cleans
+    notes += [f"{lab}: within {within} of its own clean run in {ok} of {n} goal cells" for lab, (ok, n) in verdicts.items()]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="*", type=Path, help="run directories (with telemetry.jsonl)")
@@ -454,7 +526,19 @@ def main(argv: Optional[list] = None) -> int:
     st.add_argument("--fault-start", type=int, default=100)
     st.add_argument("--jobs", type=int, default=2)
     st.add_argument("--threads", type=int, default=1)
+    cmp = parser.add_argument_group("enforce against audit (--compare)")
+    cmp.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
+                     help="study directories of the same grid: the first in audit mode (the AdamW "
+                          "reference), the others enforced policies; prints final losses per fault")
     args = parser.parse_args(argv)
+    if args.compare:
+        if len(args.compare) < 2:
+            parser.error("--compare needs the audit study and at least one enforced study")
+        try:
+            print(compare(args.compare))
+        except (ValueError, OSError) as exc:
+            parser.error(str(exc))
+        return 0
     if args.study is not None:
         opts = dict(steps=args.steps, fault_start=args.fault_start, rates=args.rates, seeds=args.seeds,
                     jobs=args.jobs)

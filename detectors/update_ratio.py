@@ -25,8 +25,9 @@ The sums run over the weight matrices only (tensors of 2 or more dims) unless
 ``matrices_only: false``: biases and normalization gains often start at exactly 0, where the
 ratio is meaningless (``||dW|| / eps``), and are not what the heuristic watches.
 
-Signals (0-dim tensors; ``rms`` in the weights' units, the others dimensionless): ``ratio``
-(global), ``rms`` (global, above), ``max`` (largest ``ratio_p``),
+Signals (0-dim tensors; ``rms`` and ``wnorm`` in the weights' units, the others
+dimensionless): ``ratio`` (global), ``rms`` (global, above), ``wnorm`` (``sqrt(sum_p
+||W_p||^2)``, the measured weights' global L2 norm before the step), ``max`` (largest ``ratio_p``),
 ``worst`` (index of that tensor in the optimizer's parameter order over *all* its tensors, from
 0), and for each ``i < groups``: ``group<i>.ratio`` and ``group<i>.max`` (0 and -inf for a group
 with no measured tensor). Healthy AdamW training keeps the
@@ -83,12 +84,17 @@ the device)::
     trend_growth = exp(trend_slope * (max x - min x)) - 1              # relative growth over the window
     trend_p      = the Mann-Kendall two-sided p-value
 
+and the same of ``ln(wnorm)``: ``wnorm_trend_slope``, ``wnorm_trend_growth``, ``wnorm_trend_p``.
+
 A ln slope is scale-free: it does not depend on the learning rate's level nor on the init's
 scale, only on how fast the update grows relative to the weights. After a warm-up, a
 decaying or constant schedule makes the ratio flat or falling, so a significant, steady rise
 says the effective step is growing (a learning rate or weight decay that creeps up, or
 curvature that grows under it): issue 16's slow-onset faults, measured in
-``docs/results.md``. During a learning-rate warm-up the ratio rises by design: start the
+``docs/results.md``. The weight norm's slope is the other side: decoupled weight decay shrinks
+every weight by ``lr * wd`` a step (3e-4 at lr 3e-3 and wd 0.1), so a norm falling by much more
+than that (a ln slope below -2e-3, say) says the decay, or something else, is eating the
+weights. During a learning-rate warm-up the ratio rises by design: start the
 window after it (``trend_start``). Until ``trend_min_points`` ratios are in the window (and
 before ``trend_start``) ``trend_slope = trend_growth = 0`` and ``trend_p = 1`` (never fires).
 A skipped step's ratio (0) is not entered. Sources: Theil (1950), Sen (1968), Mann (1945),
@@ -150,9 +156,11 @@ class _Layout(NamedTuple):
 
 class UpdateRatio(Detector):
     name = "update_ratio"
-    signals = ("ratio", "max", "worst", "rms")
-    reductions = {"ratio": "same", "max": "same", "worst": "same", "rms": "same",   # replicated weights (DDP)
-                  "trend_slope": "same", "trend_growth": "same", "trend_p": "same"}
+    signals = ("ratio", "max", "worst", "rms", "wnorm")
+    #: the trend signals, emitted with ``trend_window``: of ln(ratio), and of ln(wnorm)
+    trend_signals = ("trend_slope", "trend_growth", "trend_p",
+                     "wnorm_trend_slope", "wnorm_trend_growth", "wnorm_trend_p")
+    reductions = {name: "same" for name in signals + trend_signals}   # replicated weights (DDP)
     sharding = ("it compares whole parameter tensors before and after the step; on FSDP2 "
                 "shards each rank would see a part of every ratio")
     params_schema = {
@@ -203,7 +211,7 @@ class UpdateRatio(Detector):
         for i in range(int(params.get("groups", 1))):
             names += [f"group{i}.ratio", f"group{i}.max"]
         if params.get("trend_window"):
-            names += ["trend_slope", "trend_growth", "trend_p"]
+            names += list(cls.trend_signals)
         return tuple(names)
 
     def __init__(self, groups: int = 1, matrices_only: bool = True, eps: float = 1e-12,
@@ -214,7 +222,8 @@ class UpdateRatio(Detector):
         self.validate_params(trend)
         super().__init__(groups=groups, matrices_only=matrices_only, eps=eps, sketch=sketch, seed=seed,
                          **trend)
-        self.trend = Ring(int(trend_window)) if trend_window else None
+        self.trend = Ring(int(trend_window)) if trend_window else None        # ln(ratio)
+        self.wnorm_trend = Ring(int(trend_window)) if trend_window else None  # ln(wnorm)
         self.trend_min_points = int(trend_min_points or trend_window or 0)
         self.trend_start = int(trend_start)
         self._armed_step = 0                # the step whose copy is armed
@@ -328,9 +337,10 @@ class UpdateRatio(Detector):
         per = dn / torch.clamp(wn, min=self.eps)
         ratio, top = _global(dn, wn, self.eps), per.max()
         out = {"ratio": ratio, "max": top, "worst": torch.take(index, per.argmax()),
-               "rms": torch.sqrt((dn * dn).sum() / count)}
+               "rms": torch.sqrt((dn * dn).sum() / count), "wnorm": torch.sqrt((wn * wn).sum())}
         if self.trend is not None:
-            out.update(self._trend(ratio))
+            out.update(self._trend(self.trend, ratio, "trend_"))
+            out.update(self._trend(self.wnorm_trend, out["wnorm"], "wnorm_trend_"))
         for i, pos in enumerate(groups):
             if pos is None:                 # the group holds every measured tensor
                 out[f"group{i}.ratio"], out[f"group{i}.max"] = ratio, top
@@ -342,21 +352,20 @@ class UpdateRatio(Detector):
                 out[f"group{i}.max"] = per.index_select(0, pos).max()
         self._pending = out
 
-    def _trend(self, ratio: torch.Tensor) -> dict:
-        """Enter ``ln(ratio)`` (measured for the step armed at ``_armed_step``) into the window and
-        return the trend signals; nothing enters before ``trend_start`` or when the ratio is 0
-        (a skipped step) or not finite."""
-        r = self.trend
+    def _trend(self, ring: Ring, value: torch.Tensor, prefix: str) -> dict:
+        """Enter ``ln(value)`` (measured for the step armed at ``_armed_step``) into ``ring`` and
+        return its trend signals, named ``prefix + slope / growth / p``; nothing enters before
+        ``trend_start`` or when the value is 0 (a skipped step's ratio) or not finite."""
         if self._armed_step >= self.trend_start:
-            r.push(torch.log(ratio), self._armed_step)
-        elif r.values is None:
-            r.ensure(ratio.device)
-        st = theil_sen_mann_kendall(r.values, r.steps, r.valid)
+            ring.push(torch.log(value), self._armed_step)
+        elif ring.values is None:
+            ring.ensure(value.device)
+        st = theil_sen_mann_kendall(ring.values, ring.steps, ring.valid)
         warm = st["n"] >= self.trend_min_points
         slope = torch.where(warm, torch.nan_to_num(st["slope"], nan=0.0), 0.0)
-        return {"trend_slope": slope,
-                "trend_growth": torch.where(warm, torch.expm1(slope * st["span"]), 0.0),
-                "trend_p": torch.where(warm, st["p"], 1.0)}
+        return {prefix + "slope": slope,
+                prefix + "growth": torch.where(warm, torch.expm1(slope * st["span"]), 0.0),
+                prefix + "p": torch.where(warm, st["p"], 1.0)}
 
     def state_dict(self) -> dict:
         # Guard checkpoints are taken between steps: the copy is current only inside a step.
@@ -364,6 +373,7 @@ class UpdateRatio(Detector):
                  {k: float(v) for k, v in self._pending.items()}}
         if self.trend is not None:
             state["trend"] = self.trend.state_dict()
+            state["wnorm_trend"] = self.wnorm_trend.state_dict()
         return state
 
     def load_state_dict(self, state) -> None:
@@ -373,6 +383,7 @@ class UpdateRatio(Detector):
         self._armed = None
         if self.trend is not None:
             self.trend.load_state_dict(state.get("trend", {}))
+            self.wnorm_trend.load_state_dict(state.get("wnorm_trend", {}))
 
 
 def _stride_for(n: int, m: int) -> int:

@@ -148,10 +148,11 @@ def test_update_ratio_reuses_its_copy_and_follows_new_parameters():
     assert float(out["worst"]) == 4.0                     # its index in parameter order
 
 
-def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio():
-    """The trend signals equal scipy's Theil-Sen slope and Kendall's tau test of ln(ratio)
-    against the step; a skipped step (ratio 0) and steps before trend_start are not entered;
-    the window survives a state_dict round trip."""
+def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio_and_ln_wnorm():
+    """The trend signals equal scipy's Theil-Sen slope and the Mann-Kendall test of ln(ratio)
+    and ln(wnorm) against the step; a skipped step's ratio (0) and steps before trend_start are
+    not entered; wnorm is the weight matrices' norm before the step; the windows survive a
+    state_dict round trip."""
     stats = pytest.importorskip("scipy.stats")
     net = _net(2)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
@@ -160,14 +161,18 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio():
     assert "trend_p" not in UpdateRatio.signals_for({})
     det.setup(net, opt)
     lrs = [0.01, 0.01, 0.01, 0.012, 0.015, 0.02, 0.0, 0.03, 0.045, 0.07, 0.1]   # 0.0: a skipped step
-    seen, out = [], {}
+    seen, wseen, norms, out = [], [], [], {}
     for step, lr in enumerate(lrs):
         tel = Telemetry(step, _backward(net, step), opt)
         out = det.compute(tel)
         if step >= 1 and step - 1 >= 2 and lrs[step - 1] > 0:
             seen.append((step - 1, math.log(float(out["ratio"]))))
+        if step >= 1 and step - 1 >= 2:
+            wseen.append((step - 1, math.log(float(out["wnorm"]))))
         if step == 4:                           # 2 ratios entered (steps 2, 3): still warming up
             assert float(out["trend_slope"]) == 0.0 and float(out["trend_p"]) == 1.0
+        norms.append(math.sqrt(sum(float(p.detach().double().norm()) ** 2
+                                   for p in net.parameters() if p.dim() >= 2)))
         for group in opt.param_groups:
             group["lr"] = lr
         if lr > 0:
@@ -186,9 +191,15 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio():
     z = (s - np.sign(s)) / math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
     assert float(out["trend_p"]) == pytest.approx(math.erfc(abs(z) / math.sqrt(2)), rel=1e-9)
     assert float(out["trend_p"]) < 0.05 and float(out["trend_slope"]) > 0.1
+    wx, wy = np.array([w[0] for w in wseen[-6:]], float), np.array([w[1] for w in wseen[-6:]])
+    assert 6 in wx                              # the weight norm of a skipped step is measured
+    assert float(out["wnorm_trend_slope"]) == pytest.approx(stats.theilslopes(wy, wx)[0], rel=1e-9)
+    for x_, y_ in wseen:                        # wnorm: the weight matrices' norm before that step
+        assert math.exp(y_) == pytest.approx(norms[x_], rel=1e-6)
     fresh = UpdateRatio(trend_window=6, trend_min_points=4, trend_start=2)
     fresh.load_state_dict(state)
-    assert fresh.trend.state_dict() == state["trend"]
+    assert fresh.trend.state_dict() == state["trend"] and state["trend"]
+    assert fresh.wnorm_trend.state_dict() == state["wnorm_trend"] and state["wnorm_trend"]
     with pytest.raises(ValueError, match="trend_min_points .7. must be <= trend_window .6."):
         UpdateRatio(trend_window=6, trend_min_points=7)
     with pytest.raises(ValueError, match="need trend_window"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,51 @@ def test_the_enforce_copy_of_the_early_warning_policy_differs_only_in_mode_and_n
     for doc in (shipped, enforce):
         del doc["mode"], doc["metadata"]["name"]
     assert shipped == enforce
+
+
+def _study_dir(path: Path, lr: float, finals: dict) -> Path:
+    """A study directory holding only what --compare reads: ``finals`` maps (fault, rate, lr) to
+    one final loss per seed."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"lr": lr}))
+    rows = []
+    for (fault, rate, x), losses in finals.items():
+        for seed, v in enumerate(losses):
+            rows.append({"fault": fault if fault == "none" else f"{fault}@100x{rate}", "onset_rate": rate,
+                         "lr": x, "seed": seed, "vocab_size": 65, "final_val_loss": v})
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_compare_caps_divergences_at_ln_v_and_checks_each_goal_cell(tmp_path, capsys):
+    ew = _module()
+    lnv = math.log(65)
+    audit = _study_dir(tmp_path / "audit", 0.003, {
+        ("none", None, 0.003): [2.0, 2.2], ("none", None, 0.009): [2.5, 2.5],
+        ("lr-ramp", 1.03, 0.003): [3.0, float("nan")],        # mean (3 + ln V) / 2: a goal cell
+        ("wd-grow", 1.03, 0.003): [2.3, 2.3]})                # +0.2: not a goal cell
+    enforce = _study_dir(tmp_path / "enforce", 0.003, {
+        ("none", None, 0.003): [2.2, 2.2], ("none", None, 0.009): [2.4, 2.4],
+        ("lr-ramp", 1.03, 0.003): [2.25, 1e9],                # 1e9 > ln V: a divergence, capped
+        ("wd-grow", 1.03, 0.003): [2.9, 2.9]})
+    good = _study_dir(tmp_path / "good", 0.003, {
+        ("none", None, 0.003): [2.2, 2.2], ("lr-ramp", 1.03, 0.003): [2.25, 2.29],
+        ("wd-grow", 1.03, 0.003): [2.9, 2.9]})
+    table = ew.compare([audit, enforce, good])
+    ramp = next(line for line in table.splitlines() if line.startswith("| lr-ramp at 1.03"))
+    cells = [c.strip() for c in ramp.strip("|").split("|")]
+    assert cells[1] == f"{(3.0 + lnv) / 2:.3f} ({(3.0 + lnv) / 2 - 2.1:+.3f})"
+    assert cells[3] == f"{(2.25 + lnv) / 2 - 2.2:+.3f}" and cells[5] == "+0.070 **met**" and cells[-1] == "yes"
+    wd = next(line for line in table.splitlines() if line.startswith("| wd-grow at 1.03"))
+    assert wd.rstrip().endswith("| no |") and "**met**" not in wd   # worse, but not a goal cell
+    assert "enforce: within 0.1 of its own clean run in 0 of 1 goal cells" in table
+    assert "good: within 0.1 of its own clean run in 1 of 1 goal cells" in table
+    assert "clean at lr 0.009: audit 2.500, enforce 2.400" in table
+    assert ew.main(["--compare", str(audit), str(good)]) == 0 and "| lr-ramp at 1.03" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ew.main(["--compare", str(audit)])                     # one directory: nothing to compare
+    _study_dir(tmp_path / "other", 0.01, {("none", None, 0.01): [2.0]})
+    with pytest.raises(ValueError, match="different learning rates"):
+        ew.compare([audit, tmp_path / "other"])
+    with pytest.raises(ValueError, match="no such file"):
+        ew.compare([audit, tmp_path / "missing"])
