@@ -48,7 +48,8 @@ and at 3x it. Per run, per detector (the rules whose signals all come from that 
 A detector of type ``loss_spike``, ``grad_norm`` or ``grad_norm_trend`` is *loss-only*, ``nonfinite`` is neither;
 every other is a *mechanism* detector. Per run: the first mechanism warning, its lead, and whether
 it came before the first loss-only warning (goals of issue 16: lead >= 50 steps and before any
-loss-only detector; on clean runs no mechanism rule fires). Outputs in the study directory:
+loss-only detector, in every seed whose loss event came; a cell where no seed's loss left its
+running minimum has no verdict; on clean runs no mechanism rule fires). Outputs in the study directory:
 ``results.jsonl`` (the stress harness' raw runs; an interrupted study resumes), ``runs/`` (each
 run's decision log, telemetry and policy), ``lead_times.json``, ``lead_times.md`` and
 ``lead_times.png`` (lead per detector; and lead against onset rate when several are given).
@@ -302,7 +303,8 @@ def summarise(rows: list) -> dict:
     out = []
     for (fault, rate), cell in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         runs = cell["runs"]
-        leads = [r["mechanism_lead"] for r in runs if r["mechanism_lead"] is not None]
+        events = [r for r in runs if r["loss_event"] is not None]   # the seeds with something to lead
+        leads = [r["mechanism_lead"] for r in events if r["mechanism_lead"] is not None]
         out.append({
             "fault": fault, "onset_rate": rate, "seeds": len(runs),
             "loss_events": sum(r["loss_event"] is not None for r in runs),
@@ -310,8 +312,11 @@ def summarise(rows: list) -> dict:
             "mean_mechanism_lead": sum(leads) / len(leads) if leads else None,
             "min_mechanism_lead": min(leads) if leads else None,
             "mechanism_before_loss_only": sum(bool(r["mechanism_before_loss_only"]) for r in runs),
-            "goal_met": bool(runs) and len(leads) == len(runs) and min(leads) >= 50
-            and all(r["mechanism_before_loss_only"] for r in runs),
+            # issue 16: every seed whose loss left its running minimum was warned >= 50 steps
+            # ahead, by a mechanism rule before any loss-only one; a cell without a loss event
+            # has nothing to lead (None), and one where only some seeds have one is judged on those
+            "goal_met": (None if not events else len(leads) == len(events) and min(leads) >= 50
+                         and all(r["mechanism_before_loss_only"] for r in events)),
             "detectors": {det: {"kind": d["kind"], "warned": d["warned"],
                                 "mean_lead": sum(d["leads"]) / len(d["leads"]) if d["leads"] else None}
                           for det, d in sorted(cell["detectors"].items())},
@@ -329,12 +334,14 @@ def study_markdown(rows: list, summary: dict, config: dict) -> str:
            f"margin {config['margin']} nats. Lead = loss event - first warning (steps; positive: the "
            "warning came first). Warnings before the fault's first step are false alarms, not leads.", "",
            "| fault | onset rate | seeds | loss events | divergences | mean mechanism lead | min | "
-           "mechanism before loss-only | goal (>= 50, before loss-only) |", "|---" * 9 + "|"]
+           "mechanism before loss-only | goal (>= 50, before loss-only, in every seed with a loss event) |",
+           "|---" * 9 + "|"]
     fmt = lambda v: "never" if v is None else f"{v:+.1f}" if isinstance(v, float) else str(v)  # noqa: E731
     for c in summary["cells"]:
         out.append(f"| {c['fault']} | {c['onset_rate']:g} | {c['seeds']} | {c['loss_events']} | {c['divergences']} | "
                    f"{fmt(c['mean_mechanism_lead'])} | {fmt(c['min_mechanism_lead'])} | "
-                   f"{c['mechanism_before_loss_only']}/{c['seeds']} | {'met' if c['goal_met'] else 'missed'} |")
+                   f"{c['mechanism_before_loss_only']}/{c['seeds']} | "
+                   f"{'no loss event' if c['goal_met'] is None else 'met' if c['goal_met'] else 'missed'} |")
     dets = sorted({d for c in summary["cells"] for d in c["detectors"]})
     if dets:
         out += ["", "Mean lead per detector (steps; warned in n of the seeds):", "",

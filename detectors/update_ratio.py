@@ -103,10 +103,10 @@ Kendall (1975), as in ``grad_norm_trend``.
 Params: ``groups`` (per-group signals for the first ``groups`` parameter groups, default 1),
 ``matrices_only`` (default true), ``eps`` (floor on a weight norm, default 1e-12), ``sketch``
 (most elements sampled from a tensor larger than it, default 65536; 0 or null: every tensor
-exactly), ``seed`` (of the samples' starts, default 0), ``trend_window`` (ratios kept for the
-trend, 4..1024; default 0: no trend signals), ``trend_min_points`` (ratios in the window
-before the trend is emitted, 3..``trend_window``; default ``trend_window``), ``trend_start``
-(first step whose ratio enters the window, default 0).
+exactly), ``seed`` (of the samples' starts, default 0), ``trend_window`` (evaluations kept for
+the trends, 4..1024; default 0: no trend signals), ``trend_min_points`` (values in a window
+before its trend is emitted, 3..``trend_window``; default ``trend_window``), ``trend_start``
+(first step whose values enter the windows, default 0).
 
 :raises ValueError: (in :meth:`setup`) the optimizer has fewer than ``groups`` parameter groups.
 """
@@ -181,9 +181,9 @@ class UpdateRatio(Detector):
             "seed": {"type": "integer", "minimum": 0,
                      "description": "seed of the samples' random starts; default 0"},
             "trend_window": {"type": "integer", "minimum": 0, "maximum": 1024,
-                             "description": "global ratios kept for the trend signals (Theil-Sen "
-                                            "slope and Mann-Kendall p of ln ratio); 0: no trend; "
-                                            "default 0"},
+                             "description": "evaluations kept for the trend signals (Theil-Sen "
+                                            "slope and Mann-Kendall p of ln ratio and of ln "
+                                            "wnorm); 0: no trend; default 0"},
             "trend_min_points": {"type": "integer", "minimum": 3,
                                  "description": "ratios in the window before the trend is emitted; "
                                                 "default trend_window"},

@@ -151,6 +151,16 @@ def test_lead_row_separates_pre_fault_alarms_from_warnings_and_classifies_detect
     ew.plot_leads([row, other, clean], tmp_path / "leads.png")
     assert (tmp_path / "leads.png").stat().st_size > 10_000
     assert [c["onset_rate"] for c in ew.summarise([row, other])["cells"]] == [1.02, 1.05]
+    # the goal is judged on the seeds with a loss event: a seed whose loss never left its running
+    # minimum has nothing to lead; a cell without any loss event has no verdict
+    far = {**row, "seed": 1, "mechanism_lead": 60, "first_mechanism": 1}
+    quiet = {**row, "seed": 2, "loss_event": None, "mechanism_lead": None}
+    assert ew.summarise([far, quiet])["cells"][0]["goal_met"] is True
+    assert ew.summarise([far, row])["cells"][0]["goal_met"] is False          # one seed leads by 3
+    assert ew.summarise([quiet])["cells"][0]["goal_met"] is None
+    assert "| no loss event |" in ew.study_markdown([quiet], ew.summarise([quiet]),
+                                                    {"policy": "p", "lr": 3e-3, "steps": 10, "fault_start": 3,
+                                                     "margin": 0.3})
 
 
 def test_tiny_study_end_to_end(tmp_path):
@@ -288,3 +298,21 @@ def test_compare_caps_divergences_at_ln_v_and_checks_each_goal_cell(tmp_path, ca
         ew.compare([audit, tmp_path / "other"])
     with pytest.raises(ValueError, match="no such file"):
         ew.compare([audit, tmp_path / "missing"])
+
+
+def test_the_default_plus_trend_warnings_policy_is_the_default_plus_the_shipped_trend_rules():
+    import yaml
+
+    load = lambda p: yaml.safe_load((ROOT / p).read_text())  # noqa: E731
+    default, ew = load("policies/default.yaml"), load("policies/early-warning.yaml")
+    both = load("benchmarks/policies/default-early-warning.yaml")
+    assert both["mode"] == default["mode"] == "enforce" and both["actuators"] == default["actuators"]
+    upd = dict(default["detectors"]["upd"], params=ew["detectors"]["upd"]["params"])
+    assert both["detectors"] == dict(default["detectors"], upd=upd)
+    ew_rules = {r["name"]: r for r in ew["rules"]}
+    trend = ["update-growth", "weight-norm-collapse"]
+    assert [r["name"] for r in both["rules"]] == [r["name"] for r in default["rules"]] + trend
+    assert both["rules"][:len(default["rules"])] == default["rules"]
+    for rule in both["rules"][len(default["rules"]):]:
+        assert rule.pop("priority") == 35       # above update-rms-boost (30), below its brake (40)
+        assert rule == ew_rules[rule["name"]]
