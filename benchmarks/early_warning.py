@@ -10,7 +10,7 @@ Usage::
     python benchmarks/early_warning.py --study benchmarks/results/early-warning \
         --data ../shared/data/tinyshakespeare.txt [--faults lr-ramp,attn-lowp,wd-grow,combo] \
         [--rates 1.02,1.03,1.05] [--seeds 0,1,2] [--lr 3e-3] [--fault-start 100] [--steps 300] \
-        [--policy early-warning] [--jobs 2]
+        [--policy early-warning] [--jobs 2] [--cell NAME]   # --cell: a generalization-matrix cell
     python benchmarks/early_warning.py --study DIR --tiny      # a seconds-long smoke run (tests)
     # enforce against audit: final losses per fault of studies of the same grid (the first: audit)
     python benchmarks/early_warning.py --compare AUDIT_DIR ENFORCE_DIR [ENFORCE_DIR ...]
@@ -533,6 +533,10 @@ def main(argv: Optional[list] = None) -> int:
     st.add_argument("--fault-start", type=int, default=100)
     st.add_argument("--jobs", type=int, default=2)
     st.add_argument("--threads", type=int, default=1)
+    st.add_argument("--cell", metavar="NAME",
+                    help="train a cell of the generalization matrix (benchmarks/matrix.py: its model, "
+                         "init, tokenizer, corpus, shape, batch and weight decay) instead of the demo "
+                         "GPT on --data")
     cmp = parser.add_argument_group("enforce against audit (--compare)")
     cmp.add_argument("--compare", type=Path, nargs="+", metavar="DIR",
                      help="study directories of the same grid: the first in audit mode (the AdamW "
@@ -550,9 +554,17 @@ def main(argv: Optional[list] = None) -> int:
         opts = dict(steps=args.steps, fault_start=args.fault_start, rates=args.rates, seeds=args.seeds,
                     jobs=args.jobs)
         shape = {}
+        if args.cell:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import matrix  # benchmarks/matrix.py: the cells
+            cells = {c.name: c for c in matrix.CELLS}
+            if args.cell not in cells:
+                parser.error(f"--cell {args.cell!r}: no such cell; choose from {sorted(cells)}")
+            shape = dict(cells[args.cell].shape)
+            args.data = shape.pop("data")
         if args.tiny:
             opts.update({k: v for k, v in TINY.items() if k in opts})
-            shape = {k: v for k, v in TINY.items() if k not in opts}
+            shape.update({k: v for k, v in TINY.items() if k not in opts})
         try:
             res = study(args.study, args.data, [f for f in args.faults.split(",") if f],
                         [float(v) for v in opts["rates"].split(",")], [int(v) for v in opts["seeds"].split(",")],

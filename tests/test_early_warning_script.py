@@ -199,6 +199,24 @@ def test_tiny_study_end_to_end(tmp_path):
     assert rep["summary"]["clean"][1]["lr"] == pytest.approx(9e-3)
 
 
+def test_tiny_study_of_a_matrix_cell_trains_that_cells_model(tmp_path):
+    """``--cell``: the study trains a generalization-matrix cell (here HF GPT-2, fan-in init,
+    UTF-8 bytes, weight decay 0.1, batch 16) with --tiny's small shape; an unknown cell is a
+    usage error naming the cells."""
+    ew = _module()
+    out = tmp_path / "cell"
+    assert ew.main(["--study", str(out), "--tiny", "--cell", "gpt2-fanin-byte-wd-b16", "--faults", "lr-ramp"]) == 0
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 3                    # lr-ramp, clean at lr and at 3x lr
+    for r in results:
+        assert (r["model"], r["init"], r["tokenizer"], r["weight_decay"], r["vocab_size"]) == \
+            ("gpt2", "fan-in", "byte", 0.1, 256)
+        assert r["batch_size"] == 8 and r["n_embd"] == 32   # --tiny's shape wins over the cell's
+        assert r["data"].endswith("tinyshakespeare.txt")
+    with pytest.raises(SystemExit):
+        ew.main(["--study", str(tmp_path / "x"), "--tiny", "--cell", "no-such-cell"])
+
+
 def test_events_count_from_the_fault_and_one_bad_batch_is_not_a_divergence():
     ew = _module()
     # a one-batch spike at step 3 (before the fault at step 6), then a slow rise after it
