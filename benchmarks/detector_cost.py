@@ -54,6 +54,7 @@ CASES = [
     ("grad_norm_trend (window 32)", "grad_norm_trend", {"window": 32, "min_points": 16}),
     ("grad_norm_trend (window 64)", "grad_norm_trend", {"window": 64}),
     ("update_ratio", "update_ratio", {}),
+    ("update_ratio (trend window 48)", "update_ratio", {"trend_window": 48, "trend_start": 15}),
     ("adam_update_stats", "adam_update_stats", {}),
     ("spectral_entropy", "spectral_entropy", {}),
     ("spectral_entropy (update: false)", "spectral_entropy", {"update": False}),

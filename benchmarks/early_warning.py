@@ -461,7 +461,12 @@ def _final_losses(study_dir: Path) -> tuple[dict, dict]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{results}:{n}: not a stress-harness result ({exc})") from None
         cells.setdefault(key, []).append(lnv if v is None or not math.isfinite(v) or v > lnv else v)
-    config = json.loads((study_dir / "config.json").read_text()) if (study_dir / "config.json").exists() else {}
+    try:
+        config = json.loads((study_dir / "config.json").read_text())
+        float(config["lr"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{study_dir / 'config.json'}: not a study's config ({exc}); the study "
+                         "writes it") from None
     return cells, config
 
 
@@ -480,7 +485,7 @@ def compare(dirs: list, labels: Optional[list] = None, gap: float = 0.5, within:
     lrs = {cfg.get("lr") for _, cfg in loaded}
     if len(lrs) != 1:
         raise ValueError(f"the studies ran at different learning rates: {sorted(map(str, lrs))}")
-    lr = round(lrs.pop() or 0.0, 12)
+    lr = round(lrs.pop(), 12)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     ref = loaded[0][0]
     clean = [mean(c[("none", None, lr)]) if ("none", None, lr) in c else float("nan") for c, _ in loaded]
@@ -523,7 +528,8 @@ def main(argv: Optional[list] = None) -> int:
     st.add_argument("--study", type=Path, metavar="DIR", help="run the study into DIR")
     st.add_argument("--tiny", action="store_true", help="a seconds-long study (tests): " + ", ".join(
         f"{k}={v}" for k, v in TINY.items()))
-    st.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"))
+    st.add_argument("--data", help="the corpus (default: ../shared/data/tinyshakespeare.txt; "
+                                   "not with --cell, which names its own)")
     st.add_argument("--faults", default="lr-ramp,attn-lowp,wd-grow,combo")
     st.add_argument("--rates", default="1.02,1.03,1.05", help="onset rates (growth factor per step)")
     st.add_argument("--seeds", default="0,1,2")
@@ -560,8 +566,12 @@ def main(argv: Optional[list] = None) -> int:
             cells = {c.name: c for c in matrix.CELLS}
             if args.cell not in cells:
                 parser.error(f"--cell {args.cell!r}: no such cell; choose from {sorted(cells)}")
+            if args.data is not None:
+                parser.error("--cell names its own corpus: give --cell or --data, not both")
             shape = dict(cells[args.cell].shape)
             args.data = shape.pop("data")
+        if args.data is None:
+            args.data = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
         if args.tiny:
             opts.update({k: v for k, v in TINY.items() if k in opts})
             shape.update({k: v for k, v in TINY.items() if k not in opts})

@@ -161,6 +161,7 @@ class UpdateRatio(Detector):
     trend_signals = ("trend_slope", "trend_growth", "trend_p",
                      "wnorm_trend_slope", "wnorm_trend_growth", "wnorm_trend_p")
     reductions = {name: "same" for name in signals + trend_signals}   # replicated weights (DDP)
+    optional_signals = {name: "trend_window: N (e.g. 48)" for name in trend_signals}
     sharding = ("it compares whole parameter tensors before and after the step; on FSDP2 "
                 "shards each rank would see a part of every ratio")
     params_schema = {
@@ -185,25 +186,31 @@ class UpdateRatio(Detector):
                                             "slope and Mann-Kendall p of ln ratio and of ln "
                                             "wnorm); 0: no trend; default 0"},
             "trend_min_points": {"type": "integer", "minimum": 3,
-                                 "description": "ratios in the window before the trend is emitted; "
-                                                "default trend_window"},
+                                 "description": "values in a trend window before its slope and "
+                                                "growth stop reading 0 (and p 1); default "
+                                                "trend_window"},
             "trend_start": {"type": "integer", "minimum": 0,
-                            "description": "first step whose ratio enters the trend window (after "
-                                           "a learning-rate warm-up); default 0"},
+                            "description": "first step whose ratio and weight norm enter the "
+                                           "trend windows (after a learning-rate warm-up); "
+                                           "default 0"},
         },
     }
 
     @classmethod
     def validate_params(cls, params: Mapping[str, Any]) -> None:
+        """Checks the schema cannot express (a policy's params pass the schema first; the
+        constructor calls this with its own arguments). :raises ValueError: on a bad combination."""
         window = int(params.get("trend_window", 0) or 0)
-        if 0 < window < 4:
-            raise ValueError(f"trend_window must be 0 (off) or >= 4, got {window}")
-        if "trend_min_points" in params or "trend_start" in params:
-            if not window:
-                raise ValueError("trend_min_points and trend_start need trend_window > 0")
-            mp = int(params.get("trend_min_points", window))
-            if mp > window:
-                raise ValueError(f"trend_min_points ({mp}) must be <= trend_window ({window})")
+        if not 0 <= window <= 1024 or 0 < window < 4:
+            raise ValueError(f"trend_window must be 0 (off) or 4..1024, not {window}")
+        given = {k: params[k] for k in ("trend_min_points", "trend_start") if params.get(k) is not None}
+        if given and not window:
+            raise ValueError(f"{' and '.join(given)} need trend_window > 0")
+        mp = int(given.get("trend_min_points", window))
+        if window and not 3 <= mp <= window:
+            raise ValueError(f"trend_min_points ({mp}) must be in 3..trend_window ({window})")
+        if int(given.get("trend_start", 0)) < 0:
+            raise ValueError(f"trend_start must be >= 0, not {given['trend_start']}")
 
     @classmethod
     def signals_for(cls, params: Mapping[str, Any]) -> tuple[str, ...]:
@@ -217,9 +224,10 @@ class UpdateRatio(Detector):
     def __init__(self, groups: int = 1, matrices_only: bool = True, eps: float = 1e-12,
                  sketch: Optional[int] = DEFAULT_SKETCH, seed: int = 0, trend_window: int = 0,
                  trend_min_points: Optional[int] = None, trend_start: int = 0) -> None:
+        self.validate_params({"trend_window": trend_window, "trend_min_points": trend_min_points,
+                              "trend_start": trend_start or None})
         trend = {} if not trend_window else {"trend_window": trend_window, "trend_start": trend_start,
                                              "trend_min_points": trend_min_points or trend_window}
-        self.validate_params(trend)
         super().__init__(groups=groups, matrices_only=matrices_only, eps=eps, sketch=sketch, seed=seed,
                          **trend)
         self.trend = Ring(int(trend_window)) if trend_window else None        # ln(ratio)
@@ -356,10 +364,9 @@ class UpdateRatio(Detector):
         """Enter ``ln(value)`` (measured for the step armed at ``_armed_step``) into ``ring`` and
         return its trend signals, named ``prefix + slope / growth / p``; nothing enters before
         ``trend_start`` or when the value is 0 (a skipped step's ratio) or not finite."""
+        ring.ensure(value.device)           # (a ring restored on the CPU moves to the device)
         if self._armed_step >= self.trend_start:
             ring.push(torch.log(value), self._armed_step)
-        elif ring.values is None:
-            ring.ensure(value.device)
         st = theil_sen_mann_kendall(ring.values, ring.steps, ring.valid)
         warm = st["n"] >= self.trend_min_points
         slope = torch.where(warm, torch.nan_to_num(st["slope"], nan=0.0), 0.0)

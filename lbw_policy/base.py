@@ -44,6 +44,9 @@ class Detector:
     :cvar reductions: ``{signal: reduction}``, how each signal reduces across ranks (one of
         :data:`REDUCTIONS`); a signal left out reduces by :attr:`default_reduction`
         (``"mean"`` unless the class says otherwise). See :meth:`reduction_for`.
+    :cvar optional_signals: ``{signal: "param: value"}`` for signals emitted only with some
+        params (see :meth:`signals_for`); a policy that reads one without them is told which
+        param turns it on (default: none).
     :cvar sharding: ``None`` (default) when the detector works on sharded (DTensor, FSDP2)
         parameters, else why it cannot (e.g. it needs whole weight matrices): a guard over
         sharded parameters refuses it at construction with this text.
@@ -60,6 +63,7 @@ class Detector:
     version: ClassVar[Optional[str]] = None
     api_version: ClassVar[int] = API_VERSION
     reductions: ClassVar[Mapping[str, str]] = {}
+    optional_signals: ClassVar[Mapping[str, str]] = {}
     default_reduction: ClassVar[str] = "mean"
     sharding: ClassVar[Optional[str]] = None
     every: int = 1

@@ -415,6 +415,10 @@ def _check_references(data: dict, col: "Collector", registry: Any) -> dict:
             if sig in declared or sig in published or did in broken:
                 continue
             hint = suggest(sig, list(declared) + list(published))
+            reg = det_regs.get(detectors[did].get("type")) if did in detectors else None
+            optional = getattr(reg.cls, "optional_signals", {}) if reg is not None else {}
+            if sig.split(".", 1)[-1] in optional:       # a signal its params turn on
+                hint = f"set detectors.{did}.params.{optional[sig.split('.', 1)[-1]]}"
             if hint is None and did not in detectors and did not in actuators:
                 hint = f"configure a detector {did!r} under `detectors:`"
             col.add(PolicyReferenceError, lpath + ("signal",), f"unknown signal {sig!r}",

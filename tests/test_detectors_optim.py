@@ -169,6 +169,8 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio_and_ln_wno
             seen.append((step - 1, math.log(float(out["ratio"]))))
         if step >= 1 and step - 1 >= 2:
             wseen.append((step - 1, math.log(float(out["wnorm"]))))
+        if step == len(lrs) - 1:                # the windows that made the last signals
+            in_window = [sorted(r.steps[r.valid].tolist()) for r in (det.trend, det.wnorm_trend)]
         if step == 4:                           # 2 ratios entered (steps 2, 3): still warming up
             assert float(out["trend_slope"]) == 0.0 and float(out["trend_p"]) == 1.0
         norms.append(math.sqrt(sum(float(p.detach().double().norm()) ** 2
@@ -182,7 +184,7 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio_and_ln_wno
             state = copy.deepcopy(det.state_dict())
     window = seen[-6:]
     x, y = np.array([w[0] for w in window], float), np.array([w[1] for w in window])
-    assert 6 not in x                           # the skipped step never entered
+    assert in_window[0] == x.tolist() and 6.0 not in in_window[0]   # the skipped step: not entered
     assert float(out["trend_slope"]) == pytest.approx(stats.theilslopes(y, x)[0], rel=1e-9)
     assert float(out["trend_growth"]) == pytest.approx(
         math.expm1(stats.theilslopes(y, x)[0] * (x.max() - x.min())), rel=1e-9)
@@ -192,7 +194,7 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio_and_ln_wno
     assert float(out["trend_p"]) == pytest.approx(math.erfc(abs(z) / math.sqrt(2)), rel=1e-9)
     assert float(out["trend_p"]) < 0.05 and float(out["trend_slope"]) > 0.1
     wx, wy = np.array([w[0] for w in wseen[-6:]], float), np.array([w[1] for w in wseen[-6:]])
-    assert 6 in wx                              # the weight norm of a skipped step is measured
+    assert in_window[1] == wx.tolist() and 6.0 in in_window[1]      # but its weight norm is
     assert float(out["wnorm_trend_slope"]) == pytest.approx(stats.theilslopes(wy, wx)[0], rel=1e-9)
     for x_, y_ in wseen:                        # wnorm: the weight matrices' norm before that step
         assert math.exp(y_) == pytest.approx(norms[x_], rel=1e-6)
@@ -200,10 +202,56 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio_and_ln_wno
     fresh.load_state_dict(state)
     assert fresh.trend.state_dict() == state["trend"] and state["trend"]
     assert fresh.wnorm_trend.state_dict() == state["wnorm_trend"] and state["wnorm_trend"]
-    with pytest.raises(ValueError, match="trend_min_points .7. must be <= trend_window .6."):
+    resumed = UpdateRatio(trend_window=6, trend_min_points=4, trend_start=2)   # resume at the end:
+    resumed.setup(net, opt)                     # both see the same next two steps
+    resumed.load_state_dict(copy.deepcopy(det.state_dict()))
+    for step in (len(lrs), len(lrs) + 1):
+        tel = Telemetry(step, _backward(net, step), opt)
+        a, b = det.compute(tel), resumed.compute(tel)
+        opt.step()
+        det.after_step(tel, True)
+        resumed.after_step(tel, True)
+    assert set(a) == set(b) and a["trend_p"] is not None
+    for k in a:
+        assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-12), k
+    with pytest.raises(ValueError, match=r"trend_min_points \(7\) must be in 3..trend_window \(6\)"):
         UpdateRatio(trend_window=6, trend_min_points=7)
-    with pytest.raises(ValueError, match="need trend_window"):
-        UpdateRatio.validate_params({"trend_start": 5})
+    for kw in ({"trend_start": 5}, {"trend_min_points": 9}):       # the Python API checks too
+        with pytest.raises(ValueError, match="need trend_window > 0"):
+            UpdateRatio(**kw)
+    with pytest.raises(ValueError, match="0 .off. or 4..1024, not 2000"):
+        UpdateRatio(trend_window=2000)
+
+
+def test_update_ratio_trend_params_and_signals_are_checked_with_the_yaml_path(tmp_path):
+    """A bad trend param is an error at load naming the file, line and YAML path; a rule that
+    reads a trend signal the detector was not asked for is told which param turns it on."""
+    from lbw_policy.errors import PolicyError
+
+    def policy(params, signal):
+        path = tmp_path / "p.yaml"
+        path.write_text(f"""apiVersion: lbw-policy/v1
+kind: Policy
+metadata: {{name: t}}
+detectors:
+  upd: {{type: update_ratio, params: {params}}}
+actuators:
+  lr_scale: {{min: 0.1, max: 1.0}}
+rules:
+  - name: r
+    when: {{signal: {signal}, op: ">", value: 0.01}}
+    then: [{{actuator: lr_scale, multiply: 0.5}}]
+""")
+        return path
+
+    with pytest.raises(PolicyError) as exc:
+        load_policy(policy("{trend_window: 8, trend_min_points: 9}", "upd.trend_slope"))
+    assert ":5: detectors.upd.params" in str(exc.value) and "must be in 3..trend_window (8)" in str(exc.value)
+    with pytest.raises(PolicyError) as exc:
+        load_policy(policy("{}", "upd.trend_slope"))
+    assert ":10: rules[0].when.signal: unknown signal 'upd.trend_slope'" in str(exc.value)
+    assert "set detectors.upd.params.trend_window" in str(exc.value)
+    assert load_policy(policy("{trend_window: 8}", "upd.wnorm_trend_p")).name == "t"
 
 
 def test_update_ratio_group_without_a_measured_tensor_reads_zero_and_minus_inf():

@@ -215,6 +215,9 @@ def test_tiny_study_of_a_matrix_cell_trains_that_cells_model(tmp_path):
         assert r["data"].endswith("tinyshakespeare.txt")
     with pytest.raises(SystemExit):
         ew.main(["--study", str(tmp_path / "x"), "--tiny", "--cell", "no-such-cell"])
+    with pytest.raises(SystemExit):             # a cell names its own corpus
+        ew.main(["--study", str(tmp_path / "y"), "--tiny", "--cell", "gpt2-fanin-byte-wd-b16", "--data", "x.txt"])
+    assert not (tmp_path / "y").exists()
 
 
 def test_events_count_from_the_fault_and_one_bad_batch_is_not_a_divergence():
@@ -316,6 +319,9 @@ def test_compare_caps_divergences_at_ln_v_and_checks_each_goal_cell(tmp_path, ca
         ew.compare([audit, tmp_path / "other"])
     with pytest.raises(ValueError, match="no such file"):
         ew.compare([audit, tmp_path / "missing"])
+    (tmp_path / "good" / "config.json").unlink()
+    with pytest.raises(ValueError, match="good/config.json: not a study's config"):
+        ew.compare([audit, good])
 
 
 def test_the_default_plus_trend_warnings_policy_is_the_default_plus_the_shipped_trend_rules():
