@@ -87,8 +87,12 @@ def _rank_main(rank: int, args, store: str) -> None:
                             world_size=args.nproc)
     try:
         measure(args, rank=rank, world=args.nproc)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    from lbw_policy.demo.train import leave_process_group
+
+    leave_process_group()       # gc, destroy, exit 0 without the finalization that can abort
 
 
 def measure(args, rank: int = 0, world: int = 1) -> int:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lbw_policy import Guard
+from lbw_policy.demo.train import leave_process_group
 from lbw_policy.demo.gpt import GPT, GPTConfig
 from lbw_policy.errors import TrainingHalted
 
@@ -315,7 +316,7 @@ def run_scenarios(rank: int, world: int, store: str, out: str, scenarios: list) 
         dist.barrier()
         SCENARIOS[name](rank, world, where, **kwargs)
         dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()       # gc, destroy, exit 0 without the finalization that can abort
 
 
 def spawn(world: int, out: str, scenarios: list) -> None:

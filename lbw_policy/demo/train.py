@@ -154,8 +154,31 @@ def _rank_main(rank: int, config: TrainConfig, store: str) -> None:
     try:
         train(dataclasses.replace(config, nproc=1, device=f"cuda:{rank}" if cuda else config.device,
                                   progress=config.progress and rank == 0))
-    finally:
+    except BaseException:
         torch.distributed.destroy_process_group()
+        raise
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """End a spawned rank that finished its work: collect the garbage that may still hold the
+    process group (while the interpreter is whole), destroy the group, flush the output and
+    exit with status 0 without the interpreter's finalization. Gloo's worker threads can
+    outlive ``destroy_process_group`` through such references, and their destruction during
+    finalization aborts the process now and then ("terminate called without an active
+    exception", SIGABRT), which ``torch.multiprocessing.spawn`` reports as a failed rank after a
+    run that succeeded (seen in this project's tests; the mechanism is discussed in
+    pytorch/pytorch#179291). Everything the rank writes is closed before this is called."""
+    import gc
+    import logging
+    import sys
+
+    gc.collect()
+    torch.distributed.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def _join_torchrun(config: TrainConfig) -> bool:
