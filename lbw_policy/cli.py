@@ -134,6 +134,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                    ("signals" if kind == "detector" else "commands"): extra}
             if kind == "detector":  # how each signal reduces across ranks
                 row["reductions"] = {s: reg.cls.reduction_for(s) for s in reg.cls.signals}
+                optional = dict(getattr(reg.cls, "optional_signals", {}))
+                if optional:        # emitted only with some params: which ones
+                    row["optional_signals"] = optional
             rows.append(row)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -143,6 +146,11 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     for r in rows:
         what = (", ".join(f"{s} ({red})" for s, red in r["reductions"].items())
                 if "reductions" in r else r["commands"])
+        if r.get("optional_signals"):
+            by_param: dict = {}
+            for sig, param in r["optional_signals"].items():
+                by_param.setdefault(param, []).append(sig)
+            what += "".join(f"; with {param}: {', '.join(sigs)}" for param, sigs in by_param.items())
         print(f"{r['kind']:<9} {r['name']:<18} {r['plugin']:<24} {r['version']:<9} {what}")
     return 0
 

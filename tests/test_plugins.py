@@ -387,6 +387,10 @@ def test_cli_plugins_lists_every_builtin_with_plugin_and_version(capsys):
         "halt": ["actuator", "halt", "lbw_policy.actuators", version, "apply"],
     }
     assert {name: rows[name] for name in expected} == expected
+    # signals that only some params turn on are listed with those params
+    assert rows["update_ratio"][4].endswith("wnorm (same); with trend_window: N (e.g. 48): trend_slope, "
+                                            "trend_growth, trend_p, wnorm_trend_slope, "
+                                            "wnorm_trend_growth, wnorm_trend_p")
 
 
 def test_cli_plugins_json_includes_code_plugins(capsys):
@@ -402,6 +406,8 @@ def test_cli_plugins_json_includes_code_plugins(capsys):
                                "version": "4.5.6", "class": "test_plugins.Echo", "signals": "loss",
                                "reductions": {"loss": "mean"}}  # undeclared: the default
     assert by_name["halt"]["class"] == "lbw_policy.actuators.halt.Halt"
+    assert by_name["update_ratio"]["optional_signals"]["trend_p"] == "trend_window: N (e.g. 48)"
+    assert "optional_signals" not in by_name["grad_norm"]
 
 
 def test_hookspecs_are_documented():
