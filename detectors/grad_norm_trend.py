@@ -45,23 +45,25 @@ __all__ = ["GradNormTrend", "theil_sen_mann_kendall"]
 
 def theil_sen_mann_kendall(y: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> dict:
     """Theil-Sen slope and Mann-Kendall test of ``y`` against ``x`` over the entries where
-    ``valid`` is true (all three ``(n,)``, any order). Returns 0-dim tensors ``slope``, ``S``,
-    ``var``, ``z``, ``p``, ``n`` and ``span`` (``max x - min x``). NaN ``slope`` when no pair has
-    distinct ``x``."""
-    dx = x.unsqueeze(0) - x.unsqueeze(1)                      # (n, n): dx[i, j] = x_j - x_i
-    dy = y.unsqueeze(0) - y.unsqueeze(1)
-    both = valid.unsqueeze(0) & valid.unsqueeze(1)
+    ``valid`` is true (all three ``(..., n)``, any order along the last dim; leading dims are
+    independent series, computed in one pass). Returns tensors of shape ``(...)``: ``slope``,
+    ``S``, ``var``, ``z``, ``p``, ``n`` and ``span`` (``max x - min x``). NaN ``slope`` when no
+    pair has distinct ``x``."""
+    dx = x.unsqueeze(-2) - x.unsqueeze(-1)                    # (..., n, n): dx[i, j] = x_j - x_i
+    dy = y.unsqueeze(-2) - y.unsqueeze(-1)
+    both = valid.unsqueeze(-2) & valid.unsqueeze(-1)
     pair = both & (dx > 0)
     slopes = torch.where(pair, dy / torch.where(pair, dx, 1.0), 0.0)
-    slope = masked_median(slopes.reshape(-1), pair.reshape(-1))
-    s = torch.where(pair, torch.sign(dy), 0.0).sum()
-    n = valid.sum().to(y.dtype)
-    ties = (both & (dy == 0)).sum(dim=0).to(y.dtype)          # t_i: size of i's tie group
-    tie_term = torch.where(valid, (ties - 1) * (2 * ties + 5), 0.0).sum()
+    flat = slopes.shape[:-2] + (-1,)
+    slope = masked_median(slopes.reshape(flat), pair.reshape(flat))
+    s = torch.where(pair, torch.sign(dy), 0.0).sum(dim=(-2, -1))
+    n = valid.sum(dim=-1).to(y.dtype)
+    ties = (both & (dy == 0)).sum(dim=-2).to(y.dtype)        # t_j: size of j's tie group
+    tie_term = torch.where(valid, (ties - 1) * (2 * ties + 5), 0.0).sum(dim=-1)
     var = (n * (n - 1) * (2 * n + 5) - tie_term) / 18.0
     z = torch.where(var > 0, (s - torch.sign(s)) / torch.sqrt(torch.clamp(var, min=1e-300)), 0.0)
     p = torch.special.erfc(z.abs() / math.sqrt(2.0))
-    span = torch.where(valid, x, -math.inf).max() - torch.where(valid, x, math.inf).min()
+    span = torch.where(valid, x, -math.inf).amax(dim=-1) - torch.where(valid, x, math.inf).amin(dim=-1)
     return {"slope": slope, "S": s, "var": var, "z": z, "p": p, "n": n, "span": span}
 
 

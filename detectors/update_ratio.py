@@ -347,8 +347,7 @@ class UpdateRatio(Detector):
         out = {"ratio": ratio, "max": top, "worst": torch.take(index, per.argmax()),
                "rms": torch.sqrt((dn * dn).sum() / count), "wnorm": torch.sqrt((wn * wn).sum())}
         if self.trend is not None:
-            out.update(self._trend(self.trend, ratio, "trend_"))
-            out.update(self._trend(self.wnorm_trend, out["wnorm"], "wnorm_trend_"))
+            out.update(self._trends(ratio, out["wnorm"]))
         for i, pos in enumerate(groups):
             if pos is None:                 # the group holds every measured tensor
                 out[f"group{i}.ratio"], out[f"group{i}.max"] = ratio, top
@@ -360,19 +359,26 @@ class UpdateRatio(Detector):
                 out[f"group{i}.max"] = per.index_select(0, pos).max()
         self._pending = out
 
-    def _trend(self, ring: Ring, value: torch.Tensor, prefix: str) -> dict:
-        """Enter ``ln(value)`` (measured for the step armed at ``_armed_step``) into ``ring`` and
-        return its trend signals, named ``prefix + slope / growth / p``; nothing enters before
-        ``trend_start`` or when the value is 0 (a skipped step's ratio) or not finite."""
-        ring.ensure(value.device)           # (a ring restored on the CPU moves to the device)
-        if self._armed_step >= self.trend_start:
-            ring.push(torch.log(value), self._armed_step)
-        st = theil_sen_mann_kendall(ring.values, ring.steps, ring.valid)
+    def _trends(self, ratio: torch.Tensor, wnorm: torch.Tensor) -> dict:
+        """Enter ``ln(ratio)`` and ``ln(wnorm)`` (measured for the step armed at
+        ``_armed_step``) into their windows and return both trends' signals, fitted in one
+        batched pass; nothing enters before ``trend_start``, nor a value that is 0 (a skipped
+        step's ratio) or not finite."""
+        rings = (self.trend, self.wnorm_trend)
+        for ring, value in zip(rings, (ratio, wnorm)):
+            ring.ensure(value.device)       # (a ring restored on the CPU moves to the device)
+            if self._armed_step >= self.trend_start:
+                ring.push(torch.log(value), self._armed_step)
+        st = theil_sen_mann_kendall(torch.stack([r.values for r in rings]), torch.stack([r.steps for r in rings]),
+                                    torch.stack([r.valid for r in rings]))
         warm = st["n"] >= self.trend_min_points
         slope = torch.where(warm, torch.nan_to_num(st["slope"], nan=0.0), 0.0)
-        return {prefix + "slope": slope,
-                prefix + "growth": torch.where(warm, torch.expm1(slope * st["span"]), 0.0),
-                prefix + "p": torch.where(warm, st["p"], 1.0)}
+        growth = torch.where(warm, torch.expm1(slope * st["span"]), 0.0)
+        p = torch.where(warm, st["p"], 1.0)
+        out = {}
+        for i, prefix in enumerate(("trend_", "wnorm_trend_")):
+            out[prefix + "slope"], out[prefix + "growth"], out[prefix + "p"] = slope[i], growth[i], p[i]
+        return out
 
     def state_dict(self) -> dict:
         # Guard checkpoints are taken between steps: the copy is current only inside a step.
