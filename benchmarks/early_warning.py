@@ -52,7 +52,8 @@ loss-only detector, in every seed whose loss event came; a cell where no seed's 
 running minimum has no verdict; on clean runs no mechanism rule fires). Outputs in the study directory:
 ``results.jsonl`` (the stress harness' raw runs; an interrupted study resumes), ``runs/`` (each
 run's decision log, telemetry and policy), ``lead_times.json``, ``lead_times.md`` and
-``lead_times.png`` (lead per detector; and lead against onset rate when several are given).
+``lead_times.png`` (lead per detector; and lead against onset rate when several are given; not
+written for a study of clean runs only, ``--faults ''``).
 """
 
 from __future__ import annotations
@@ -332,10 +333,13 @@ def study_markdown(rows: list, summary: dict, config: dict) -> str:
     out = [f"Lead-time study: policy `{config['policy']}`, lr {config['lr']:g} (clean also at "
            f"{3 * config['lr']:g}), {config['steps']} steps, faults from step {config['fault_start']}, "
            f"margin {config['margin']} nats. Lead = loss event - first warning (steps; positive: the "
-           "warning came first). Warnings before the fault's first step are false alarms, not leads.", "",
-           "| fault | onset rate | seeds | loss events | divergences | mean mechanism lead | min | "
-           "mechanism before loss-only | goal (>= 50, before loss-only, in every seed with a loss event) |",
-           "|---" * 9 + "|"]
+           "warning came first). Warnings before the fault's first step are false alarms, not leads.", ""]
+    if summary["cells"]:
+        out += ["| fault | onset rate | seeds | loss events | divergences | mean mechanism lead | min | "
+                "mechanism before loss-only | goal (>= 50, before loss-only, in every seed with a loss event) |",
+                "|---" * 9 + "|"]
+    else:
+        out.append("No faulted runs: clean runs only (`--faults ''`), for false alarms.")
     fmt = lambda v: "never" if v is None else f"{v:+.1f}" if isinstance(v, float) else str(v)  # noqa: E731
     for c in summary["cells"]:
         out.append(f"| {c['fault']} | {c['onset_rate']:g} | {c['seeds']} | {c['loss_events']} | {c['divergences']} | "
@@ -371,6 +375,9 @@ def plot_leads(rows: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     faulted = [r for r in rows if r["fault"] != "none"]
+    if not faulted:                     # clean runs only: no lead to plot
+        path.unlink(missing_ok=True)
+        return
     dets = sorted({d for r in faulted for d in r["detectors"] if r["detectors"][d]["kind"] != "neutral"})
     faults = sorted({r["fault"] for r in faulted})
     rates = sorted({r["onset_rate"] for r in faulted})

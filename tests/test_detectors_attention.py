@@ -498,6 +498,33 @@ def test_logit_divergence_mean_log_partition_and_drift():
 
 
 
+def test_logit_divergence_start_keeps_early_steps_out_of_the_baseline():
+    """With ``start``, evaluations before that step report log Z with a zero drift and do not
+    enter the baseline: the baseline is the mean over the first ``warmup`` evaluations at steps
+    >= start, and later drifts are measured from it."""
+    model = _gpt(seed=4).train()
+    det = LogitDivergence(warmup=2, max_batch=2, start=10)
+    det.setup(model, None)
+    gen = torch.Generator().manual_seed(0)
+    refs, outs = [], []
+    for step in (0, 5, 10, 15, 20):
+        x = torch.randint(0, 11, (3, 10), generator=gen)
+        logits, _ = model(x)
+        refs.append(scipy.special.logsumexp(_np(logits)[:2], axis=-1).mean())
+        outs.append(det.compute(_tel(step)))
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.5)
+    assert [float(o["logz"]) for o in outs] == pytest.approx(refs, rel=1e-6)
+    assert [float(o["drift"]) for o in outs[:4]] == [0.0] * 4       # 0, 5: before start; 10, 15: baseline
+    base = (refs[2] + refs[3]) / 2                                   # steps 10 and 15, not 0 and 5
+    assert float(outs[4]["drift"]) == pytest.approx(refs[4] - base, rel=1e-6)
+    assert float(outs[4]["drift"]) != pytest.approx(refs[4] - (refs[0] + refs[1]) / 2, rel=1e-3)
+    assert det.state_dict()["evals"] == 3
+    det.close()
+    with pytest.raises(ValueError, match="start >= 0"):
+        LogitDivergence(start=-1)
+
+
 def test_logit_divergence_restored_mid_step_and_after_warmup_continues_identically():
     """A state saved between a capture and its evaluation, after the warm-up: the restored
     detector (statistics kept as floats, written on the device by a fill when next used) emits

@@ -220,6 +220,22 @@ def test_tiny_study_of_a_matrix_cell_trains_that_cells_model(tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_a_study_of_clean_runs_only_reports_false_alarms_without_a_lead_table(tmp_path):
+    """``--faults ''``: only the clean runs (at lr and 3x lr, per seed), for a false-alarm check on
+    fresh seeds or models; no fault table and no lead plot, and a plot left by an earlier study is removed."""
+    ew = _module()
+    out = tmp_path / "clean"
+    out.mkdir()
+    (out / "lead_times.png").write_bytes(b"stale")
+    assert ew.main(["--study", str(out), "--tiny", "--data", str(SHAKESPEARE), "--faults", ""]) == 0
+    rep = json.loads((out / "lead_times.json").read_text())
+    assert [(r["fault"], r["seed"]) for r in rep["runs"]] == [("none", 0), ("none", 0)]
+    assert rep["summary"]["cells"] == [] and len(rep["summary"]["clean"]) == 2
+    md = (out / "lead_times.md").read_text()
+    assert "clean runs only" in md and "| fault | onset rate |" not in md
+    assert not (out / "lead_times.png").exists()
+
+
 def test_events_count_from_the_fault_and_one_bad_batch_is_not_a_divergence():
     ew = _module()
     # a one-batch spike at step 3 (before the fault at step 6), then a slow rise after it
