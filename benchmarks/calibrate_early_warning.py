@@ -8,19 +8,24 @@ thresholds. This script re-evaluates other thresholds over those recordings, wit
    for every leaf ``{signal, op, value}`` of a mechanism rule, the most extreme value the signal
    took in any of those runs, ``M``; the calibrated threshold is ``max(value, M + h |M|)`` for
    ``>`` and ``min(value, M - h |M|)`` for ``<`` (``h``: ``--headroom``, default 0.1). So no
-   mechanism rule holds on any clean tuning run, and thresholds only move away from the shipped
-   ones (never toward more alarms). Leaves on p-values (``gtrend.p``) and the loss-only and
-   non-finite rules are left as shipped.
+   calibrated rule holds on any clean tuning run, and thresholds only move away from the shipped
+   ones (never toward more alarms). Left as shipped: the loss-only and non-finite rules, leaves
+   on p-values (signals ``*.p`` and ``*_p``), and every leaf under an ``all`` or a ``not``
+   (a leaf's own extreme says nothing about a conjunction, such as the trend rules' slope *and*
+   p-value, and under ``not`` the direction is reversed); such rules are reported as kept.
 2. **Evaluate** the calibrated policy on every run of the study, with the study's lead-time
    measures (``early_warning.lead_row``): tuning seeds and held-out seeds reported separately.
 
 Usage::
 
     python benchmarks/calibrate_early_warning.py benchmarks/results/early-warning --tune-seeds 0,1
+    python benchmarks/calibrate_early_warning.py STUDY [STUDY ...] --tune-seeds 0,1,2 --headroom 0.25
 
-Writes ``DIR/early-warning-calibrated.yaml`` (the calibrated policy, loadable by ``Guard``) and
-``DIR/calibrated.md`` / ``calibrated.json`` (thresholds, then the lead-time tables of the tuning
-and the held-out seeds).
+With several study directories (other seeds, other models), the clean runs of the tuning seeds
+of every one of them are pooled, and the outputs go to the first (or ``--out``). Writes
+``early-warning-calibrated.yaml`` (the calibrated policy, loadable by ``Guard``) and
+``calibrated.md`` / ``calibrated.json`` (thresholds, then the lead-time tables of the tuning and
+the held-out seeds of each study).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -39,8 +45,20 @@ import early_warning as ew  # noqa: E402 - benchmarks/early_warning.py
 
 from lbw_policy.policy import load_policy, resolve_policy_path  # noqa: E402
 
-#: leaves left as shipped: statistical significance levels, not magnitudes
-KEEP_SIGNALS = ("gtrend.p",)
+def is_p_value(signal: str) -> bool:
+    """A significance level (``gtrend.p``, ``upd.trend_p``): left as shipped, not a magnitude."""
+    return signal.endswith(".p") or signal.endswith("_p")
+
+
+def calibratable_leaves(node: dict) -> Iterator[dict]:
+    """The leaves of a condition reached through ``any`` nodes only (the root included): those
+    whose own threshold decides whether the rule holds. Leaves under ``all`` or ``not`` are not
+    yielded."""
+    if "any" in node:
+        for child in node["any"]:
+            yield from calibratable_leaves(child)
+    elif "all" not in node and "not" not in node:
+        yield node
 
 
 def clean_extremes(runs: list, signals: set) -> dict:
@@ -67,9 +85,11 @@ def calibrate(policy_text: str, policy, clean: list, headroom: float) -> tuple:
     for rule in doc["rules"]:
         if rule["name"] not in mechanism:
             continue
+        free = [id(leaf) for leaf in calibratable_leaves(rule["when"])]
         for leaf in ew._leaves(rule["when"]):
             sig, op, value = leaf["signal"], leaf["op"], float(leaf["value"])
-            if sig in KEEP_SIGNALS or sig not in ext or op not in (">", ">=", "<", "<="):
+            if (id(leaf) not in free or is_p_value(sig) or sig not in ext
+                    or op not in (">", ">=", "<", "<=")):
                 table.append({"rule": rule["name"], "signal": sig, "op": op, "shipped": value,
                               "clean": None, "calibrated": value})
                 continue
@@ -93,43 +113,60 @@ def calibrate(policy_text: str, policy, clean: list, headroom: float) -> tuple:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", type=Path, help="the lead-time study's directory")
+    parser.add_argument("study", type=Path, nargs="+",
+                        help="lead-time study directories; their tuning seeds' clean runs are pooled")
     parser.add_argument("--tune-seeds", default="0,1", help="seeds to calibrate on (default 0,1)")
     parser.add_argument("--headroom", type=float, default=0.1,
                         help="relative headroom beyond the clean extreme (default 0.1)")
     parser.add_argument("--policy", default="early-warning", help="the policy to calibrate")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first study)")
     args = parser.parse_args(argv)
-    config = json.loads((args.study / "config.json").read_text())
-    results = [json.loads(line) for line in (args.study / "results.jsonl").read_text().splitlines()]
+    studies = []
+    for study in args.study:
+        if not (study / "config.json").is_file() or not (study / "results.jsonl").is_file():
+            parser.error(f"{study}: not a lead-time study (no config.json and results.jsonl; "
+                         "run benchmarks/early_warning.py --study first)")
+        studies.append((study, json.loads((study / "config.json").read_text()),
+                        [json.loads(line) for line in (study / "results.jsonl").read_text().splitlines()]))
     tune = {int(s) for s in args.tune_seeds.split(",") if s}
-    if not tune <= set(config["seeds"]):
-        parser.error(f"--tune-seeds {sorted(tune)} not all in the study's seeds {config['seeds']}")
+    seen = {int(s) for _, config, _ in studies for s in config["seeds"]}
+    if not tune <= seen:
+        parser.error(f"--tune-seeds {sorted(tune - seen)} in no study's seeds ({sorted(seen)})")
     path = resolve_policy_path(args.policy)
     policy = load_policy(path)
-    clean = [r for r in results if r["fault"] == "none" and r["seed"] in tune]
+    clean = [r for _, _, results in studies for r in results if r["fault"] == "none" and r["seed"] in tune]
     text, table = calibrate(Path(path).read_text(encoding="utf-8"), policy, clean, args.headroom)
-    out_policy = args.study / "early-warning-calibrated.yaml"
+    out = args.out or args.study[0]
+    out.mkdir(parents=True, exist_ok=True)
+    out_policy = out / "early-warning-calibrated.yaml"
     out_policy.write_text("# Written by benchmarks/calibrate_early_warning.py: the early-warning "
                           "policy with its mechanism\n# thresholds calibrated on clean runs "
-                          f"(tuning seeds {sorted(tune)}, headroom {args.headroom}).\n" + text,
-                          encoding="utf-8")
+                          f"(tuning seeds {sorted(tune)} of {', '.join(str(s) for s in args.study)}, "
+                          f"headroom {args.headroom}).\n" + text, encoding="utf-8")
     calibrated = load_policy(out_policy)
-    margin = config.get("margin", 0.3)
-    report = {"thresholds": table, "tune_seeds": sorted(tune), "headroom": args.headroom}
-    md = [f"Calibrated on the clean runs of seeds {sorted(tune)} (lr {config['lr']:g} and "
-          f"{3 * config['lr']:g}), headroom {args.headroom}: `{out_policy}`.", "",
+    report = {"thresholds": table, "tune_seeds": sorted(tune), "headroom": args.headroom,
+              "studies": [str(s) for s in args.study], "clean_runs": len(clean)}
+    md = [f"Calibrated on {len(clean)} clean runs (seeds {sorted(tune)} of "
+          f"{', '.join(f'`{s}`' for s in args.study)}, at each study's learning rate and 3x it), "
+          f"headroom {args.headroom}: `{out_policy}`. Kept: leaves under `all` / `not`, p-values.", "",
           "| rule | signal | shipped | clean extreme | calibrated |", "|---|---|---|---|---|"]
     for t in table:
         clean_v = "-" if t["clean"] is None else f"{t['clean']:.4g}"
         md.append(f"| {t['rule']} | `{t['signal']}` {t['op']} | {t['shipped']:g} | {clean_v} | "
                   f"{t['calibrated']:g} |")
-    for title, seeds in (("Tuning seeds", tune), ("Held-out seeds", set(config["seeds"]) - tune)):
-        rows = [ew.lead_row(r, margin, calibrated) for r in results if r["seed"] in seeds]
-        summary = ew.summarise(rows)
-        report[title] = {"summary": summary, "runs": rows}
-        md += ["", f"## {title} {sorted(seeds)}", "", ew.study_markdown(rows, summary, {**config, "seeds": sorted(seeds)})]
-    (args.study / "calibrated.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.study / "calibrated.md").write_text("\n".join(md) + "\n")
+    for study, config, results in studies:
+        margin = config.get("margin", 0.3)
+        for title, seeds in (("Tuning seeds", tune & set(config["seeds"])),
+                             ("Held-out seeds", set(config["seeds"]) - tune)):
+            if not seeds:
+                continue
+            rows = [ew.lead_row(r, margin, calibrated) for r in results if r["seed"] in seeds]
+            summary = ew.summarise(rows)
+            report.setdefault(str(study), {})[title] = {"summary": summary, "runs": rows}
+            md += ["", f"## {title} {sorted(seeds)}: `{study}`", "",
+                   ew.study_markdown(rows, summary, {**config, "seeds": sorted(seeds)})]
+    (out / "calibrated.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "calibrated.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -250,32 +250,58 @@ def test_events_count_from_the_fault_and_one_bad_batch_is_not_a_divergence():
 
 
 def test_calibration_by_replay_silences_the_clean_runs_and_only_raises_thresholds(tmp_path):
-    """benchmarks/calibrate_early_warning.py on a tiny study: the calibrated policy loads, no
-    mechanism rule holds on the clean tuning runs' recorded signals, and every threshold moved
-    away from the shipped one or stayed."""
+    """benchmarks/calibrate_early_warning.py on two tiny studies (pooled): the calibrated policy
+    loads, no calibrated rule holds on the clean tuning runs' recorded signals, every threshold
+    moved away from the shipped one or stayed, and conjunctions (the trend rules: slope and
+    p-value) and p-values are kept as shipped."""
     import sys
 
     ew = _module()
-    out = tmp_path / "study"
+    out, clean_only = tmp_path / "study", tmp_path / "clean"
     assert ew.main(["--study", str(out), "--tiny", "--data", str(SHAKESPEARE), "--format", "json"]) == 0
+    assert ew.main(["--study", str(clean_only), "--tiny", "--data", str(SHAKESPEARE), "--faults", ""]) == 0
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import calibrate_early_warning as cal
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    assert cal.main([str(out), "--tune-seeds", "0"]) == 0
-    report = json.loads((out / "calibrated.json").read_text())
+    assert cal.main([str(out), str(clean_only), "--tune-seeds", "0", "--out", str(tmp_path / "cal")]) == 0
+    report = json.loads((tmp_path / "cal" / "calibrated.json").read_text())
+    assert report["clean_runs"] == 4                      # 2 clean runs in each study
     for t in report["thresholds"]:
         assert (t["calibrated"] >= t["shipped"]) if t["op"].startswith(">") else (t["calibrated"] <= t["shipped"])
+        if t["rule"] in ("update-growth", "weight-norm-collapse", "grad-norm-growth") or t["signal"].endswith("_p"):
+            assert t["calibrated"] == t["shipped"] and t["clean"] is None, t
     assert any(t["calibrated"] != t["shipped"] for t in report["thresholds"])
-    policy = ew.load_policy(out / "early-warning-calibrated.yaml")
-    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    for r in results:
-        if r["fault"] == "none":
-            held = ew.held_steps(policy, ew.read_telemetry(Path(r["run_dir"]) / "telemetry.jsonl"))
-            rules = {name for name in held if ew._kind(policy, ew._rule_detectors(policy)[name]) == "mechanism"}
-            assert not rules, (r["key"], rules)
-    assert "## Held-out seeds" in (out / "calibrated.md").read_text()
+    kept = {t["rule"] for t in report["thresholds"] if t["clean"] is None}
+    policy = ew.load_policy(tmp_path / "cal" / "early-warning-calibrated.yaml")
+    for study in (out, clean_only):
+        for r in map(json.loads, (study / "results.jsonl").read_text().splitlines()):
+            if r["fault"] == "none":
+                held = ew.held_steps(policy, ew.read_telemetry(Path(r["run_dir"]) / "telemetry.jsonl"))
+                rules = {name for name in held if ew._kind(policy, ew._rule_detectors(policy)[name]) == "mechanism"}
+                assert rules <= kept, (r["key"], rules - kept)
+    md = (tmp_path / "cal" / "calibrated.md").read_text()
+    assert f"## Tuning seeds [0]: `{out}`" in md and f"## Tuning seeds [0]: `{clean_only}`" in md
+    with pytest.raises(SystemExit):                       # not a study
+        cal.main([str(tmp_path / "cal")])
+    with pytest.raises(SystemExit):                       # a seed no study ran
+        cal.main([str(out), "--tune-seeds", "7"])
+
+
+def test_calibration_leaves_conjunctions_negations_and_p_values_alone():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import calibrate_early_warning as cal
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    cond = {"any": [{"signal": "a.x", "op": ">", "value": 1},
+                    {"all": [{"signal": "a.y", "op": ">", "value": 1}, {"signal": "a.trend_p", "op": "<", "value": 0.01}]},
+                    {"not": {"signal": "a.z", "op": "<", "value": 1}}]}
+    assert [leaf["signal"] for leaf in cal.calibratable_leaves(cond)] == ["a.x"]
+    assert cal.is_p_value("gtrend.p") and cal.is_p_value("upd.wnorm_trend_p") and not cal.is_p_value("qk.drop")
 
 
 def test_the_enforce_copy_of_the_early_warning_policy_differs_only_in_mode_and_name():
