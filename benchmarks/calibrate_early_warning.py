@@ -85,7 +85,7 @@ def calibrate(policy_text: str, policy, clean: list, headroom: float) -> tuple:
     for rule in doc["rules"]:
         if rule["name"] not in mechanism:
             continue
-        free = [id(leaf) for leaf in calibratable_leaves(rule["when"])]
+        free = {id(leaf) for leaf in calibratable_leaves(rule["when"])}
         for leaf in ew._leaves(rule["when"]):
             sig, op, value = leaf["signal"], leaf["op"], float(leaf["value"])
             if (id(leaf) not in free or is_p_value(sig) or sig not in ext
@@ -129,6 +129,8 @@ def main(argv=None) -> int:
         studies.append((study, json.loads((study / "config.json").read_text()),
                         [json.loads(line) for line in (study / "results.jsonl").read_text().splitlines()]))
     tune = {int(s) for s in args.tune_seeds.split(",") if s}
+    if not tune:
+        parser.error("--tune-seeds is empty: name the seeds whose clean runs to calibrate on")
     seen = {int(s) for _, config, _ in studies for s in config["seeds"]}
     if not tune <= seen:
         parser.error(f"--tune-seeds {sorted(tune - seen)} in no study's seeds ({sorted(seen)})")

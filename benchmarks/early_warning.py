@@ -109,13 +109,7 @@ def analyse(run: Path, margin: float = 0.3, start: int = 0, policy: Any = None) 
     event = loss_event(rows, margin, start)
     fired = {rule: steps[0] for rule, steps in _fired(run).items()}
     leaves, rules = [], []
-    latest: dict = {}
-    first_held = {}
-    for row in rows:
-        latest.update(row["signals"])
-        for rule in policy.rules:
-            if rule.name not in first_held and evaluate_condition(rule.when, latest):
-                first_held[rule.name] = row["step"]
+    first_held = {rule: steps[0] for rule, steps in held_steps(policy, rows).items()}
     lead = (lambda s: None if s is None or event is None else event - s)  # noqa: E731
     for rule in policy.rules:
         for leaf in _leaves(rule.when):
@@ -261,13 +255,18 @@ def lead_row(result: dict, margin: float, policy: Any = None) -> dict:
 
 
 def held_steps(policy: Any, rows: list) -> dict:
-    """``{rule: [steps where its condition holds]}`` over telemetry ``rows``, sample-and-hold."""
+    """``{rule: [steps where its condition has held for the rule's ``for`` consecutive steps]}``
+    over telemetry ``rows``, sample-and-hold (a signal keeps its value on the steps its detector
+    does not run, as in the engine): the first such step is where the engine fires the rule
+    (``keep_firing_for`` and ``cooldown`` only shape later firings)."""
     latest: dict = {}
+    streak: dict = {}
     steps: dict = {}
     for row in rows:
         latest.update(row["signals"])
         for rule in policy.rules:
-            if evaluate_condition(rule.when, latest):
+            streak[rule.name] = streak.get(rule.name, 0) + 1 if evaluate_condition(rule.when, latest) else 0
+            if streak[rule.name] >= rule.for_:
                 steps.setdefault(rule.name, []).append(row["step"])
     return steps
 
@@ -330,10 +329,15 @@ def summarise(rows: list) -> dict:
 
 
 def study_markdown(rows: list, summary: dict, config: dict) -> str:
-    out = [f"Lead-time study: policy `{config['policy']}`, lr {config['lr']:g} (clean also at "
-           f"{3 * config['lr']:g}), {config['steps']} steps, faults from step {config['fault_start']}, "
-           f"margin {config['margin']} nats. Lead = loss event - first warning (steps; positive: the "
-           "warning came first). Warnings before the fault's first step are false alarms, not leads.", ""]
+    if not summary["cells"]:
+        out = [f"False-alarm study: policy `{config['policy']}`, clean runs only at lr {config['lr']:g} and "
+               f"{3 * config['lr']:g}, {config['steps']} steps, seeds {config['seeds']}. A false alarm: a "
+               "mechanism rule that fired.", ""]
+    else:
+        out = [f"Lead-time study: policy `{config['policy']}`, lr {config['lr']:g} (clean also at "
+               f"{3 * config['lr']:g}), {config['steps']} steps, faults from step {config['fault_start']}, "
+               f"margin {config['margin']} nats. Lead = loss event - first warning (steps; positive: the "
+               "warning came first). Warnings before the fault's first step are false alarms, not leads.", ""]
     if summary["cells"]:
         out += ["| fault | onset rate | seeds | loss events | divergences | mean mechanism lead | min | "
                 "mechanism before loss-only | goal (>= 50, before loss-only, in every seed with a loss event) |",

@@ -7,12 +7,12 @@ For output logits ``z`` ``(..., V)`` at each position::
     drift_t    = logz_t - baseline                               # nats
 
 where ``baseline`` is the mean of ``logz`` over the first ``warmup`` evaluations (default 3) at
-steps ``>= start`` (default 0); ``drift`` is ``0.0`` until the baseline is complete (never fires).
-``start`` keeps the first fast phase of training out of the baseline: while a model learns the
-unigram statistics its ``log Z`` moves by several nats in a few tens of steps, more the larger
-its init (an HF GPT-2 with fan-in init at lr 9e-3: +2.6 to +3.0 nats by steps 40-55, a healthy
-run), which a baseline taken at step 0 would read as divergence. Softmax cross-entropy is invariant to a shift
-of the logits, so nothing in the loss holds ``log Z`` in place: its drift far from its early
+guard steps ``>= start`` (a step index, default 0); ``drift`` is ``0.0`` until the baseline is
+complete (never fires). ``start`` keeps the first fast phase of training out of the baseline:
+while a model learns the unigram statistics its ``log Z`` moves by several nats in a few tens of
+steps, more the larger its init (an HF GPT-2 with fan-in init at lr 9e-3: +2.6 to +3.0 nats by
+steps 40-55, a healthy run), which a baseline taken at step 0 would read as divergence. Softmax
+cross-entropy is invariant to a shift of the logits, so nothing in the loss holds ``log Z`` in place: its drift far from its early
 value is the "output logit divergence" that precedes loss divergence; PaLM's z-loss
 ``1e-4 * (log Z)^2`` exists to hold it near 0 (Wortsman et al. 2309.14322, sec. 3.4;
 Chowdhery et al. 2204.02311).
@@ -35,8 +35,8 @@ guard; without a guard every training forward is captured and averaged). With gr
 accumulation every micro-batch of the due step is averaged. A due step with no capture since
 the previous evaluation emits nothing.
 
-:raises ValueError: (in :meth:`setup`) no output head found, or the pattern matches no module
-    or several; (in
+:raises ValueError: (in the constructor) ``warmup < 1``, ``start < 0`` or ``max_batch < 1``;
+    (in :meth:`setup`) no output head found, or the pattern matches no module or several; (in
     :meth:`compute`) the hooked module's output is not a tensor of logits.
 """
 

@@ -525,6 +525,34 @@ def test_logit_divergence_start_keeps_early_steps_out_of_the_baseline():
         LogitDivergence(start=-1)
 
 
+@pytest.mark.parametrize("save_after", [0, 2])   # before start; inside the baseline's window
+def test_logit_divergence_with_start_resumes_identically(save_after):
+    """Saved before ``start`` or half-way through the baseline, restored into a fresh detector:
+    every later output equals the uninterrupted detector's."""
+    model = _gpt(seed=7).train()
+    steps = (0, 5, 10, 15, 20, 25)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 11, (3, 10), generator=gen) for _ in steps]
+    a = LogitDivergence(warmup=2, max_batch=2, start=10)
+    a.setup(model, None)
+    b = None
+    outs_a, outs_b = [], []
+    for i, (step, x) in enumerate(zip(steps, batches)):
+        model(x)
+        outs_a.append(a.compute(_tel(step)))
+        if b is not None:
+            outs_b.append(b.compute(_tel(step)))
+        if i == save_after:
+            b = LogitDivergence(warmup=2, max_batch=2, start=10)
+            b.setup(model, None)
+            b.load_state_dict(a.state_dict())
+    for oa, ob in zip(outs_a[save_after + 1:], outs_b, strict=True):
+        assert {k: float(v) for k, v in oa.items()} == {k: float(v) for k, v in ob.items()}
+    assert float(outs_a[-1]["drift"]) != 0.0
+    a.close()
+    b.close()
+
+
 def test_logit_divergence_restored_mid_step_and_after_warmup_continues_identically():
     """A state saved between a capture and its evaluation, after the warm-up: the restored
     detector (statistics kept as floats, written on the device by a fill when next used) emits

@@ -74,6 +74,26 @@ def test_loss_event_and_first_crossings(tmp_path):
     assert ew.main([str(tmp_path), "--format", "json"]) == 0
 
 
+def test_held_steps_count_a_rules_for_like_the_engine(tmp_path):
+    """A rule with ``for: 3`` fires on the third consecutive step its condition holds (signals
+    held between emissions): the replay (``held_steps``, ``analyse``'s ``first_held``) says the
+    same, not the first step the condition holds."""
+    ew = _module()
+    (tmp_path / "policy.yaml").write_text(POLICY.replace(
+        "    when: {signal: loss.zscore, op: \">\", value: 4}\n",
+        "    when: {signal: loss.zscore, op: \">\", value: 4}\n    for: 3\n"))
+    zs = [0, 5, 5, 0, 5, None, None, 5, 0]           # None: not emitted this step (held)
+    with open(tmp_path / "telemetry.jsonl", "w") as f:
+        for step, z in enumerate(zs):
+            f.write(json.dumps({"step": step, "loss": 2.0, "signals": {} if z is None else {"loss.zscore": z}}) + "\n")
+    policy = ew.load_policy(tmp_path / "policy.yaml")
+    assert policy.rules[-1].name == "spike" and policy.rules[-1].for_ == 3
+    held = ew.held_steps(policy, ew.read_telemetry(tmp_path / "telemetry.jsonl"))
+    assert held["spike"] == [6, 7]
+    rules = {r["rule"]: r for r in ew.analyse(tmp_path)["rules"]}
+    assert rules["spike"]["first_held"] == 6
+
+
 # ------------------------------------------------------------------------ the lead-time study
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -268,6 +288,7 @@ def test_calibration_by_replay_silences_the_clean_runs_and_only_raises_threshold
     assert cal.main([str(out), str(clean_only), "--tune-seeds", "0", "--out", str(tmp_path / "cal")]) == 0
     report = json.loads((tmp_path / "cal" / "calibrated.json").read_text())
     assert report["clean_runs"] == 4                      # 2 clean runs in each study
+    assert {"update-growth", "weight-norm-collapse"} <= {t["rule"] for t in report["thresholds"]}
     for t in report["thresholds"]:
         assert (t["calibrated"] >= t["shipped"]) if t["op"].startswith(">") else (t["calibrated"] <= t["shipped"])
         if t["rule"] in ("update-growth", "weight-norm-collapse", "grad-norm-growth") or t["signal"].endswith("_p"):
@@ -287,6 +308,8 @@ def test_calibration_by_replay_silences_the_clean_runs_and_only_raises_threshold
         cal.main([str(tmp_path / "cal")])
     with pytest.raises(SystemExit):                       # a seed no study ran
         cal.main([str(out), "--tune-seeds", "7"])
+    with pytest.raises(SystemExit):                       # no seed at all
+        cal.main([str(out), "--tune-seeds", ""])
 
 
 def test_calibration_leaves_conjunctions_negations_and_p_values_alone():
