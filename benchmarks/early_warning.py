@@ -492,7 +492,10 @@ def compare(dirs: list, labels: Optional[list] = None, gap: float = 0.5, within:
     :raises ValueError: a directory without results, or studies with different learning rates.
     """
     loaded = [_final_losses(Path(d)) for d in dirs]
-    labels = labels or [Path(d).name for d in dirs]
+    if labels is None:
+        labels = [Path(d).name for d in dirs]
+        if len(set(labels)) < len(labels):      # same directory names: tell them apart by path
+            labels = [str(d) for d in dirs]
     lrs = {cfg.get("lr") for _, cfg in loaded}
     if len(lrs) != 1:
         raise ValueError(f"the studies ran at different learning rates: {sorted(map(str, lrs))}")

@@ -377,6 +377,12 @@ def test_compare_caps_divergences_at_ln_v_and_checks_each_goal_cell(tmp_path, ca
     assert "good: within 0.1 of its own clean run in 1 of 1 goal cells" in table
     assert "clean at lr 0.009: audit 2.500, enforce 2.400" in table
     assert ew.main(["--compare", str(audit), str(good)]) == 0 and "| lr-ramp at 1.03" in capsys.readouterr().out
+    (tmp_path / "rerun").mkdir()                             # two studies of the same name: told apart
+    twin = _study_dir(tmp_path / "rerun" / "enforce", 0.003, {
+        ("none", None, 0.003): [2.2, 2.2], ("lr-ramp", 1.03, 0.003): [2.25, 2.29]})
+    table = ew.compare([audit, enforce, twin])
+    assert f"{enforce}: within 0.1 of its own clean run in 0 of 1 goal cells" in table
+    assert f"{twin}: within 0.1 of its own clean run in 1 of 1 goal cells" in table
     with pytest.raises(SystemExit):
         ew.main(["--compare", str(audit)])                     # one directory: nothing to compare
     _study_dir(tmp_path / "other", 0.01, {("none", None, 0.01): [2.0]})
