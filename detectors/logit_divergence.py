@@ -10,8 +10,8 @@ where ``baseline`` is the mean of ``logz`` over the first ``warmup`` evaluations
 guard steps ``>= start`` (a step index, default 0); ``drift`` is ``0.0`` until the baseline is
 complete (never fires). ``start`` keeps the first fast phase of training out of the baseline:
 while a model learns the unigram statistics its ``log Z`` moves by several nats in a few tens of
-steps, more the larger its init (an HF GPT-2 with fan-in init at lr 9e-3: +2.6 to +3.0 nats by
-steps 40-55, a healthy run), which a baseline taken at step 0 would read as divergence. Softmax
+steps, more the larger its init (an HF GPT-2 with fan-in init at lr 9e-3: more than +3 nats above
+its step-0 value by steps 30-40, peaks +3.1 to +3.4, a healthy run), which a baseline taken at step 0 would read as divergence. Softmax
 cross-entropy is invariant to a shift of the logits, so nothing in the loss holds ``log Z`` in place: its drift far from its early
 value is the "output logit divergence" that precedes loss divergence; PaLM's z-loss
 ``1e-4 * (log Z)^2`` exists to hold it near 0 (Wortsman et al. 2309.14322, sec. 3.4;
