@@ -332,18 +332,16 @@ def study_markdown(rows: list, summary: dict, config: dict) -> str:
     if not summary["cells"]:
         out = [f"False-alarm study: policy `{config['policy']}`, clean runs only at lr {config['lr']:g} and "
                f"{3 * config['lr']:g}, {config['steps']} steps, seeds {config['seeds']}. A false alarm: a "
-               "mechanism rule that fired.", ""]
+               "mechanism rule that fired.", "",
+               "No faulted runs: clean runs only (`--faults ''`), for false alarms."]
     else:
         out = [f"Lead-time study: policy `{config['policy']}`, lr {config['lr']:g} (clean also at "
                f"{3 * config['lr']:g}), {config['steps']} steps, faults from step {config['fault_start']}, "
                f"margin {config['margin']} nats. Lead = loss event - first warning (steps; positive: the "
-               "warning came first). Warnings before the fault's first step are false alarms, not leads.", ""]
-    if summary["cells"]:
-        out += ["| fault | onset rate | seeds | loss events | divergences | mean mechanism lead | min | "
-                "mechanism before loss-only | goal (>= 50, before loss-only, in every seed with a loss event) |",
-                "|---" * 9 + "|"]
-    else:
-        out.append("No faulted runs: clean runs only (`--faults ''`), for false alarms.")
+               "warning came first). Warnings before the fault's first step are false alarms, not leads.", "",
+               "| fault | onset rate | seeds | loss events | divergences | mean mechanism lead | min | "
+               "mechanism before loss-only | goal (>= 50, before loss-only, in every seed with a loss event) |",
+               "|---" * 9 + "|"]
     fmt = lambda v: "never" if v is None else f"{v:+.1f}" if isinstance(v, float) else str(v)  # noqa: E731
     for c in summary["cells"]:
         out.append(f"| {c['fault']} | {c['onset_rate']:g} | {c['seeds']} | {c['loss_events']} | {c['divergences']} | "
