@@ -7,19 +7,21 @@ never overwritten, so recovery restores the user's weight decay exactly.
 
 What it changes: AdamW's decoupled decay (``param *= 1 - lr * weight_decay``, inside ``step()``),
 Adam's and SGD's L2 term (``grad += weight_decay * param``). A group with ``weight_decay = 0``
-stays at 0 (a no-decay group for biases and norms is left alone).
+stays at 0 (a no-decay group for biases and norms is left alone). The value is read at every
+step, so a weight decay that a schedule raises from 0 later is scaled from then on.
 
-Commands: ``multiply: f`` and ``set: s`` (``f, s > 0``). Bounds: ``min`` (default 0.01), ``max``
+Commands: ``multiply: f``, ``set: s`` (``f, s > 0``) and ``add: d``. Bounds: ``min`` (default 0.01), ``max``
 (default 1.0), ``max_change_per_step``, ``recover: {factor, every}``; same semantics as
 ``lr_scale`` (``actuators/_scale.py``). Signal: ``weight_decay_scale.scale``.
 
-:raises ActuatorError: at attach, when a param group has no ``weight_decay`` or every group's
-    weight decay is 0 (the scale could change nothing).
+:raises ActuatorError: at attach, when a param group has no ``weight_decay``.
+
+An optimizer whose every group has weight decay 0 at attach is accepted: the scale changes
+nothing until something (a schedule, the user) raises a group's weight decay above 0, and a
+policy that ships a weight-decay brake (``early-warning.yaml``) runs unchanged without decay.
 """
 
 from __future__ import annotations
-
-from lbw_policy.errors import ActuatorError
 
 from ._scale import ScaleActuator, scale_bounds_schema
 
@@ -33,10 +35,3 @@ class WeightDecayScale(ScaleActuator):
     hyperparameter = "weight_decay"
     bounds_schema = scale_bounds_schema("weight decay")
 
-    def attach(self, optimizer) -> None:
-        super().attach(optimizer)
-        if all(float(g["weight_decay"]) == 0.0 for g in optimizer.param_groups):
-            raise ActuatorError(
-                f"weight_decay_scale: every param group of {type(optimizer).__name__} has "
-                "weight_decay=0, so a scale cannot change anything; give the optimizer a weight "
-                "decay > 0 or remove weight_decay_scale from the policy")

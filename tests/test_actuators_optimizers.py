@@ -60,9 +60,6 @@ def test_attach_errors_name_the_problem_and_the_fix():
     with pytest.raises(ActuatorError, match=r"param group 0 of SGD has momentum=0, so there is no "
                                             r"momentum buffer to reset"):
         _attached(MomentumReset(), plain_sgd, model)
-    with pytest.raises(ActuatorError, match=r"every param group of SGD has weight_decay=0, so a "
-                                            r"scale cannot change anything"):
-        _attached(WeightDecayScale(), plain_sgd, model)
     rms = torch.optim.RMSprop(model.parameters(), lr=0.1)
     with pytest.raises(ActuatorError, match=r"momentum_reset knows Adam, AdamW .* and SGD with "
                                             r"momentum .*; got RMSprop"):
@@ -317,3 +314,29 @@ def test_rollback_restores_weights_and_state_but_keeps_the_schedule(kind):
     roll.commit(roll.plan("apply", None, step=8))
     assert_same(params(model), taken[4][0])
     assert_same(opt_state(opt), taken[4][1])
+
+
+def test_weight_decay_scale_on_zero_weight_decay_attaches_and_scales_a_decay_raised_later():
+    """Every group at weight_decay=0 at attach (a decay a schedule turns on later) is accepted,
+    and once the decay is raised the scale multiplies it in the step."""
+    torch.manual_seed(0)
+    model, _ = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    wds = WeightDecayScale(min=0.01)
+    wds.attach(opt)
+    wds.commit(wds.plan("multiply", 0.25, step=0))
+    seen = []
+    real_step = opt.step
+
+    def spy(*a, **k):
+        seen.append(opt.param_groups[0]["weight_decay"])
+        return real_step(*a, **k)
+
+    opt.step = spy
+    for wd in (0.0, 0.2):
+        opt.param_groups[0]["weight_decay"] = wd  # the "schedule"
+        wds.before_step(opt, 0)
+        opt.step()
+        wds.after_step(opt, True, 0)
+        assert opt.param_groups[0]["weight_decay"] == wd  # the user's value is put back
+    assert seen == [0.0, pytest.approx(0.05, rel=1e-12)]
