@@ -8,6 +8,7 @@ from lbw_policy.hookspecs import hookimpl
 
 from .beta2 import Beta2
 from .grad_clip import GradClip
+from .grad_normalize import GradNormalize
 from .halt import Halt
 from .lr_cap import LRCap
 from .lr_scale import LRScale
@@ -16,12 +17,12 @@ from .rollback import Rollback
 from .skip_step import SkipStep
 from .weight_decay_scale import WeightDecayScale
 
-__all__ = ["Beta2", "GradClip", "Halt", "LRCap", "LRScale", "MomentumReset", "Rollback", "SkipStep",
+__all__ = ["Beta2", "GradClip", "GradNormalize", "Halt", "LRCap", "LRScale", "MomentumReset", "Rollback", "SkipStep",
            "WeightDecayScale"]
 
 
 @hookimpl
 def register_actuators(register):
-    for cls in (LRScale, SkipStep, MomentumReset, GradClip, WeightDecayScale, Beta2, Rollback,
-                Halt, LRCap):
+    for cls in (LRScale, SkipStep, MomentumReset, GradClip, GradNormalize, WeightDecayScale, Beta2,
+                Rollback, Halt, LRCap):
         register(cls)

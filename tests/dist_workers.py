@@ -18,7 +18,7 @@ import torch.distributed as dist
 from lbw_policy import Guard
 from lbw_policy.demo.train import leave_process_group
 from lbw_policy.demo.gpt import GPT, GPTConfig
-from lbw_policy.errors import TrainingHalted
+from lbw_policy.errors import ActuatorError, TrainingHalted
 
 VOCAB, BLOCK, BATCH = 16, 16, 4
 NAN_STEP = 12   # rank 1 reports a NaN loss
@@ -213,12 +213,14 @@ rules:
 
 def fsdp_grad_norm(rank: int, world: int, out: Path) -> None:
     """FSDP2 (fully_shard) on gloo: the guard's grad norm is the whole model's; a detector that
-    needs whole weights is refused at Guard()."""
+    needs whole weights, and grad_normalize (per-tensor norms), are refused at Guard()."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if rank == 0:
         (out / "gnorm.yaml").write_text(GNORM_POLICY)
+        (out / "agn.yaml").write_text(GNORM_POLICY.replace("  skip_step: {}\n",
+                                                           "  skip_step: {}\n  grad_normalize: {}\n"))
     dist.barrier()
     mesh = init_device_mesh("cpu", (world,))
     reference, _ = model_and_optimizer(lr=1e-3, ddp=False)  # the same init, unsharded
@@ -252,8 +254,14 @@ def fsdp_grad_norm(rank: int, world: int, out: Path) -> None:
         Guard(opt, "default", model=model, log_dir=out / "refused")
     except ValueError as exc:
         refused = str(exc)
+    agn_refused = None
+    try:
+        Guard(opt, str(out / "agn.yaml"), model=model, log_dir=out / "agn")
+    except ActuatorError as exc:
+        agn_refused = str(exc)
     (out / f"fsdp-r{rank}.json").write_text(json.dumps({"norms": norms, "refs": refs,
-                                                        "refused": refused}))
+                                                        "refused": refused,
+                                                        "agn_refused": agn_refused}))
 
 
 def construction(rank: int, world: int, out: Path) -> None:

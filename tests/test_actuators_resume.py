@@ -1,8 +1,8 @@
 """Resume with every actuator: a run saved at step 100 and resumed makes the same decisions and
 ends with the same weights, bitwise on CPU, as an uninterrupted 200-step run. The boundary
 falls inside live state of each actuator: an LR brake, a weight-decay cut, a lowered beta2, a
-clip multiple and a momentum-reset warm-up all recovering across it, and a rollback after the
-resume to a snapshot taken before it. Both runs end in the same halt at step 199."""
+clip multiple and a momentum-reset warm-up all recovering across it, grad_normalize's norm EMAs,
+and a rollback after the resume to a snapshot taken before it. Both runs end in the same halt at step 199."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ actuators:
   lr_scale: {min: 0.1, max: 1.0, max_change_per_step: 0.5, recover: {factor: 1.1, every: 3}}
   skip_step: {max_consecutive: 3}
   grad_clip: {min: 1.0, max: 5.0, default: 5.0, alpha: 0.9, warmup: 10, recover: {every: 7}}
+  grad_normalize: {gamma1: 0.8}
   momentum_reset: {second_moment: SECOND, warmup: 6, min_interval: 20}
   weight_decay_scale: {min: 0.1, max: 1.0, recover: {factor: 2.0, every: 4}}
 BETA2  rollback: {every: 25, keep: 3, min_age: 20, skip_batches: 2, max_rollbacks: 3, window: 200}
@@ -103,6 +104,7 @@ def test_resume_at_100_matches_an_uninterrupted_200_step_run(tmp_path, kind):
     acts = saved["guard"]["actuators"]
     assert acts["lr_scale"]["scale"] < 1.0 and acts["weight_decay_scale"]["scale"] < 1.0
     assert acts["grad_clip"]["k"] == 1.5 and acts["momentum_reset"]["warmup_left"] > 0
+    assert len(acts["grad_normalize"]["stats"]) == 4  # every tensor's norm EMAs
     assert [s["step"] for s in acts["rollback"]["snapshots"]] == [0, 25, 75]
     if kind != "sgd":
         assert acts["beta2"]["value"] is not None

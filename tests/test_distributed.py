@@ -161,11 +161,13 @@ def test_resume_under_two_processes_is_bit_identical(two):
 
 def test_fsdp2_grad_norm_is_the_whole_models(two):
     """torch 2.13's fully_shard runs on CPU/gloo: the grad norm the detector reports equals the
-    unsharded model's, and a detector that needs whole weights is refused at Guard()."""
+    unsharded model's; a detector that needs whole weights and grad_normalize are refused at
+    Guard()."""
     for r in range(2):
         got = _json(two / "fsdp_grad_norm" / f"fsdp-r{r}.json")
         assert got["norms"] == pytest.approx(got["refs"], rel=1e-6)
         assert "'upd' (update_ratio)" in got["refused"] and "sharded" in got["refused"]
+        assert got["agn_refused"].startswith("grad_normalize: the parameters are sharded (DTensor")
 
 
 def test_a_guard_that_fails_to_build_on_one_rank_fails_on_every_rank(two):
