@@ -10,8 +10,10 @@ the policy's rules, within bounds.
 Per step (enforce mode), right before ``optimizer.step()``, all on the gradients' device with no
 host sync:
 
-- ``g`` = the global L2 norm of every gradient (the step's telemetry value, shared with the
-  detectors: no extra reduction when a detector already read it).
+- ``g`` = the global L2 norm of every gradient as it is now (the step's telemetry value,
+  shared with the detectors: no extra reduction when a detector already read it; the norm an
+  earlier actuator left when it rescaled the gradients this step, e.g. ``grad_normalize``
+  declared before ``grad_clip``).
 - The threshold ``T``: ``k * m`` when ``k`` is set and at least ``warmup`` steps were observed,
   ``max_norm`` when that bound is set, the smaller of the two when both hold; none otherwise.
 - With a threshold: ``coef = min(1, T / (g + 1e-6))`` and every gradient is multiplied by
@@ -21,8 +23,9 @@ host sync:
   does not drag the mean up), or ``g`` without a threshold: ``m = alpha * m + (1 - alpha) * x``,
   started at the first finite ``x``; non-finite norms are ignored. (With ``max_norm`` set and
   norms mostly above it, ``m`` settles near ``max_norm``, so ``k >= 1`` rarely acts below it.)
-- The norm after clipping, ``g * coef``, is kept for the step (:attr:`GradClip.norm_after`), so
-  the guard's own fixed clip (``Guard(clip_grad_norm=)``) reuses it instead of reducing again.
+- The norm after clipping, ``g * coef``, is kept for the step (the telemetry's
+  ``grad_norm_after``), so a later actuator and the guard's own fixed clip
+  (``Guard(clip_grad_norm=)``) use it instead of reducing again.
 
 In audit mode the guard never calls :meth:`GradClip.before_step`: nothing is clipped and the
 mean is not tracked.
@@ -123,9 +126,6 @@ class GradClip(Actuator):
         self._seen = None           # 0-dim bool: the mean holds at least one finite sample
         self._saved_mean = (0.0, False)
         self._tel = None            # weak reference to the step's telemetry (observe)
-        #: the global grad norm after this step's clip (0-dim tensor on the device), or ``None``
-        #: when this step's gradients were not scaled
-        self.norm_after = None
 
     @classmethod
     def validate_bounds(cls, bounds) -> None:
@@ -151,7 +151,6 @@ class GradClip(Actuator):
         # a weak reference: the step's telemetry holds its gradients, and in audit mode no
         # before_step comes to let go of them (they must be freed by the user's zero_grad)
         self._tel = weakref.ref(telemetry)
-        self.norm_after = None
 
     # ---------------------------------------------------------------- commands
     def _clamp(self, k: float) -> float:
@@ -192,7 +191,7 @@ class GradClip(Actuator):
             return True
         tel = self._tel() if self._tel is not None else None
         if tel is not None:
-            norm = tel.grad_norm
+            norm = tel.current_grad_norm
         else:  # no guard: reduce here
             norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
         norm = norm.detach().float()
@@ -219,7 +218,8 @@ class GradClip(Actuator):
                 for (device, dtype), group in kinds.items():
                     torch._foreach_mul_(group, coef.to(device=device, dtype=dtype))
             sample = torch.minimum(norm, threshold)
-            self.norm_after = norm * coef
+            if tel is not None:
+                tel.grad_norm_after = norm * coef
         updated = torch.where(self._seen, self.alpha * self._mean + (1 - self.alpha) * sample, sample)
         self._mean = torch.where(finite, updated, self._mean)
         self._seen = self._seen | finite

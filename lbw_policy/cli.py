@@ -128,7 +128,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     rows = []
     for kind, table in (("detector", registry.detectors), ("actuator", registry.actuators)):
         for name, reg in sorted(table.items()):
-            extra = ", ".join(reg.cls.signals) if kind == "detector" else ", ".join(reg.cls.commands)
+            extra = (", ".join(reg.cls.signals) if kind == "detector"
+                     else ", ".join(reg.cls.commands) or "(none: always on)")
             row = {"kind": kind, "name": name, "plugin": reg.plugin, "version": reg.version,
                    "class": f"{reg.cls.__module__}.{reg.cls.__qualname__}",
                    ("signals" if kind == "detector" else "commands"): extra}

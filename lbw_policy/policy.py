@@ -502,6 +502,11 @@ def _check_command(col, cmd, cpath, used, k, actuators, act_regs) -> None:
     commands = reg.cls.commands
     verb = verbs[0] if verbs else "apply"
     vpath = cpath + ((verb,) if verbs else ())
+    if not commands:  # an always-on actuator (grad_normalize): its bounds are its whole setting
+        col.add(PolicyReferenceError, cpath + ("actuator",), f"actuator {name!r} takes no "
+                "commands: it acts on every step in enforce mode, as configured under "
+                f"actuators.{name}", hint=f"remove {{actuator: {name}}} from this rule's `then`")
+        return
     if verb not in commands:
         if not verbs:
             col.add(PolicyReferenceError, cpath, f"actuator {name!r} needs a verb",

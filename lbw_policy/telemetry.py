@@ -62,6 +62,10 @@ class Telemetry:
         self.model = model
         self.host_scalars = bool(host_scalars)
         self._grad_norm: Optional[torch.Tensor] = None
+        #: the global L2 gradient norm after the actuators that rescaled the gradients this step
+        #: (``grad_clip``, ``grad_normalize``) set it, a 0-dim float32 tensor on the device;
+        #: ``None`` while the gradients are as the detectors saw them. See :attr:`current_grad_norm`.
+        self.grad_norm_after: Optional[torch.Tensor] = None
         self._grads: Optional[list] = None
         self._host: dict[str, Any] = {}  # loss_scalar / grad_norm_scalar, read once per step
         self.cache: dict[str, Any] = {}  # detectors may share other per-step results here
@@ -96,6 +100,13 @@ class Telemetry:
         if self._grads is None:
             self._grads = [p.grad for p in self.parameters() if p.grad is not None]
         return self._grads
+
+    @property
+    def current_grad_norm(self) -> torch.Tensor:
+        """The gradients' global L2 norm as they are now: :attr:`grad_norm_after` when an
+        actuator rescaled them this step, else :attr:`grad_norm` (0-dim float32, on the device;
+        no reduction when an actuator kept the norm it left)."""
+        return self.grad_norm if self.grad_norm_after is None else self.grad_norm_after
 
     @property
     def grad_norm(self) -> torch.Tensor:

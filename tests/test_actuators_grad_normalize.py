@@ -66,13 +66,15 @@ def test_each_tensor_follows_the_papers_formulas(gammas):
         expected = ref.apply({n: (p.grad.detach().clone() if p.grad is not None else None)
                               for n, p in names.items()})
         act.before_step(opt, step)
+        act.after_step(opt, True, step)  # the step was taken: the statistics are kept
         for n, p in names.items():
             if p.grad is None:
                 assert n not in expected
                 continue
             assert torch.allclose(p.grad.double(), expected[n], rtol=2e-6, atol=1e-12), (step, n)
-    # the zeroed bias kept its gradient at 0 and its statistics where they were
-    assert ref.stats["0.bias"][2] == 7
+    # positions 1 (the first bias, zeroed at step 2) and 3 (no gradient at step 3): 7 updates
+    counts = {pos: s[2] for pos, s in act.state_dict()["stats"].items()}
+    assert counts == {"0": 8, "1": 7, "2": 8, "3": 7}
     # after the first step every tensor's gradient has norm n / (n + eps), i.e. 1
     model2, opt2 = make("sgd", lr=0.01, wd=0.0)
     act2 = GradNormalize()
@@ -83,7 +85,9 @@ def test_each_tensor_follows_the_papers_formulas(gammas):
         assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-6)
 
 
-def test_a_resumed_actuator_continues_bitwise():
+@pytest.mark.parametrize("split", [3, 4, 5])
+def test_a_resumed_actuator_continues_bitwise(split):
+    """Split at 4: the state is saved right after a step where one param had no gradient."""
     def run(split):
         model, opt = make("adamw", lr=0.01)
         act = GradNormalize()
@@ -99,11 +103,91 @@ def test_a_resumed_actuator_continues_bitwise():
         return params(model), act.state_dict()
 
     whole, whole_state = run(None)
-    split, split_state = run(5)
-    for a, b in zip(whole, split):
+    resumed, resumed_state = run(split)
+    for a, b in zip(whole, resumed):
         assert torch.equal(a, b)
-    assert whole_state == split_state
+    assert whole_state == resumed_state
     assert whole_state["stats"]["0"][2] == 10  # position 0 (the first weight): 10 updates
+    assert whole_state["stats"]["3"][2] == 9   # position 3 had no gradient at step 3
+
+
+def test_statistics_move_only_when_the_step_is_taken_and_only_for_finite_norms():
+    model, opt = make("sgd", lr=0.01, wd=0.0)
+    act = GradNormalize()
+    act.attach(opt)
+    _grads(model, 0)
+    act.before_step(opt, 0)
+    act.after_step(opt, True, 0)
+    before = act.state_dict()
+    _grads(model, 1)                      # the x30 batch, vetoed by skip_step
+    act.before_step(opt, 1)
+    act.after_step(opt, False, 1)
+    assert act.state_dict() == before
+    _grads(model, 4)
+    model[0].weight.grad[0, 0] = float("nan")
+    model[2].weight.grad[0, 0] = 1e30     # finite, but its square overflows float32
+    nan_grad = model[0].weight.grad.clone()
+    big_grad = model[2].weight.grad.clone()
+    act.before_step(opt, 4)
+    act.after_step(opt, True, 4)
+    after = act.state_dict()["stats"]
+    assert after["0"] == before["stats"]["0"] and after["2"] == before["stats"]["2"]
+    assert after["1"][2] == 2 and after["3"][2] == 2
+    assert torch.equal(model[0].weight.grad.nan_to_num(7.0), nan_grad.nan_to_num(7.0))
+    assert torch.equal(model[2].weight.grad, big_grad)  # left alone
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_use_float32_norms(dtype):
+    """bf16 / fp16 gradients: the norms are taken in float32 (an fp16 tensor whose norm
+    exceeds 65504 is still normalized), the result matches the reference to the dtype's
+    rounding."""
+    p = torch.nn.Parameter(torch.zeros(64, 64, dtype=dtype))
+    q = torch.nn.Parameter(torch.zeros(8, dtype=dtype))
+    opt = torch.optim.SGD([p, q], lr=0.1)
+    act = GradNormalize()
+    act.attach(opt)
+    ref = Reference()
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        scale = 3000.0 if dtype == torch.float16 else 1e5  # fp16: norm about 1.9e5 > 65504
+        p.grad = (torch.randn(64, 64, generator=gen) * scale * (step + 1)).to(dtype)
+        q.grad = torch.randn(8, generator=gen).to(dtype)
+        expected = ref.apply({"p": p.grad.float(), "q": q.grad.float()})
+        act.before_step(opt, step)
+        act.after_step(opt, True, step)
+        assert torch.isfinite(p.grad).all()
+        assert torch.allclose(p.grad.double(), expected["p"], rtol=2e-2, atol=1e-4)
+        assert torch.allclose(q.grad.double(), expected["q"], rtol=2e-2, atol=1e-4)
+    if dtype == torch.float16:
+        assert float(torch.linalg.vector_norm(p.grad.float())) < 2.0  # normalized, not skipped
+
+
+def test_params_added_later_are_normalized_from_their_first_gradient():
+    model, opt = make("sgd", lr=0.01, wd=0.0)
+    act = GradNormalize()
+    act.attach(opt)
+    extra = torch.nn.Parameter(torch.ones(5))
+    opt.add_param_group({"params": [extra]})
+    extra.grad = torch.full((5,), 40.0)
+    _grads(model, 0)
+    act.before_step(opt, 0)
+    act.after_step(opt, True, 0)
+    assert float(extra.grad.norm()) == pytest.approx(1.0, rel=1e-6)
+    assert act.state_dict()["stats"]["4"][2] == 1
+
+
+def test_bad_arguments_and_states_are_refused():
+    for kwargs in ({"gamma1": 1.0}, {"gamma2": 0.0}, {"eps": 0.0}):
+        with pytest.raises(ValueError, match=r"^grad_normalize: (gamma1|gamma2|eps) must"):
+            GradNormalize(**kwargs)
+    model, opt = make("sgd", lr=0.01, wd=0.0)
+    act = GradNormalize()
+    act.attach(opt)
+    for bad in ({"stats": {"4": [0.1, 0.1, 1]}}, {"stats": {"0": [0.1, -1.0, 1]}},
+                {"stats": {"0": [0.1, 0.1]}}, {}, {"stats": {"x": [0, 0, 0]}}):
+        with pytest.raises(ValueError, match=r"^grad_normalize: bad state_dict"):
+            act.load_state_dict(bad)
 
 
 def _guard_policy(mode: str):
@@ -151,6 +235,55 @@ def test_through_the_guard(tmp_path, mode):
         assert moved == 0.0
     else:
         assert moved > 1e-4  # normalization changed the run
+
+
+@pytest.mark.parametrize("where", ["guard", "policy"])
+def test_a_clip_after_it_clips_the_normalized_gradients(tmp_path, where):
+    """Guard(clip_grad_norm=) and a grad_clip declared after grad_normalize see the norm the
+    normalization left (about sqrt(4) = 2 here), not the norm the detectors saw: the gradients
+    the optimizer steps on have a global norm of at most the clip."""
+    clip = "  grad_clip: {max_norm: 0.5}\n" if where == "policy" else ""
+    policy = loads_policy(HEAD + f"""\
+mode: enforce
+detectors:
+  nan: {{type: nonfinite}}
+actuators:
+  skip_step: {{}}
+  grad_normalize: {{}}
+{clip}rules:
+  - {{name: skip, when: {{signal: nan.any, op: ">", value: 0}}, then: [{{actuator: skip_step}}]}}
+""", registry=REG)
+    model, opt = make("sgd", lr=0.01, wd=0.0)
+    seen = []
+    real_step = opt.step
+
+    def spy(*a, **k):
+        seen.append(float(torch.linalg.vector_norm(torch.stack(
+            [p.grad.norm() for p in model.parameters()]))))
+        return real_step(*a, **k)
+
+    opt.step = spy
+    guard = Guard(opt, policy, model=model, log_dir=tmp_path / "g", registry=REG,
+                  clip_grad_norm=0.5 if where == "guard" else None)
+    for step in (4, 5, 7, 10):  # scales 1.0, 0.01, 30.0, 4.0: raw norms far from 2
+        _grads(model, step)
+        guard.step(torch.tensor(1.0))
+    guard.close()
+    assert len(seen) == 4 and all(n == pytest.approx(0.5, rel=1e-4) for n in seen), seen
+
+
+def test_a_rule_cannot_command_it():
+    body = """\
+detectors:
+  nan: {type: nonfinite}
+actuators:
+  grad_normalize: {}
+rules:
+  - {name: r, when: {signal: nan.any, op: ">", value: 0}, then: [{actuator: grad_normalize}]}
+"""
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.then\[0\]\.actuator: actuator "
+                                          r"'grad_normalize' takes no commands"):
+        loads_policy(HEAD + body, registry=REG)
 
 
 def test_bounds_are_checked_where_the_policy_says_them():

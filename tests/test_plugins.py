@@ -14,8 +14,8 @@ import torch
 
 import lbw_policy
 from lbw_policy import plugins
-from lbw_policy.actuators import (Beta2, GradClip, Halt, LRScale, MomentumReset, Rollback,
-                                  SkipStep, WeightDecayScale)
+from lbw_policy.actuators import (Beta2, GradClip, GradNormalize, Halt, LRCap, LRScale,
+                                  MomentumReset, Rollback, SkipStep, WeightDecayScale)
 from lbw_policy.adapters.guard import Guard
 from lbw_policy.base import Actuator, Detector
 from lbw_policy.cli import main
@@ -26,8 +26,9 @@ from lbw_policy.policy import loads_policy
 
 BUILTIN_DETECTORS = {"loss_spike": LossSpike, "grad_norm": GradNorm, "nonfinite": NonFinite}
 BUILTIN_ACTUATORS = {"lr_scale": LRScale, "skip_step": SkipStep, "momentum_reset": MomentumReset,
-                     "grad_clip": GradClip, "weight_decay_scale": WeightDecayScale,
-                     "beta2": Beta2, "rollback": Rollback, "halt": Halt}
+                     "grad_clip": GradClip, "grad_normalize": GradNormalize,
+                     "weight_decay_scale": WeightDecayScale, "beta2": Beta2, "rollback": Rollback,
+                     "halt": Halt, "lr_cap": LRCap}
 
 
 @pytest.fixture(autouse=True)
@@ -374,7 +375,7 @@ def test_cli_plugins_lists_every_builtin_with_plugin_and_version(capsys):
         assert rows[name][:4] == ["detector", name, "lbw_policy.detectors", version]
     for name, r in reg.actuators.items():
         assert rows[name][:4] == ["actuator", name, "lbw_policy.actuators", version]
-    # The six the guard tests use, written out by hand.
+    # The six the guard tests use, and an always-on actuator, written out by hand.
     expected = {
         "loss_spike": ["detector", "loss_spike", "lbw_policy.detectors", version,
                        "zscore (max), ema (mean), delta (max)"],
@@ -385,6 +386,8 @@ def test_cli_plugins_lists_every_builtin_with_plugin_and_version(capsys):
         "lr_scale": ["actuator", "lr_scale", "lbw_policy.actuators", version, "multiply, set, add"],
         "skip_step": ["actuator", "skip_step", "lbw_policy.actuators", version, "apply"],
         "halt": ["actuator", "halt", "lbw_policy.actuators", version, "apply"],
+        "grad_normalize": ["actuator", "grad_normalize", "lbw_policy.actuators", version,
+                           "(none: always on)"],
     }
     assert {name: rows[name] for name in expected} == expected
     # signals that only some params turn on are listed with those params

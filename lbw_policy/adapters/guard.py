@@ -522,13 +522,9 @@ class Guard:
         ``take`` returns (``False``: no step was taken)."""
         if self.clip_grad_norm is not None:
             params = [p for p in tel.parameters() if p.grad is not None]
-            # the step's shared norm, or the norm after the policy's grad_clip scaled the
-            # gradients this step (it keeps it): no second reduction either way
-            clip = self.actuators.get("grad_clip") if self.enforce else None
-            norm = getattr(clip, "norm_after", None)
-            if norm is None:
-                norm = tel.grad_norm
-            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, norm)
+            # the step's shared norm, or the norm the policy's actuators left after rescaling
+            # the gradients this step (grad_clip, grad_normalize keep it): no second reduction
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, tel.current_grad_norm)
         return take()
 
     def _end_step(self, outcome: Any, due: Optional[Packet], packet: Packet) -> None:
