@@ -10,15 +10,18 @@ Adam's and SGD's L2 term (``grad += weight_decay * param``). A group with ``weig
 stays at 0 (a no-decay group for biases and norms is left alone). The value is read at every
 step, so a weight decay that a schedule raises from 0 later is scaled from then on.
 
-Commands: ``multiply: f``, ``set: s`` (``f, s > 0``) and ``add: d``. Bounds: ``min`` (default 0.01), ``max``
-(default 1.0), ``max_change_per_step``, ``recover: {factor, every}``; same semantics as
-``lr_scale`` (``actuators/_scale.py``). Signal: ``weight_decay_scale.scale``.
+Commands: ``multiply: f``, ``set: s`` (``f, s > 0``) and ``add: d``. Bounds: ``min`` (default
+0.01), ``max`` (default 1.0), ``max_change_per_step``, ``recover: {factor, every}``; same
+semantics as ``lr_scale`` (``actuators/_scale.py``). Signal: ``weight_decay_scale.scale``.
 
 :raises ActuatorError: at attach, when a param group has no ``weight_decay``.
 
 An optimizer whose every group has weight decay 0 at attach is accepted: the scale changes
 nothing until something (a schedule, the user) raises a group's weight decay above 0, and a
 policy that ships a weight-decay brake (``early-warning.yaml``) runs unchanged without decay.
+A command planned while every group's weight decay is 0 carries the note "weight_decay is 0 in
+every param group: nothing to scale now" in the decision log (the scale still moves, and acts
+on a decay raised later).
 """
 
 from __future__ import annotations
@@ -34,4 +37,13 @@ class WeightDecayScale(ScaleActuator):
     name = "weight_decay_scale"
     hyperparameter = "weight_decay"
     bounds_schema = scale_bounds_schema("weight decay")
+
+    def plan(self, verb, value, step):
+        action = super().plan(verb, value, step)
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and all(float(g["weight_decay"]) == 0.0
+                                         for g in optimizer.param_groups):
+            # the scale moves, but nothing it multiplies is above 0 now: say so in the log
+            action.note = "weight_decay is 0 in every param group: nothing to scale now"
+        return action
 

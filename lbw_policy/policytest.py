@@ -571,7 +571,8 @@ def _row_text(r: dict, rule_width: int = 24, wildcard: bool = False, header: boo
             text = "*" if wildcard else "-"
         else:
             text = str(r[key]) if header else _value_text(r[key])
-        return f"{text:<{width}}"
+        # at least one space after a cell longer than its column (weight_decay_scale)
+        return f"{text:<{width - 1}} " if width else text
 
     text = cell("step", 6) + cell("rule", rule_width) + cell("event", 10) + cell("actuator", 12)
     text += cell("value", 0).rstrip()

@@ -60,6 +60,11 @@ def test_attach_errors_name_the_problem_and_the_fix():
     with pytest.raises(ActuatorError, match=r"param group 0 of SGD has momentum=0, so there is no "
                                             r"momentum buffer to reset"):
         _attached(MomentumReset(), plain_sgd, model)
+    no_wd = torch.optim.SGD(model.parameters(), lr=0.1)
+    del no_wd.param_groups[0]["weight_decay"]
+    with pytest.raises(ActuatorError, match=r"^weight_decay_scale: param group 0 of SGD has no "
+                                            r"'weight_decay'$"):
+        _attached(WeightDecayScale(), no_wd, model)
     rms = torch.optim.RMSprop(model.parameters(), lr=0.1)
     with pytest.raises(ActuatorError, match=r"momentum_reset knows Adam, AdamW .* and SGD with "
                                             r"momentum .*; got RMSprop"):
@@ -324,7 +329,9 @@ def test_weight_decay_scale_on_zero_weight_decay_attaches_and_scales_a_decay_rai
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     wds = WeightDecayScale(min=0.01)
     wds.attach(opt)
-    wds.commit(wds.plan("multiply", 0.25, step=0))
+    action = wds.plan("multiply", 0.25, step=0)
+    assert action.note == "weight_decay is 0 in every param group: nothing to scale now"
+    wds.commit(action)
     seen = []
     real_step = opt.step
 
@@ -340,3 +347,4 @@ def test_weight_decay_scale_on_zero_weight_decay_attaches_and_scales_a_decay_rai
         wds.after_step(opt, True, 0)
         assert opt.param_groups[0]["weight_decay"] == wd  # the user's value is put back
     assert seen == [0.0, pytest.approx(0.05, rel=1e-12)]
+    assert wds.plan("multiply", 0.5, step=1).note is None  # a decay is in force now
