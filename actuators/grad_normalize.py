@@ -74,6 +74,8 @@ class GradNormalize(Actuator):
     """
 
     name = "grad_normalize"
+    sharding = ("it needs each tensor's whole gradient norm; a shard's norm is not the "
+                "tensor's")
     bounds_schema = {
         "type": "object",
         "additionalProperties": False,

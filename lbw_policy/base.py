@@ -231,6 +231,10 @@ class Actuator:
     :cvar same_step: ``True`` when the action only makes sense on the step whose signals asked
         for it (``skip_step``: a bad batch's update); under deferred transfer such commands need
         a ``gate: device`` rule to act in time. Default ``False``.
+    :cvar sharding: ``None`` (default) when the actuator works on sharded (DTensor, FSDP2)
+        parameters, else why it cannot (``grad_normalize``: per-tensor norms): a distributed
+        guard over sharded parameters refuses it at construction with this text, before any
+        actuator attaches.
 
     Every change goes through :meth:`plan` (pure: computes the clamped change) and then
     :meth:`commit` (applies exactly what was planned), so the guard can write the decision record
@@ -252,6 +256,7 @@ class Actuator:
     signals: ClassVar[tuple[str, ...]] = ()
     api_version: ClassVar[int] = API_VERSION
     same_step: ClassVar[bool] = False
+    sharding: ClassVar[Optional[str]] = None
 
     def __init__(self, **bounds: Any) -> None:
         self.bounds = dict(bounds)

@@ -257,8 +257,14 @@ def fsdp_grad_norm(rank: int, world: int, out: Path) -> None:
     agn_refused = None
     try:
         Guard(opt, str(out / "agn.yaml"), model=model, log_dir=out / "agn")
-    except ActuatorError as exc:
+    except ValueError as exc:
         agn_refused = str(exc)
+    # without a distributed guard the actuator refuses by itself at attach
+    from lbw_policy.actuators import GradNormalize
+    try:
+        GradNormalize().attach(opt)
+    except ActuatorError as exc:
+        agn_refused += " | " + str(exc)
     (out / f"fsdp-r{rank}.json").write_text(json.dumps({"norms": norms, "refs": refs,
                                                         "refused": refused,
                                                         "agn_refused": agn_refused}))

@@ -167,7 +167,9 @@ def test_fsdp2_grad_norm_is_the_whole_models(two):
         got = _json(two / "fsdp_grad_norm" / f"fsdp-r{r}.json")
         assert got["norms"] == pytest.approx(got["refs"], rel=1e-6)
         assert "'upd' (update_ratio)" in got["refused"] and "sharded" in got["refused"]
-        assert got["agn_refused"].startswith("grad_normalize: the parameters are sharded (DTensor")
+        assert "actuator 'grad_normalize': it needs each tensor's whole gradient" in got["refused"]
+        assert "these plugins cannot run on shards: actuator 'grad_normalize'" in got["agn_refused"]
+        assert "| grad_normalize: the parameters are sharded (DTensor" in got["agn_refused"]
 
 
 def test_a_guard_that_fails_to_build_on_one_rank_fails_on_every_rank(two):

@@ -267,13 +267,14 @@ class Guard:
             reg = registry.actuators[name]
             self.actuators[name] = reg.cls(**dict(spec.bounds))
             self._plugin_versions[f"actuator:{name}"] = {"plugin": reg.plugin, "version": reg.version}
+        if self.dist is not None:  # before anything attaches: nothing to undo when refused
+            _check_sharding(self.detectors, self.actuators, policy, optimizer)
         for name, actuator in self.actuators.items():
             actuator.bind(context)  # rollback needs the model, halt the log_dir
             actuator.attach(optimizer)  # ActuatorError if it cannot act on this optimizer
         for det_id, det in self.detectors.items():
             det.setup(model, optimizer, every=policy.detectors[det_id].every)
         if self.dist is not None:
-            _check_sharding(self.detectors, policy, optimizer)
             self.reducer = SignalReducer(self.dist, self.detectors, policy.detectors)
         device = self.device
         # The same-step gate runs on the device only when the host learns too late (deferred)
@@ -816,23 +817,25 @@ def _signer(sign_key: Any) -> Any:
     return None if sign_key is None else load_signer(sign_key)
 
 
-def _check_sharding(detectors: Mapping[str, Any], policy: Policy, optimizer: Any) -> None:
-    """Refuse detectors that cannot run on sharded (DTensor) parameters (FSDP2).
+def _check_sharding(detectors: Mapping[str, Any], actuators: Mapping[str, Any], policy: Policy,
+                    optimizer: Any) -> None:
+    """Refuse detectors and actuators that cannot run on sharded (DTensor) parameters (FSDP2).
 
-    :raises ValueError: naming each such detector and why (its class's ``sharding`` text)."""
+    :raises ValueError: naming each such plugin and why (its class's ``sharding`` text)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without DTensor: nothing can be sharded
         return
     if not any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
         return
-    refused = {d: getattr(type(det), "sharding", None) for d, det in detectors.items()}
-    refused = {d: why for d, why in refused.items() if why}
+    refused = [f"{d!r} ({policy.detectors[d].type}): {why}" for d, det in detectors.items()
+               if (why := getattr(type(det), "sharding", None))]
+    refused += [f"actuator {name!r}: {why}" for name, act in actuators.items()
+                if (why := getattr(type(act), "sharding", None))]
     if refused:
         raise ValueError(
-            "the parameters are sharded (DTensor, e.g. FSDP2) and these detectors cannot run on "
-            "shards: " + "; ".join(f"{d!r} ({policy.detectors[d].type}): {why}"
-                                   for d, why in refused.items())
+            "the parameters are sharded (DTensor, e.g. FSDP2) and these plugins cannot run on "
+            "shards: " + "; ".join(refused)
             + ". Remove them from the policy for this run (docs/distributed.md)")
 
 
