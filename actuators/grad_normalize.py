@@ -47,8 +47,9 @@ No commands (always on in enforce mode, like ``grad_clip``'s ``max_norm``), no s
 mode nothing is changed and the statistics are not tracked. Works with any optimizer; params
 added with ``optimizer.add_param_group`` later are normalized from their first gradient. Runs
 in a single process or under DDP (gradients all-reduced before the step: every rank computes the
-same scales). Refused (:class:`~lbw_policy.errors.ActuatorError` at attach) on sharded
-parameters (DTensor, FSDP2): a shard's norm is not the tensor's. FSDP1 and DeepSpeed ZeRO flat
+same scales). Refused on sharded parameters (DTensor, FSDP2): a shard's norm is not the
+tensor's (by the guard, a ``ValueError`` before anything attaches, through ``sharding``; used
+without a guard, :class:`~lbw_policy.errors.ActuatorError` at attach). FSDP1 and DeepSpeed ZeRO flat
 parameters are not detected: there it would normalize each rank's shard, do not use it.
 ``state_dict()`` reads the statistics from the device (checkpoint time).
 """

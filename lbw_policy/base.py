@@ -49,7 +49,7 @@ class Detector:
         param turns it on (default: none).
     :cvar sharding: ``None`` (default) when the detector works on sharded (DTensor, FSDP2)
         parameters, else why it cannot (e.g. it needs whole weight matrices): a guard over
-        sharded parameters refuses it at construction with this text.
+        sharded parameters refuses it at construction with a ``ValueError`` carrying this text.
     :ivar every: the policy's cadence for this detector, given to :meth:`setup` (1 before it).
 
     Lifecycle: ``__init__(**params)`` (raise ``ValueError`` for params the schema cannot express,
@@ -232,9 +232,14 @@ class Actuator:
         for it (``skip_step``: a bad batch's update); under deferred transfer such commands need
         a ``gate: device`` rule to act in time. Default ``False``.
     :cvar sharding: ``None`` (default) when the actuator works on sharded (DTensor, FSDP2)
-        parameters, else why it cannot (``grad_normalize``: per-tensor norms): a distributed
-        guard over sharded parameters refuses it at construction with this text, before any
-        actuator attaches.
+        parameters, else why it cannot (``grad_normalize``: per-tensor norms): a guard over
+        sharded parameters refuses it at construction with a ``ValueError`` carrying this text,
+        before any actuator attaches.
+
+    An actuator that rescales the gradients in :meth:`before_step` keeps the global L2 norm it
+    leaves in the step's telemetry (``telemetry.grad_norm_after``, a 0-dim tensor on the
+    device; take the telemetry in :meth:`observe`), so a later ``grad_clip`` and the guard's
+    ``clip_grad_norm`` clip from the right norm without reducing again.
 
     Every change goes through :meth:`plan` (pure: computes the clamped change) and then
     :meth:`commit` (applies exactly what was planned), so the guard can write the decision record

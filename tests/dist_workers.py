@@ -264,7 +264,7 @@ def fsdp_grad_norm(rank: int, world: int, out: Path) -> None:
     try:
         GradNormalize().attach(opt)
     except ActuatorError as exc:
-        agn_refused += " | " + str(exc)
+        agn_refused = f"{agn_refused} | {exc}"
     (out / f"fsdp-r{rank}.json").write_text(json.dumps({"norms": norms, "refs": refs,
                                                         "refused": refused,
                                                         "agn_refused": agn_refused}))

@@ -241,29 +241,50 @@ rules: []
 
 # ---------------------------------------------------------------------- grad_clip's max_norm
 
-def test_default_policy_clips_at_one_and_a_smaller_guard_clip_reuses_the_clipped_norm(tmp_path, monkeypatch):
-    """The default policy's ``grad_clip: {max_norm: 1.0}`` clips every step; ``Guard(
-    clip_grad_norm=0.5)`` then clips again from the norm grad_clip kept, with no second
-    reduction of the gradients."""
-    model, opt = make(lr=1e-4)
-    guard = Guard(opt, "default", model=model, log_dir=tmp_path / "a", clip_grad_norm=0.5)
-    calls = []
+CLIP_ONLY = """\
+mode: enforce
+detectors:
+  gnorm: {type: grad_norm}
+actuators:
+  grad_clip: {max_norm: 1.0}
+rules: []
+"""
+
+
+@pytest.mark.parametrize("policy", ["clip-only", "default"])
+def test_a_policy_clip_then_a_smaller_guard_clip_reuses_the_kept_norm(tmp_path, monkeypatch, policy):
+    """``grad_clip: {max_norm: 1.0}`` clips every step (the step's gradients end at norm 1.0
+    without a guard clip); ``Guard(clip_grad_norm=0.5)`` then clips again from the norm the
+    policy's actuators kept, with no second global reduction. Under the default the last of them
+    is ``grad_normalize`` (its per-tensor norms are its own, not a global reduction)."""
+    pol = _policy(CLIP_ONLY) if policy == "clip-only" else "default"
     real = torch.nn.utils.get_total_norm
-    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for s in range(3):
-        forward_backward(model, s, scale=100.0)
-        raw = real([p.grad for p in model.parameters()]).item()
-        guard.step(torch.tensor(1.0))
-        assert raw > 1.0
-        assert real([p.grad for p in model.parameters()]).item() == pytest.approx(0.5, rel=1e-4)
-        opt.zero_grad(set_to_none=True)
-    guard.close()
-    assert len(calls) == 3      # one reduction a step (the telemetry's, shared); none for the second clip
+    for guard_clip, expected in ((None, 1.0), (0.5, 0.5)):
+        model, opt = make(lr=1e-4)
+        guard = Guard(opt, pol, model=model, log_dir=tmp_path / f"{policy}-{guard_clip}",
+                      clip_grad_norm=guard_clip, registry=REG)
+        calls = []
+        monkeypatch.setattr(torch.nn.utils, "get_total_norm",
+                            lambda *a, **k: calls.append(1) or real(*a, **k))
+        for s in range(3):
+            forward_backward(model, s, scale=100.0)
+            raw = real([p.grad for p in model.parameters()]).item()
+            guard.step(torch.tensor(1.0))
+            assert raw > 1.0
+            after = real([p.grad for p in model.parameters()]).item()
+            if policy == "clip-only" or guard_clip is not None:
+                assert after == pytest.approx(expected, rel=1e-4)
+            else:  # clipped to 1.0, then each of the 4 tensors normalized: about sqrt(4)
+                assert 1.5 < after < 2.5
+            opt.zero_grad(set_to_none=True)
+        guard.close()
+        monkeypatch.setattr(torch.nn.utils, "get_total_norm", real)
+        assert len(calls) == 3  # one reduction a step (the telemetry's, shared); none for the clips
 
 
 def test_audit_mode_does_not_keep_a_steps_gradients_alive(tmp_path):
-    """In audit mode grad_clip never runs before_step; the step's gradients must still be freed
-    by the user's ``zero_grad(set_to_none=True)``."""
+    """In audit mode grad_clip and grad_normalize never run before_step; the step's gradients
+    must still be freed by the user's ``zero_grad(set_to_none=True)``."""
     import weakref
 
     model, opt = make(lr=1e-4)

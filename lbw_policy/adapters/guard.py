@@ -119,8 +119,11 @@ class Guard:
         ``torch.nn.utils.clip_grad_norm_``) right before ``optimizer.step()``, *after* the
         detectors read the unclipped gradients (default ``None``: no fixed clip). Use it instead
         of calling ``clip_grad_norm_`` yourself before :meth:`step`, which would hide a spike
-        from ``grad_norm``. It reuses the step's one norm reduction (a ``grad_clip`` actuator,
-        which may change the gradients first, makes it reduce again).
+        from ``grad_norm``. It runs after the policy's actuators and clips the gradients as they
+        left them, from the norm they kept (the telemetry's ``current_grad_norm``: no second
+        reduction): after ``grad_clip``, from the clipped norm; under the default policy, after
+        ``grad_normalize``, from the normalized gradients' norm (about ``sqrt(number of
+        tensors)``), so it rescales every step's gradient by nearly the same factor.
     :param sign_key: sign the decision log (:mod:`lbw_policy.signing`): a private key file
         (``lbw-policy keygen``), an ``Ed25519PrivateKey`` or a
         :class:`~lbw_policy.signing.Signer`. Default ``None``: the file named by the
@@ -135,7 +138,9 @@ class Guard:
     :raises ActuatorError: an actuator cannot act on this optimizer (nothing was applied: hooks
         a detector had attached are removed again).
     :raises ValueError: an unknown ``transfer``; ``clip_grad_norm`` not a positive number;
-        ``checkpoint_every`` not an integer >= 1.
+        ``checkpoint_every`` not an integer >= 1; the parameters are sharded (DTensor, FSDP2)
+        and a detector or actuator of the policy cannot run on shards (its ``sharding`` text;
+        checked before any actuator attaches, nothing was applied).
     :raises lbw_policy.signing.SigningKeyError: the signing key cannot be used (nothing was
         applied).
     :raises FileExistsError: ``log_dir`` already holds a decision log and ``resume`` is false
@@ -267,8 +272,9 @@ class Guard:
             reg = registry.actuators[name]
             self.actuators[name] = reg.cls(**dict(spec.bounds))
             self._plugin_versions[f"actuator:{name}"] = {"plugin": reg.plugin, "version": reg.version}
-        if self.dist is not None:  # before anything attaches: nothing to undo when refused
-            _check_sharding(self.detectors, self.actuators, policy, optimizer)
+        # before anything attaches: nothing to undo when refused (distributed or not: sharded
+        # parameters are the test)
+        _check_sharding(self.detectors, self.actuators, policy, optimizer)
         for name, actuator in self.actuators.items():
             actuator.bind(context)  # rollback needs the model, halt the log_dir
             actuator.attach(optimizer)  # ActuatorError if it cannot act on this optimizer
