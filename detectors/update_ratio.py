@@ -21,12 +21,26 @@ initializations where one on ``ratio`` does not). Tensors, or rows of an embeddi
 little or no gradient lower it. Under SGD it is the learning rate times the gradient's RMS, not
 scale-free.
 
+and the same RMS per unit of learning rate, each tensor divided by the learning rate of its
+parameter group as it was when the step was taken (``lr_g``; a group whose learning rate is 0
+is left out, and ``dir_rms`` is 0 when every group's is)::
+
+    dir_rms = sqrt(sum_p ||dW_p / lr_g(p)||^2 / sum_p numel(W_p))            # dimensionless for Adam
+
+Under AdamW that is the RMS of the step's direction, ``m_hat / (sqrt(v_hat) + eps)`` plus the
+decoupled weight-decay term ``wd * W``: near 1 where the gradient's sign holds from step to
+step, smaller where it flips (the momentum averages it away). It separates two reasons the
+update ratio can rise (issue 16): a learning rate or weight decay creeping up raises ``ratio``
+with ``dir_rms`` flat or falling, while a model leaving a loss plateau raises ``ratio`` because
+its gradients turn consistent and ``dir_rms`` rises with it.
+
 The sums run over the weight matrices only (tensors of 2 or more dims) unless
 ``matrices_only: false``: biases and normalization gains often start at exactly 0, where the
 ratio is meaningless (``||dW|| / eps``), and are not what the heuristic watches.
 
-Signals (0-dim tensors; ``rms`` and ``wnorm`` in the weights' units, the others
-dimensionless): ``ratio`` (global), ``rms`` (global, above), ``wnorm`` (``sqrt(sum_p
+Signals (0-dim tensors; ``rms`` and ``wnorm`` in the weights' units, ``dir_rms`` in the
+weights' units per unit of learning rate, the others dimensionless): ``ratio`` (global), ``rms``
+(global, above), ``dir_rms`` (above), ``wnorm`` (``sqrt(sum_p
 ||W_p||^2)``, the measured weights' global L2 norm before the step), ``max`` (largest ``ratio_p``),
 ``worst`` (index of that tensor in the optimizer's parameter order over *all* its tensors, from
 0), and for each ``i < groups``: ``group<i>.ratio`` and ``group<i>.max`` (0 and -inf for a group
@@ -72,7 +86,8 @@ float64 weights): no host sync. The
 values are therefore emitted at the *next* due step: the ratio read at step ``t`` is that of
 the step taken at the previous evaluation (one step earlier with ``every: 1``). A skipped step
 has ratio 0. Without an ``after_step`` call (a harness other than the guard), the next
-:meth:`compute` measures the change since the copy instead. The first evaluation emits
+:meth:`compute` measures the change since the copy instead (and ``dir_rms`` divides by the
+learning rates in force then, which a scheduler may have changed since the step). The first evaluation emits
 nothing (the signals are absent until then).
 
 Trend (off unless ``trend_window`` is set): over the last ``trend_window`` finite, positive
@@ -84,7 +99,10 @@ the device)::
     trend_growth = exp(trend_slope * (max x - min x)) - 1              # relative growth over the window
     trend_p      = the Mann-Kendall two-sided p-value
 
-and the same of ``ln(wnorm)``: ``wnorm_trend_slope``, ``wnorm_trend_growth``, ``wnorm_trend_p``.
+and the same of ``ln(wnorm)``: ``wnorm_trend_slope``, ``wnorm_trend_growth``, ``wnorm_trend_p``,
+and of ``ln(dir_rms)``: ``dir_trend_slope``, ``dir_trend_growth``, ``dir_trend_p`` (a rule can
+ask that the ratio's rise is not the direction's: ``policies/early-warning.yaml``,
+``update-growth``).
 
 A ln slope is scale-free: it does not depend on the learning rate's level nor on the init's
 scale, only on how fast the update grows relative to the weights. After a warm-up, a
@@ -120,7 +138,7 @@ import torch
 
 from lbw_policy.base import Detector
 
-from ._ring import Ring
+from ._ring import Ring, to_device
 from .grad_norm_trend import theil_sen_mann_kendall
 
 __all__ = ["UpdateRatio"]
@@ -141,7 +159,9 @@ class _Layout(NamedTuple):
     ``(stride s, start o, count m')`` of sketched tensor ``k``, and ``scale`` (float, on the
     device; ``None`` when nothing is sketched) ``sqrt(s)`` per measured tensor (1 for an exact
     one), which turns a sample's norm into the estimate of the tensor's; ``count`` the number of
-    elements measured (whole tensors, sketched or not)."""
+    elements measured (whole tensors, sketched or not); ``lr_groups`` one ``(group, positions,
+    count)`` per parameter group with a measured tensor (positions ``None`` when that group holds
+    every measured tensor, else a device index tensor; count: its measured elements)."""
     key: tuple
     buffers: list
     index: torch.Tensor
@@ -152,14 +172,16 @@ class _Layout(NamedTuple):
     samples: tuple
     scale: Optional[torch.Tensor]
     count: float
+    lr_groups: tuple
 
 
 class UpdateRatio(Detector):
     name = "update_ratio"
-    signals = ("ratio", "max", "worst", "rms", "wnorm")
-    #: the trend signals, emitted with ``trend_window``: of ln(ratio), and of ln(wnorm)
+    signals = ("ratio", "max", "worst", "rms", "dir_rms", "wnorm")
+    #: the trend signals, emitted with ``trend_window``: of ln(ratio), of ln(wnorm), of ln(dir_rms)
     trend_signals = ("trend_slope", "trend_growth", "trend_p",
-                     "wnorm_trend_slope", "wnorm_trend_growth", "wnorm_trend_p")
+                     "wnorm_trend_slope", "wnorm_trend_growth", "wnorm_trend_p",
+                     "dir_trend_slope", "dir_trend_growth", "dir_trend_p")
     reductions = {name: "same" for name in signals + trend_signals}   # replicated weights (DDP)
     optional_signals = {name: "trend_window: N (e.g. 48)" for name in trend_signals}
     sharding = ("it compares whole parameter tensors before and after the step; on FSDP2 "
@@ -183,14 +205,14 @@ class UpdateRatio(Detector):
                      "description": "seed of the samples' random starts; default 0"},
             "trend_window": {"type": "integer", "minimum": 0, "maximum": 1024,
                              "description": "evaluations kept for the trend signals (Theil-Sen "
-                                            "slope and Mann-Kendall p of ln ratio and of ln "
-                                            "wnorm); 0: no trend; default 0"},
+                                            "slope and Mann-Kendall p of ln ratio, ln wnorm "
+                                            "and ln dir_rms); 0: no trend; default 0"},
             "trend_min_points": {"type": "integer", "minimum": 3,
                                  "description": "values in a trend window before its slope and "
                                                 "growth stop reading 0 (and p 1); default "
                                                 "trend_window"},
             "trend_start": {"type": "integer", "minimum": 0,
-                            "description": "first step whose ratio and weight norm enter the "
+                            "description": "first step whose ratio, weight norm and dir_rms enter the "
                                            "trend windows (after a learning-rate warm-up); "
                                            "default 0"},
         },
@@ -232,6 +254,7 @@ class UpdateRatio(Detector):
                          **trend)
         self.trend = Ring(int(trend_window)) if trend_window else None        # ln(ratio)
         self.wnorm_trend = Ring(int(trend_window)) if trend_window else None  # ln(wnorm)
+        self.dir_trend = Ring(int(trend_window)) if trend_window else None    # ln(dir_rms)
         self.trend_min_points = int(trend_min_points or trend_window or 0)
         self.trend_start = int(trend_start)
         self._armed_step = 0                # the step whose copy is armed
@@ -292,16 +315,21 @@ class UpdateRatio(Detector):
             norm_dtype = (torch.float32 if dtypes <= {torch.float16, torch.bfloat16, torch.float32} else
                           torch.float64 if dtypes == {torch.float64} else None)  # None: one by one
             one_device = all(p.device == dev for _, _, p in measured)
+            lr_groups = []
+            for g in sorted({g for g, _, _ in measured}):
+                pos = [k for k, (gk, _, _) in enumerate(measured) if gk == g]
+                lr_groups.append((g, None if len(pos) == len(measured) else torch.tensor(pos, device=dev),
+                                  float(sum(measured[k][2].numel() for k in pos))))
             self._layout = _Layout(key, buffers, index, groups, (norm_dtype, one_device), tuple(exact),
                                    tuple(sketched), tuple(samples),
                                    torch.tensor(scale, device=dev, dtype=dtype) if sketched else None,
-                                   float(sum(p.numel() for _, _, p in measured)))
+                                   float(sum(p.numel() for _, _, p in measured)), tuple(lr_groups))
         return self._layout
 
     @torch.no_grad()
     def compute(self, telemetry) -> dict:
         if self._armed is not None:         # no after_step since the copy: measure the change now
-            self._measure()
+            self._measure(telemetry.optimizer)
         out = self._pending or {}
         self._pending = None
         measured = self._measured(telemetry.optimizer)
@@ -324,12 +352,12 @@ class UpdateRatio(Detector):
 
     def after_step(self, telemetry, stepped: bool) -> None:
         if self._armed is not None:
-            self._measure()
+            self._measure(telemetry.optimizer)
 
     @torch.no_grad()
-    def _measure(self) -> None:
+    def _measure(self, optimizer) -> None:
         sources, self._armed = self._armed, None
-        _, buffers, index, groups, how, exact, sketched, _, scale, count = self._layout
+        _, buffers, index, groups, how, exact, sketched, _, scale, count, lr_groups = self._layout
         dev = sources[0].device
         wn = _norms(buffers, how, dev)
         if not sketched:
@@ -345,9 +373,10 @@ class UpdateRatio(Detector):
         per = dn / torch.clamp(wn, min=self.eps)
         ratio, top = _global(dn, wn, self.eps), per.max()
         out = {"ratio": ratio, "max": top, "worst": torch.take(index, per.argmax()),
-               "rms": torch.sqrt((dn * dn).sum() / count), "wnorm": torch.sqrt((wn * wn).sum())}
+               "rms": torch.sqrt((dn * dn).sum() / count), "wnorm": torch.sqrt((wn * wn).sum()),
+               "dir_rms": _dir_rms(dn, lr_groups, optimizer.param_groups)}
         if self.trend is not None:
-            out.update(self._trends(ratio, out["wnorm"]))
+            out.update(self._trends(ratio, out["wnorm"], out["dir_rms"]))
         for i, pos in enumerate(groups):
             if pos is None:                 # the group holds every measured tensor
                 out[f"group{i}.ratio"], out[f"group{i}.max"] = ratio, top
@@ -359,13 +388,13 @@ class UpdateRatio(Detector):
                 out[f"group{i}.max"] = per.index_select(0, pos).max()
         self._pending = out
 
-    def _trends(self, ratio: torch.Tensor, wnorm: torch.Tensor) -> dict:
-        """Enter ``ln(ratio)`` and ``ln(wnorm)`` (measured for the step armed at
-        ``_armed_step``) into their windows and return both trends' signals, fitted in one
+    def _trends(self, ratio: torch.Tensor, wnorm: torch.Tensor, dir_rms: torch.Tensor) -> dict:
+        """Enter ``ln(ratio)``, ``ln(wnorm)`` and ``ln(dir_rms)`` (measured for the step armed at
+        ``_armed_step``) into their windows and return the three trends' signals, fitted in one
         batched pass; nothing enters before ``trend_start``, nor a value that is 0 (a skipped
-        step's ratio) or not finite."""
-        rings = (self.trend, self.wnorm_trend)
-        for ring, value in zip(rings, (ratio, wnorm)):
+        step's ratio and dir_rms) or not finite."""
+        rings = (self.trend, self.wnorm_trend, self.dir_trend)
+        for ring, value in zip(rings, (ratio, wnorm, dir_rms)):
             ring.ensure(value.device)       # (a ring restored on the CPU moves to the device)
             if self._armed_step >= self.trend_start:
                 ring.push(torch.log(value), self._armed_step)
@@ -376,7 +405,7 @@ class UpdateRatio(Detector):
         growth = torch.where(warm, torch.expm1(slope * st["span"]), 0.0)
         p = torch.where(warm, st["p"], 1.0)
         out = {}
-        for i, prefix in enumerate(("trend_", "wnorm_trend_")):
+        for i, prefix in enumerate(("trend_", "wnorm_trend_", "dir_trend_")):
             out[prefix + "slope"], out[prefix + "growth"], out[prefix + "p"] = slope[i], growth[i], p[i]
         return out
 
@@ -387,6 +416,7 @@ class UpdateRatio(Detector):
         if self.trend is not None:
             state["trend"] = self.trend.state_dict()
             state["wnorm_trend"] = self.wnorm_trend.state_dict()
+            state["dir_trend"] = self.dir_trend.state_dict()
         return state
 
     def load_state_dict(self, state) -> None:
@@ -397,6 +427,7 @@ class UpdateRatio(Detector):
         if self.trend is not None:
             self.trend.load_state_dict(state.get("trend", {}))
             self.wnorm_trend.load_state_dict(state.get("wnorm_trend", {}))
+            self.dir_trend.load_state_dict(state.get("dir_trend", {}))   # absent before dir_rms
 
 
 def _stride_for(n: int, m: int) -> int:
@@ -430,6 +461,29 @@ def _norms(tensors: list, how: tuple, dev: torch.device) -> torch.Tensor:
         norms = [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16)
                                           else None) for t in tensors]
     return torch.stack(norms if one_device else [n.to(dev) for n in norms])
+
+
+def _dir_rms(dn: torch.Tensor, lr_groups: tuple, param_groups: list) -> torch.Tensor:
+    """``sqrt(sum_p (dn_p / lr_g(p))^2 / sum_p numel_p)`` over the groups whose learning rate is
+    not 0 (a float lr is a kernel argument; a tensor lr is moved to ``dn``'s device without a
+    blocking copy, then compared and divided there: no host sync); 0 when none is left."""
+    sq = dn * dn
+    total = torch.zeros((), dtype=dn.dtype, device=dn.device)
+    count = torch.zeros((), dtype=dn.dtype, device=dn.device)
+    for g, pos, n in lr_groups:
+        lr = param_groups[g]["lr"]
+        if not torch.is_tensor(lr) and float(lr) == 0.0:
+            continue
+        part = (sq if pos is None else sq.index_select(0, pos)).sum()
+        if torch.is_tensor(lr):
+            lr = to_device(lr.detach(), dn.device, dn.dtype)   # a CPU lr: pinned, non-blocking
+            live = lr != 0
+            total = total + torch.where(live, part / torch.where(live, lr * lr, 1.0), 0.0)
+            count = count + torch.where(live, n, 0.0)
+        else:
+            total = total + part / (float(lr) ** 2)
+            count = count + n
+    return torch.where(count > 0, torch.sqrt(total / torch.clamp(count, min=1.0)), 0.0)
 
 
 def _global(dn: torch.Tensor, wn: torch.Tensor, eps: float) -> torch.Tensor:

@@ -75,6 +75,39 @@ def test_update_ratio_matches_numpy_per_group(matrices_only):
         assert float(out[f"group{g}.max"]) == pytest.approx(max(per[i] for i in ids), rel=1e-6)
 
 
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_update_ratio_dir_rms_divides_each_group_by_its_learning_rate(lr_kind):
+    """dir_rms is the update's RMS per unit of learning rate, each tensor divided by its own
+    group's lr (plain SGD: the RMS of the measured gradients, whatever the lrs); a group at lr 0
+    is left out (its tensors do not move and do not count); all at 0: dir_rms is 0."""
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    torch.manual_seed(3)
+    lr = (lambda v: torch.tensor(v)) if lr_kind == "tensor" else float
+    opt = torch.optim.SGD([{"params": [net[0].weight, net[0].bias], "lr": lr(0.5)},
+                           {"params": [net[2].weight], "lr": lr(0.02)},
+                           {"params": [net[4].weight, net[4].bias], "lr": lr(0.0)}])
+    det = UpdateRatio(groups=3)
+    det.setup(net, opt)
+    for step, zero_all in ((0, False), (1, True)):
+        tel = Telemetry(step, _backward(net, step), opt)
+        det.compute(tel)
+        grads = [net[0].weight.grad.double(), net[2].weight.grad.double()]
+        if zero_all:
+            for group in opt.param_groups:
+                group["lr"] = lr(0.0)
+        opt.step()
+        det.after_step(tel, True)
+        out = det.compute(Telemetry(step + 1, _backward(net, step + 1), opt))
+        if not zero_all:
+            ref = math.sqrt(sum(float((g * g).sum()) for g in grads) / sum(g.numel() for g in grads))
+            assert float(out["dir_rms"]) == pytest.approx(ref, rel=1e-5)
+            moved = math.sqrt((0.5 ** 2 * float((grads[0] ** 2).sum()) + 0.02 ** 2 * float((grads[1] ** 2).sum()))
+                              / (30 + 20 + 12))                 # rms counts every measured tensor
+            assert float(out["rms"]) == pytest.approx(moved, rel=1e-5)
+        else:
+            assert float(out["dir_rms"]) == 0.0 and float(out["ratio"]) == 0.0
+
+
 def test_update_ratio_skipped_step_is_zero_and_without_after_step_measures_since_the_copy():
     net = _net(1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -161,7 +194,7 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio_and_ln_wno
     assert "trend_p" not in UpdateRatio.signals_for({})
     det.setup(net, opt)
     lrs = [0.01, 0.01, 0.01, 0.012, 0.015, 0.02, 0.0, 0.03, 0.045, 0.07, 0.1]   # 0.0: a skipped step
-    seen, wseen, norms, out = [], [], [], {}
+    seen, wseen, norms, grad_rms, out = [], [], [], [], {}
     for step, lr in enumerate(lrs):
         tel = Telemetry(step, _backward(net, step), opt)
         out = det.compute(tel)
@@ -170,11 +203,13 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio_and_ln_wno
         if step >= 1 and step - 1 >= 2:
             wseen.append((step - 1, math.log(float(out["wnorm"]))))
         if step == len(lrs) - 1:                # the windows that made the last signals
-            in_window = [sorted(r.steps[r.valid].tolist()) for r in (det.trend, det.wnorm_trend)]
+            in_window = [sorted(r.steps[r.valid].tolist()) for r in (det.trend, det.wnorm_trend, det.dir_trend)]
         if step == 4:                           # 2 ratios entered (steps 2, 3): still warming up
             assert float(out["trend_slope"]) == 0.0 and float(out["trend_p"]) == 1.0
         norms.append(math.sqrt(sum(float(p.detach().double().norm()) ** 2
                                    for p in net.parameters() if p.dim() >= 2)))
+        mats = [p.grad.double() for p in net.parameters() if p.dim() >= 2]
+        grad_rms.append((step, math.sqrt(sum(float((g * g).sum()) for g in mats) / sum(g.numel() for g in mats))))
         for group in opt.param_groups:
             group["lr"] = lr
         if lr > 0:
@@ -198,10 +233,19 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio_and_ln_wno
     assert float(out["wnorm_trend_slope"]) == pytest.approx(stats.theilslopes(wy, wx)[0], rel=1e-9)
     for x_, y_ in wseen:                        # wnorm: the weight matrices' norm before that step
         assert math.exp(y_) == pytest.approx(norms[x_], rel=1e-6)
+    dx = np.array(in_window[2], float)          # dir_rms: the lr divided out (SGD: the gradient's RMS)
+    assert dx.tolist() == x.tolist()
+    gy = np.array([math.log(g) for s_, g in grad_rms if s_ in set(dx.tolist())])
+    assert float(out["dir_trend_slope"]) == pytest.approx(stats.theilslopes(gy, dx)[0], rel=1e-6, abs=1e-12)
+    assert abs(float(out["dir_trend_slope"])) < 0.2 * float(out["trend_slope"])
     fresh = UpdateRatio(trend_window=6, trend_min_points=4, trend_start=2)
     fresh.load_state_dict(state)
     assert fresh.trend.state_dict() == state["trend"] and state["trend"]
     assert fresh.wnorm_trend.state_dict() == state["wnorm_trend"] and state["wnorm_trend"]
+    assert fresh.dir_trend.state_dict() == state["dir_trend"] and state["dir_trend"]
+    older = UpdateRatio(trend_window=6, trend_min_points=4, trend_start=2)    # a state saved before
+    older.load_state_dict({k: v for k, v in state.items() if k != "dir_trend"})   # dir_rms existed
+    assert older.dir_trend.state_dict() == {} and older.trend.state_dict() == state["trend"]
     resumed = UpdateRatio(trend_window=6, trend_min_points=4, trend_start=2)   # resume at the end:
     resumed.setup(net, opt)                     # both see the same next two steps
     resumed.load_state_dict(copy.deepcopy(det.state_dict()))
