@@ -21,26 +21,38 @@ initializations where one on ``ratio`` does not). Tensors, or rows of an embeddi
 little or no gradient lower it. Under SGD it is the learning rate times the gradient's RMS, not
 scale-free.
 
-and the same RMS per unit of learning rate, each tensor divided by the learning rate of its
-parameter group as it was when the step was taken (``lr_g``; a group whose learning rate is 0
-is left out, and ``dir_rms`` is 0 when every group's is)::
+The same RMS per unit of learning rate: each tensor's change divided by the learning rate
+``lr_g`` of its parameter group as the optimizer step used it (inside a ``Guard``, after
+``lr_scale`` or ``lr_cap`` changed it for the step: ``Telemetry.step_lrs``; elsewhere the
+group's ``lr`` at :meth:`after_step`)::
 
-    dir_rms = sqrt(sum_p ||dW_p / lr_g(p)||^2 / sum_p numel(W_p))            # dimensionless for Adam
+    rms_per_lr = sqrt(sum_p ||dW_p / lr_g(p)||^2 / sum_p numel(W_p))    # over groups with lr_g != 0
 
-Under AdamW that is the RMS of the step's direction, ``m_hat / (sqrt(v_hat) + eps)`` plus the
-decoupled weight-decay term ``wd * W``: near 1 where the gradient's sign holds from step to
-step, smaller where it flips (the momentum averages it away). It separates two reasons the
-update ratio can rise (issue 16): a learning rate or weight decay creeping up raises ``ratio``
-with ``dir_rms`` flat or falling, while a model leaving a loss plateau raises ``ratio`` because
-its gradients turn consistent and ``dir_rms`` rises with it.
+A group whose learning rate is 0, ``None`` or not a number (Adafactor's ``relative_step``) is
+left out; with none left, ``rms_per_lr`` is NaN (no value: a rule on it does not fire). Units:
+the weights' units per unit of learning rate, dimensionless under Adam-family optimizers.
+Under ``torch.optim.AdamW`` (decoupled weight decay, Loshchilov & Hutter, arXiv 1711.05101:
+``W <- W (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)``) it is exactly the RMS of
+``m_hat / (sqrt(v_hat) + eps) + wd W`` with ``W`` the weights before the step (without
+AMSGrad; in bf16/fp16 weights, after rounding; an estimate for a sketched tensor). Its Adam
+part is about 1 per element where each gradient's sign and size hold from step to step, and
+smaller where the sign flips (the moments average it away). Under Adam with L2 weight decay
+the decay is inside ``m`` and ``v``; under SGD ``rms_per_lr`` is the gradient's (or the
+momentum buffer's) RMS, in the gradient's units. It separates two reasons the update ratio
+can rise (issue 16): a learning rate creeping up raises ``ratio`` with ``rms_per_lr`` flat or
+falling, while a model leaving a loss plateau raises ``ratio`` because its gradients turn
+consistent, and ``rms_per_lr`` rises with it. A weight decay that grows raises both (its
+``wd W`` term is in ``rms_per_lr``). Its Adam part is the same normalized step as
+``adam_update_stats``' ``rms`` (arXiv 2304.09871), there over every tensor and without the
+decay term.
 
 The sums run over the weight matrices only (tensors of 2 or more dims) unless
 ``matrices_only: false``: biases and normalization gains often start at exactly 0, where the
 ratio is meaningless (``||dW|| / eps``), and are not what the heuristic watches.
 
-Signals (0-dim tensors; ``rms`` and ``wnorm`` in the weights' units, ``dir_rms`` in the
+Signals (0-dim tensors; ``rms`` and ``wnorm`` in the weights' units, ``rms_per_lr`` in the
 weights' units per unit of learning rate, the others dimensionless): ``ratio`` (global), ``rms``
-(global, above), ``dir_rms`` (above), ``wnorm`` (``sqrt(sum_p
+(global, above), ``rms_per_lr`` (above), ``wnorm`` (``sqrt(sum_p
 ||W_p||^2)``, the measured weights' global L2 norm before the step), ``max`` (largest ``ratio_p``),
 ``worst`` (index of that tensor in the optimizer's parameter order over *all* its tensors, from
 0), and for each ``i < groups``: ``group<i>.ratio`` and ``group<i>.max`` (0 and -inf for a group
@@ -86,8 +98,9 @@ float64 weights): no host sync. The
 values are therefore emitted at the *next* due step: the ratio read at step ``t`` is that of
 the step taken at the previous evaluation (one step earlier with ``every: 1``). A skipped step
 has ratio 0. Without an ``after_step`` call (a harness other than the guard), the next
-:meth:`compute` measures the change since the copy instead (and ``dir_rms`` divides by the
-learning rates in force then, which a scheduler may have changed since the step). The first evaluation emits
+:meth:`compute` measures the change since the copy instead (and ``rms_per_lr`` divides by the
+learning rates in force then, which a scheduler or an actuator may have changed since the
+step). The first evaluation emits
 nothing (the signals are absent until then).
 
 Trend (off unless ``trend_window`` is set): over the last ``trend_window`` finite, positive
@@ -100,9 +113,9 @@ the device)::
     trend_p      = the Mann-Kendall two-sided p-value
 
 and the same of ``ln(wnorm)``: ``wnorm_trend_slope``, ``wnorm_trend_growth``, ``wnorm_trend_p``,
-and of ``ln(dir_rms)``: ``dir_trend_slope``, ``dir_trend_growth``, ``dir_trend_p`` (a rule can
-ask that the ratio's rise is not the direction's: ``policies/early-warning.yaml``,
-``update-growth``).
+and of ``ln(rms_per_lr)``: ``rms_per_lr_trend_slope``, ``rms_per_lr_trend_growth``,
+``rms_per_lr_trend_p`` (``policies/early-warning.yaml``'s ``update-growth`` holds off while
+it rises too).
 
 A ln slope is scale-free: it does not depend on the learning rate's level nor on the init's
 scale, only on how fast the update grows relative to the weights. After a warm-up, a
@@ -161,7 +174,8 @@ class _Layout(NamedTuple):
     one), which turns a sample's norm into the estimate of the tensor's; ``count`` the number of
     elements measured (whole tensors, sketched or not); ``lr_groups`` one ``(group, positions,
     count)`` per parameter group with a measured tensor (positions ``None`` when that group holds
-    every measured tensor, else a device index tensor; count: its measured elements)."""
+    every measured tensor, else a device index tensor; count: the number of elements of its
+    measured tensors, whole tensors, sketched or not)."""
     key: tuple
     buffers: list
     index: torch.Tensor
@@ -177,11 +191,11 @@ class _Layout(NamedTuple):
 
 class UpdateRatio(Detector):
     name = "update_ratio"
-    signals = ("ratio", "max", "worst", "rms", "dir_rms", "wnorm")
-    #: the trend signals, emitted with ``trend_window``: of ln(ratio), of ln(wnorm), of ln(dir_rms)
+    signals = ("ratio", "max", "worst", "rms", "rms_per_lr", "wnorm")
+    #: the trend signals, emitted with ``trend_window``: of ln(ratio), of ln(wnorm), of ln(rms_per_lr)
     trend_signals = ("trend_slope", "trend_growth", "trend_p",
                      "wnorm_trend_slope", "wnorm_trend_growth", "wnorm_trend_p",
-                     "dir_trend_slope", "dir_trend_growth", "dir_trend_p")
+                     "rms_per_lr_trend_slope", "rms_per_lr_trend_growth", "rms_per_lr_trend_p")
     reductions = {name: "same" for name in signals + trend_signals}   # replicated weights (DDP)
     optional_signals = {name: "trend_window: N (e.g. 48)" for name in trend_signals}
     sharding = ("it compares whole parameter tensors before and after the step; on FSDP2 "
@@ -206,13 +220,13 @@ class UpdateRatio(Detector):
             "trend_window": {"type": "integer", "minimum": 0, "maximum": 1024,
                              "description": "evaluations kept for the trend signals (Theil-Sen "
                                             "slope and Mann-Kendall p of ln ratio, ln wnorm "
-                                            "and ln dir_rms); 0: no trend; default 0"},
+                                            "and ln rms_per_lr); 0: no trend; default 0"},
             "trend_min_points": {"type": "integer", "minimum": 3,
                                  "description": "values in a trend window before its slope and "
                                                 "growth stop reading 0 (and p 1); default "
                                                 "trend_window"},
             "trend_start": {"type": "integer", "minimum": 0,
-                            "description": "first step whose ratio, weight norm and dir_rms enter the "
+                            "description": "first step whose ratio, weight norm and rms_per_lr enter the "
                                            "trend windows (after a learning-rate warm-up); "
                                            "default 0"},
         },
@@ -254,7 +268,7 @@ class UpdateRatio(Detector):
                          **trend)
         self.trend = Ring(int(trend_window)) if trend_window else None        # ln(ratio)
         self.wnorm_trend = Ring(int(trend_window)) if trend_window else None  # ln(wnorm)
-        self.dir_trend = Ring(int(trend_window)) if trend_window else None    # ln(dir_rms)
+        self.rms_per_lr_trend = Ring(int(trend_window)) if trend_window else None    # ln(rms_per_lr)
         self.trend_min_points = int(trend_min_points or trend_window or 0)
         self.trend_start = int(trend_start)
         self._armed_step = 0                # the step whose copy is armed
@@ -329,7 +343,7 @@ class UpdateRatio(Detector):
     @torch.no_grad()
     def compute(self, telemetry) -> dict:
         if self._armed is not None:         # no after_step since the copy: measure the change now
-            self._measure(telemetry.optimizer)
+            self._measure([g.get("lr") for g in telemetry.optimizer.param_groups])
         out = self._pending or {}
         self._pending = None
         measured = self._measured(telemetry.optimizer)
@@ -352,10 +366,13 @@ class UpdateRatio(Detector):
 
     def after_step(self, telemetry, stepped: bool) -> None:
         if self._armed is not None:
-            self._measure(telemetry.optimizer)
+            lrs = getattr(telemetry, "step_lrs", None)   # the Guard's: as the step used them
+            self._measure(lrs if lrs is not None else [g.get("lr") for g in telemetry.optimizer.param_groups])
 
     @torch.no_grad()
-    def _measure(self, optimizer) -> None:
+    def _measure(self, lrs: list) -> None:
+        """Measure the step's change (the copy armed at :meth:`compute` against the weights
+        now); ``lrs``: each parameter group's learning rate as the step used it."""
         sources, self._armed = self._armed, None
         _, buffers, index, groups, how, exact, sketched, _, scale, count, lr_groups = self._layout
         dev = sources[0].device
@@ -374,9 +391,9 @@ class UpdateRatio(Detector):
         ratio, top = _global(dn, wn, self.eps), per.max()
         out = {"ratio": ratio, "max": top, "worst": torch.take(index, per.argmax()),
                "rms": torch.sqrt((dn * dn).sum() / count), "wnorm": torch.sqrt((wn * wn).sum()),
-               "dir_rms": _dir_rms(dn, lr_groups, optimizer.param_groups)}
+               "rms_per_lr": _rms_per_lr(dn, lr_groups, lrs)}
         if self.trend is not None:
-            out.update(self._trends(ratio, out["wnorm"], out["dir_rms"]))
+            out.update(self._trends(ratio, out["wnorm"], out["rms_per_lr"]))
         for i, pos in enumerate(groups):
             if pos is None:                 # the group holds every measured tensor
                 out[f"group{i}.ratio"], out[f"group{i}.max"] = ratio, top
@@ -388,13 +405,13 @@ class UpdateRatio(Detector):
                 out[f"group{i}.max"] = per.index_select(0, pos).max()
         self._pending = out
 
-    def _trends(self, ratio: torch.Tensor, wnorm: torch.Tensor, dir_rms: torch.Tensor) -> dict:
-        """Enter ``ln(ratio)``, ``ln(wnorm)`` and ``ln(dir_rms)`` (measured for the step armed at
+    def _trends(self, ratio: torch.Tensor, wnorm: torch.Tensor, rms_per_lr: torch.Tensor) -> dict:
+        """Enter ``ln(ratio)``, ``ln(wnorm)`` and ``ln(rms_per_lr)`` (measured for the step armed at
         ``_armed_step``) into their windows and return the three trends' signals, fitted in one
         batched pass; nothing enters before ``trend_start``, nor a value that is 0 (a skipped
-        step's ratio and dir_rms) or not finite."""
-        rings = (self.trend, self.wnorm_trend, self.dir_trend)
-        for ring, value in zip(rings, (ratio, wnorm, dir_rms)):
+        step's ratio and rms_per_lr) or not finite."""
+        rings = (self.trend, self.wnorm_trend, self.rms_per_lr_trend)
+        for ring, value in zip(rings, (ratio, wnorm, rms_per_lr)):
             ring.ensure(value.device)       # (a ring restored on the CPU moves to the device)
             if self._armed_step >= self.trend_start:
                 ring.push(torch.log(value), self._armed_step)
@@ -405,7 +422,7 @@ class UpdateRatio(Detector):
         growth = torch.where(warm, torch.expm1(slope * st["span"]), 0.0)
         p = torch.where(warm, st["p"], 1.0)
         out = {}
-        for i, prefix in enumerate(("trend_", "wnorm_trend_", "dir_trend_")):
+        for i, prefix in enumerate(("trend_", "wnorm_trend_", "rms_per_lr_trend_")):
             out[prefix + "slope"], out[prefix + "growth"], out[prefix + "p"] = slope[i], growth[i], p[i]
         return out
 
@@ -416,7 +433,7 @@ class UpdateRatio(Detector):
         if self.trend is not None:
             state["trend"] = self.trend.state_dict()
             state["wnorm_trend"] = self.wnorm_trend.state_dict()
-            state["dir_trend"] = self.dir_trend.state_dict()
+            state["rms_per_lr_trend"] = self.rms_per_lr_trend.state_dict()
         return state
 
     def load_state_dict(self, state) -> None:
@@ -427,7 +444,7 @@ class UpdateRatio(Detector):
         if self.trend is not None:
             self.trend.load_state_dict(state.get("trend", {}))
             self.wnorm_trend.load_state_dict(state.get("wnorm_trend", {}))
-            self.dir_trend.load_state_dict(state.get("dir_trend", {}))   # absent before dir_rms
+            self.rms_per_lr_trend.load_state_dict(state.get("rms_per_lr_trend", {}))   # absent before rms_per_lr
 
 
 def _stride_for(n: int, m: int) -> int:
@@ -463,27 +480,26 @@ def _norms(tensors: list, how: tuple, dev: torch.device) -> torch.Tensor:
     return torch.stack(norms if one_device else [n.to(dev) for n in norms])
 
 
-def _dir_rms(dn: torch.Tensor, lr_groups: tuple, param_groups: list) -> torch.Tensor:
-    """``sqrt(sum_p (dn_p / lr_g(p))^2 / sum_p numel_p)`` over the groups whose learning rate is
-    not 0 (a float lr is a kernel argument; a tensor lr is moved to ``dn``'s device without a
-    blocking copy, then compared and divided there: no host sync); 0 when none is left."""
+def _rms_per_lr(dn: torch.Tensor, lr_groups: tuple, lrs: list) -> torch.Tensor:
+    """``sqrt(sum_p (dn_p / lr_g(p))^2 / sum_p numel_p)`` over the groups whose learning rate
+    is a nonzero number or tensor; NaN when none is. A float lr is a kernel argument; a tensor
+    lr is moved to ``dn``'s device without a blocking copy on CUDA (``to_device``), then
+    compared and divided there: no host sync. Returns a 0-dim tensor of ``dn``'s dtype."""
     sq = dn * dn
     total = torch.zeros((), dtype=dn.dtype, device=dn.device)
     count = torch.zeros((), dtype=dn.dtype, device=dn.device)
     for g, pos, n in lr_groups:
-        lr = param_groups[g]["lr"]
-        if not torch.is_tensor(lr) and float(lr) == 0.0:
-            continue
-        part = (sq if pos is None else sq.index_select(0, pos)).sum()
+        lr = lrs[g] if g < len(lrs) else None
         if torch.is_tensor(lr):
-            lr = to_device(lr.detach(), dn.device, dn.dtype)   # a CPU lr: pinned, non-blocking
+            lr = to_device(lr.detach(), dn.device, dn.dtype).reshape(())
             live = lr != 0
+            part = (sq if pos is None else sq.index_select(0, pos)).sum()
             total = total + torch.where(live, part / torch.where(live, lr * lr, 1.0), 0.0)
             count = count + torch.where(live, n, 0.0)
-        else:
-            total = total + part / (float(lr) ** 2)
+        elif isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr != 0:
+            total = total + (sq if pos is None else sq.index_select(0, pos)).sum() / (float(lr) ** 2)
             count = count + n
-    return torch.where(count > 0, torch.sqrt(total / torch.clamp(count, min=1.0)), 0.0)
+    return torch.where(count > 0, torch.sqrt(total / torch.clamp(count, min=1.0)), torch.nan)
 
 
 def _global(dn: torch.Tensor, wn: torch.Tensor, eps: float) -> torch.Tensor:

@@ -66,6 +66,12 @@ class Telemetry:
         #: (``grad_clip``, ``grad_normalize``) set it, a 0-dim float32 tensor on the device;
         #: ``None`` while the gradients are as the detectors saw them. See :attr:`current_grad_norm`.
         self.grad_norm_after: Optional[torch.Tensor] = None
+        #: each parameter group's ``lr`` as the optimizer step used it (after ``lr_scale`` /
+        #: ``lr_cap`` changed it for the step, before they put it back), set by the Guard just
+        #: before ``optimizer.step()``; ``None`` before that, or outside a Guard. The values
+        #: are the groups' own objects (floats, or tensors by reference), read by detectors'
+        #: ``after_step`` (``update_ratio``'s ``rms_per_lr``).
+        self.step_lrs: Optional[list] = None
         self._grads: Optional[list] = None
         self._host: dict[str, Any] = {}  # loss_scalar / grad_norm_scalar, read once per step
         self.cache: dict[str, Any] = {}  # detectors may share other per-step results here

@@ -76,10 +76,10 @@ def test_update_ratio_matches_numpy_per_group(matrices_only):
 
 
 @pytest.mark.parametrize("lr_kind", ["float", "tensor"])
-def test_update_ratio_dir_rms_divides_each_group_by_its_learning_rate(lr_kind):
-    """dir_rms is the update's RMS per unit of learning rate, each tensor divided by its own
+def test_update_ratio_rms_per_lr_divides_each_group_by_its_learning_rate(lr_kind):
+    """rms_per_lr is the update's RMS per unit of learning rate, each tensor divided by its own
     group's lr (plain SGD: the RMS of the measured gradients, whatever the lrs); a group at lr 0
-    is left out (its tensors do not move and do not count); all at 0: dir_rms is 0."""
+    is left out (its tensors do not move and do not count); all at 0: rms_per_lr is NaN."""
     net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
     torch.manual_seed(3)
     lr = (lambda v: torch.tensor(v)) if lr_kind == "tensor" else float
@@ -100,12 +100,12 @@ def test_update_ratio_dir_rms_divides_each_group_by_its_learning_rate(lr_kind):
         out = det.compute(Telemetry(step + 1, _backward(net, step + 1), opt))
         if not zero_all:
             ref = math.sqrt(sum(float((g * g).sum()) for g in grads) / sum(g.numel() for g in grads))
-            assert float(out["dir_rms"]) == pytest.approx(ref, rel=1e-5)
+            assert float(out["rms_per_lr"]) == pytest.approx(ref, rel=1e-5)
             moved = math.sqrt((0.5 ** 2 * float((grads[0] ** 2).sum()) + 0.02 ** 2 * float((grads[1] ** 2).sum()))
                               / (30 + 20 + 12))                 # rms counts every measured tensor
             assert float(out["rms"]) == pytest.approx(moved, rel=1e-5)
         else:
-            assert float(out["dir_rms"]) == 0.0 and float(out["ratio"]) == 0.0
+            assert math.isnan(float(out["rms_per_lr"])) and float(out["ratio"]) == 0.0   # no value
 
 
 def test_update_ratio_skipped_step_is_zero_and_without_after_step_measures_since_the_copy():
@@ -203,7 +203,7 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio_and_ln_wno
         if step >= 1 and step - 1 >= 2:
             wseen.append((step - 1, math.log(float(out["wnorm"]))))
         if step == len(lrs) - 1:                # the windows that made the last signals
-            in_window = [sorted(r.steps[r.valid].tolist()) for r in (det.trend, det.wnorm_trend, det.dir_trend)]
+            in_window = [sorted(r.steps[r.valid].tolist()) for r in (det.trend, det.wnorm_trend, det.rms_per_lr_trend)]
         if step == 4:                           # 2 ratios entered (steps 2, 3): still warming up
             assert float(out["trend_slope"]) == 0.0 and float(out["trend_p"]) == 1.0
         norms.append(math.sqrt(sum(float(p.detach().double().norm()) ** 2
@@ -233,19 +233,19 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio_and_ln_wno
     assert float(out["wnorm_trend_slope"]) == pytest.approx(stats.theilslopes(wy, wx)[0], rel=1e-9)
     for x_, y_ in wseen:                        # wnorm: the weight matrices' norm before that step
         assert math.exp(y_) == pytest.approx(norms[x_], rel=1e-6)
-    dx = np.array(in_window[2], float)          # dir_rms: the lr divided out (SGD: the gradient's RMS)
+    dx = np.array(in_window[2], float)          # rms_per_lr: the lr divided out (SGD: the gradient's RMS)
     assert dx.tolist() == x.tolist()
     gy = np.array([math.log(g) for s_, g in grad_rms if s_ in set(dx.tolist())])
-    assert float(out["dir_trend_slope"]) == pytest.approx(stats.theilslopes(gy, dx)[0], rel=1e-6, abs=1e-12)
-    assert abs(float(out["dir_trend_slope"])) < 0.2 * float(out["trend_slope"])
+    assert float(out["rms_per_lr_trend_slope"]) == pytest.approx(stats.theilslopes(gy, dx)[0], rel=1e-6, abs=1e-12)
+    assert abs(float(out["rms_per_lr_trend_slope"])) < 0.2 * float(out["trend_slope"])
     fresh = UpdateRatio(trend_window=6, trend_min_points=4, trend_start=2)
     fresh.load_state_dict(state)
     assert fresh.trend.state_dict() == state["trend"] and state["trend"]
     assert fresh.wnorm_trend.state_dict() == state["wnorm_trend"] and state["wnorm_trend"]
-    assert fresh.dir_trend.state_dict() == state["dir_trend"] and state["dir_trend"]
+    assert fresh.rms_per_lr_trend.state_dict() == state["rms_per_lr_trend"] and state["rms_per_lr_trend"]
     older = UpdateRatio(trend_window=6, trend_min_points=4, trend_start=2)    # a state saved before
-    older.load_state_dict({k: v for k, v in state.items() if k != "dir_trend"})   # dir_rms existed
-    assert older.dir_trend.state_dict() == {} and older.trend.state_dict() == state["trend"]
+    older.load_state_dict({k: v for k, v in state.items() if k != "rms_per_lr_trend"})   # rms_per_lr existed
+    assert older.rms_per_lr_trend.state_dict() == {} and older.trend.state_dict() == state["trend"]
     resumed = UpdateRatio(trend_window=6, trend_min_points=4, trend_start=2)   # resume at the end:
     resumed.setup(net, opt)                     # both see the same next two steps
     resumed.load_state_dict(copy.deepcopy(det.state_dict()))
@@ -415,6 +415,68 @@ def test_early_warning_policy_runs_and_a_resumed_guard_continues_identically(tmp
         rest2 = _run(guard2, model2, opt2, batches[6:])
     for a, b in zip(rest, rest2):
         _same(a, b)
+
+
+def test_update_ratio_rms_per_lr_divides_by_the_lr_the_step_used_in_a_guard(tmp_path):
+    """In enforce mode lr_scale changes the lr for the step and puts it back before the
+    detectors' after_step: rms_per_lr divides by the lr the step used (Telemetry.step_lrs), so
+    under plain SGD it is the gradients' RMS, not that times the scale."""
+    from lbw_policy.policy import loads_policy
+
+    act, then = "lr_scale: {min: 0.25, max: 1.0}", "{actuator: lr_scale, multiply: 0.25}"
+    policy = loads_policy(f"""
+apiVersion: lbw-policy/v1
+kind: Policy
+metadata: {{name: t}}
+mode: enforce
+detectors:
+  upd: {{type: update_ratio}}
+actuators:
+  {act}
+rules:
+  - name: always
+    when: {{signal: upd.ratio, op: ">=", value: 0.0}}
+    then: [{then}]
+""")
+    net = _net(5)
+    opt = torch.optim.SGD(net.parameters(), lr=0.2)
+    rms = []
+    with Guard(opt, policy, model=net, log_dir=tmp_path) as guard:
+        for step in range(4):
+            loss = _backward(net, step)
+            mats = [p.grad.double() for p in net.parameters() if p.dim() >= 2]
+            rms.append(math.sqrt(sum(float((g * g).sum()) for g in mats) / sum(g.numel() for g in mats)))
+            before = [p.detach().clone() for p in net.parameters() if p.dim() >= 2]
+            res = guard.step(loss)
+            moved = [p.detach() - b for p, b in zip((p for p in net.parameters() if p.dim() >= 2), before)]
+            if step >= 2:                       # the rule holds from step 1: the step used 0.2 x 0.25
+                assert res.signals["upd.rms_per_lr"] == pytest.approx(rms[step - 1], rel=1e-5)
+                assert opt.param_groups[0]["lr"] == 0.2          # put back after the step
+                got = math.sqrt(sum(float((d.double() ** 2).sum()) for d in moved) /
+                                sum(d.numel() for d in moved))
+                assert got == pytest.approx(0.05 * rms[step], rel=1e-5)   # the step was braked
+
+
+def test_update_ratio_rms_per_lr_leaves_out_groups_without_a_numeric_lr():
+    """A group whose lr is None (Adafactor's relative_step) is left out of rms_per_lr; with
+    no group left it is NaN; the other signals are measured either way."""
+    net = _net(6)
+    opt = torch.optim.SGD([{"params": [net[0].weight]}, {"params": [net[2].weight]}], lr=0.1)
+    det = UpdateRatio()
+    for step, lrs in enumerate(([None, 0.1], [None, None])):
+        tel = Telemetry(step, _backward(net, step), opt)
+        det.compute(tel)
+        g = net[2].weight.grad.double()
+        opt.step()                              # (SGD at 0.1 for both groups)
+        tel.step_lrs = lrs                      # what the step reports it used
+        det.after_step(tel, True)
+        out = det.compute(Telemetry(step + 1, _backward(net, step + 1), opt))
+        assert float(out["ratio"]) > 0 and float(out["rms"]) > 0
+        if lrs[1] is not None:                  # only group 1 counts: its own gradient's RMS
+            assert float(out["rms_per_lr"]) == pytest.approx(
+                math.sqrt(float((g * g).sum()) / g.numel()), rel=1e-5)
+        else:
+            assert math.isnan(float(out["rms_per_lr"]))
 
 
 def test_detector_after_step_error_is_contained(tmp_path):

@@ -526,12 +526,14 @@ class Guard:
 
     def _clip_and_step(self, tel: Telemetry, take: Any) -> Any:
         """Stage 6: the fixed clip (``clip_grad_norm``), then the optimizer step; returns what
-        ``take`` returns (``False``: no step was taken)."""
+        ``take`` returns (``False``: no step was taken). Records the learning rates the step
+        uses in ``tel.step_lrs`` (the actuators have set them for this step)."""
         if self.clip_grad_norm is not None:
             params = [p for p in tel.parameters() if p.grad is not None]
             # the step's shared norm, or the norm the policy's actuators left after rescaling
             # the gradients this step (grad_clip, grad_normalize keep it): no second reduction
             torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, tel.current_grad_norm)
+        tel.step_lrs = [group.get("lr") for group in self.optimizer.param_groups]
         return take()
 
     def _end_step(self, outcome: Any, due: Optional[Packet], packet: Packet) -> None:
