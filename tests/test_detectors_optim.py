@@ -118,6 +118,7 @@ def test_update_ratio_skipped_step_is_zero_and_without_after_step_measures_since
     out = det.compute(Telemetry(1, _backward(net, 1), opt))
     assert float(out["ratio"]) == 0.0 and float(out["group0.ratio"]) == 0.0
     before = _weights(net)
+    mats = [net[0].weight.grad.double(), net[2].weight.grad.double()]
     opt.step()
     opt.step()                                  # two steps, no after_step in between
     after = _weights(net)
@@ -125,6 +126,10 @@ def test_update_ratio_skipped_step_is_zero_and_without_after_step_measures_since
     ref = math.sqrt(sum(np.linalg.norm(after[i] - before[i]) ** 2 for i in (0, 2))) / \
         math.sqrt(sum(np.linalg.norm(before[i]) ** 2 for i in (0, 2)))
     assert float(out["ratio"]) == pytest.approx(ref, rel=1e-6)
+    # rms_per_lr divides the change since the copy (2 steps of 0.1 x the same gradients) by the
+    # lr in force now: twice the gradients' RMS
+    grad_rms = math.sqrt(sum(float((g * g).sum()) for g in mats) / sum(g.numel() for g in mats))
+    assert float(out["rms_per_lr"]) == pytest.approx(2 * grad_rms, rel=1e-5)
     with pytest.raises(ValueError, match=r"params\.groups is 2 but the optimizer has 1 parameter group"):
         UpdateRatio(groups=2).setup(net, opt)
 

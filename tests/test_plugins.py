@@ -394,7 +394,7 @@ def test_cli_plugins_lists_every_builtin_with_plugin_and_version(capsys):
     assert rows["update_ratio"][4].endswith("wnorm (same); with trend_window: N (e.g. 48): trend_slope, "
                                             "trend_growth, trend_p, wnorm_trend_slope, "
                                             "wnorm_trend_growth, wnorm_trend_p, rms_per_lr_trend_slope, "
-                                                "rms_per_lr_trend_growth, rms_per_lr_trend_p")
+                                            "rms_per_lr_trend_growth, rms_per_lr_trend_p")
 
 
 def test_cli_plugins_json_includes_code_plugins(capsys):
