@@ -428,21 +428,19 @@ def test_update_ratio_rms_per_lr_divides_by_the_lr_the_step_used_in_a_guard(tmp_
     under plain SGD it is the gradients' RMS, not that times the scale."""
     from lbw_policy.policy import loads_policy
 
-    act, then = "lr_scale: {min: 0.25, max: 1.0}", "{actuator: lr_scale, multiply: 0.25}"
-    policy = loads_policy(f"""
+    policy = loads_policy("""
 apiVersion: lbw-policy/v1
 kind: Policy
-metadata: {{name: t}}
+metadata: {name: t}
 mode: enforce
-detectors:
-  upd: {{type: update_ratio}}
-actuators:
-  {act}
+detectors: {upd: {type: update_ratio}}
+actuators: {lr_scale: {min: 0.25, max: 1.0}}
 rules:
   - name: always
-    when: {{signal: upd.ratio, op: ">=", value: 0.0}}
-    then: [{then}]
+    when: {signal: upd.ratio, op: ">=", value: 0.0}
+    then: [{actuator: lr_scale, multiply: 0.25}]
 """)
+
     net = _net(5)
     opt = torch.optim.SGD(net.parameters(), lr=0.2)
     rms = []
