@@ -21,6 +21,27 @@ initializations where one on ``ratio`` does not). Tensors, or rows of an embeddi
 little or no gradient lower it. Under SGD it is the learning rate times the gradient's RMS, not
 scale-free.
 
+The same RMS times the model's width ``n`` (``width`` below), the update's RMS with the
+width's effect taken out::
+
+    rms_mup = rms * n
+
+Under Adam, the update per element that a hidden weight matrix tolerates shrinks as 1/width:
+the Maximal Update Parametrization (muP, Yang et al., arXiv 2203.03466, Table 3) scales Adam's
+learning rate of hidden matrices by ``1 / fan_in``, and the spectral condition (Yang, Simon &
+Bernstein, arXiv 2310.17813) asks ``||dW||_2 ~ sqrt(fan_out / fan_in)``, which for a low-rank
+``dW`` is an RMS of about ``1 / fan_in``. So a threshold on ``rms_mup`` (tuned at one width)
+carries over to wider or narrower models of the same family, where one on ``rms`` asks a wider
+model for a larger step than it tolerates (issue 15: at d 192 the update RMS at a learning rate
+that stalls training, about 1e-3, stayed below a brake set at 1.5e-3 on d 128 models). GPT-3's
+learning rates (Brown et al., arXiv 2005.14165, Table 2.1) fall about as 1/width: 6e-4 at d
+768, 1.2e-4 at d 4096. The width ``n`` is the ``width`` param, else inferred once from the
+measured tensors' shapes: the most frequent size among the last two dims of the tensors of
+2 or more dims (a transformer's hidden size, which every one of its matrices has; ties go to
+the smaller size); with no such tensor and no ``width``, ``rms_mup`` is NaN. Units: the
+weights' units times elements of width. Embeddings and the output head are in the sum too:
+muP treats them differently, a small part of the parameters of most models.
+
 The same RMS per unit of learning rate: each tensor's change divided by the learning rate
 ``lr_g`` of its parameter group as the optimizer step used it (inside a ``Guard``, after
 ``lr_scale`` or ``lr_cap`` changed it for the step: ``Telemetry.step_lrs``; elsewhere the
@@ -52,7 +73,8 @@ ratio is meaningless (``||dW|| / eps``), and are not what the heuristic watches.
 
 Signals (0-dim tensors; ``rms`` and ``wnorm`` in the weights' units, ``rms_per_lr`` in the
 weights' units per unit of learning rate, the others dimensionless): ``ratio`` (global), ``rms``
-(global, above), ``rms_per_lr`` (above), ``wnorm`` (``sqrt(sum_p
+(global, above), ``rms_mup`` and ``width`` (above; ``width`` the ``n`` used, a constant),
+``rms_per_lr`` (above), ``wnorm`` (``sqrt(sum_p
 ||W_p||^2)``, the measured weights' global L2 norm before the step), ``max`` (largest ``ratio_p``),
 ``worst`` (index of that tensor in the optimizer's parameter order over *all* its tensors, from
 0), and for each ``i < groups``: ``group<i>.ratio`` and ``group<i>.max`` (0 and -inf for a group
@@ -137,7 +159,8 @@ Params: ``groups`` (per-group signals for the first ``groups`` parameter groups,
 exactly), ``seed`` (of the samples' starts, default 0), ``trend_window`` (evaluations kept for
 the trends, 4..1024; default 0: no trend signals), ``trend_min_points`` (values in a window
 before its trend is emitted, 3..``trend_window``; default ``trend_window``), ``trend_start``
-(first step whose values enter the windows, default 0).
+(first step whose values enter the windows, default 0), ``width`` (the model's width ``n`` of
+``rms_mup``, an integer >= 1; default: inferred from the shapes, above).
 
 :raises ValueError: (in :meth:`setup`) the optimizer has fewer than ``groups`` parameter groups.
 """
@@ -154,7 +177,7 @@ from lbw_policy.base import Detector
 from ._ring import Ring, to_device
 from .grad_norm_trend import theil_sen_mann_kendall
 
-__all__ = ["UpdateRatio"]
+__all__ = ["UpdateRatio", "infer_width"]
 
 #: default ``sketch``: the largest tensor of the demo GPT (512 x 128), so it is measured exactly
 DEFAULT_SKETCH = 65536
@@ -168,7 +191,8 @@ class _Layout(NamedTuple):
     to its index in parameter order; ``groups[i]`` is ``None`` when group ``i`` holds every
     measured tensor, an empty tuple when it holds none, else the positions of its tensors (a
     device index tensor); ``how`` says how :func:`_norms` reduces the buffers. ``exact`` and
-    ``sketched`` are the positions of the tensors measured each way, ``samples[k]`` the
+    ``sketched`` are the positions of the tensors measured each way, ``width`` the ``n`` of
+    ``rms_mup`` (the param, else inferred from the shapes; ``None``: neither), ``samples[k]`` the
     ``(stride s, start o, count m')`` of sketched tensor ``k``, and ``scale`` (float, on the
     device; ``None`` when nothing is sketched) ``sqrt(s)`` per measured tensor (1 for an exact
     one), which turns a sample's norm into the estimate of the tensor's; ``count`` the number of
@@ -187,11 +211,12 @@ class _Layout(NamedTuple):
     scale: Optional[torch.Tensor]
     count: float
     lr_groups: tuple
+    width: Optional[int]
 
 
 class UpdateRatio(Detector):
     name = "update_ratio"
-    signals = ("ratio", "max", "worst", "rms", "rms_per_lr", "wnorm")
+    signals = ("ratio", "max", "worst", "rms", "rms_mup", "width", "rms_per_lr", "wnorm")
     #: the trend signals, emitted with ``trend_window``: of ln(ratio), of ln(wnorm), of ln(rms_per_lr)
     trend_signals = ("trend_slope", "trend_growth", "trend_p",
                      "wnorm_trend_slope", "wnorm_trend_growth", "wnorm_trend_p",
@@ -217,6 +242,10 @@ class UpdateRatio(Detector):
                                       f"default {DEFAULT_SKETCH}"},
             "seed": {"type": "integer", "minimum": 0,
                      "description": "seed of the samples' random starts; default 0"},
+            "width": {"type": ["integer", "null"], "minimum": 1,
+                      "description": "the model's width n of rms_mup = rms * n; default: the most "
+                                     "frequent size among the last two dims of the measured "
+                                     "matrices (the hidden size)"},
             "trend_window": {"type": "integer", "minimum": 0, "maximum": 1024,
                              "description": "evaluations kept for the trend signals (Theil-Sen "
                                             "slope and Mann-Kendall p of ln ratio, ln wnorm "
@@ -259,13 +288,17 @@ class UpdateRatio(Detector):
 
     def __init__(self, groups: int = 1, matrices_only: bool = True, eps: float = 1e-12,
                  sketch: Optional[int] = DEFAULT_SKETCH, seed: int = 0, trend_window: int = 0,
-                 trend_min_points: Optional[int] = None, trend_start: int = 0) -> None:
+                 trend_min_points: Optional[int] = None, trend_start: int = 0,
+                 width: Optional[int] = None) -> None:
         self.validate_params({"trend_window": trend_window, "trend_min_points": trend_min_points,
                               "trend_start": trend_start or None})
         trend = {} if not trend_window else {"trend_window": trend_window, "trend_start": trend_start,
                                              "trend_min_points": trend_min_points or trend_window}
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise ValueError(f"width must be an integer >= 1 (or omitted), not {width!r}")
         super().__init__(groups=groups, matrices_only=matrices_only, eps=eps, sketch=sketch, seed=seed,
-                         **trend)
+                         **trend, **({} if width is None else {"width": width}))
+        self.width = width                    # None: inferred from the shapes
         self.trend = Ring(int(trend_window)) if trend_window else None        # ln(ratio)
         self.wnorm_trend = Ring(int(trend_window)) if trend_window else None  # ln(wnorm)
         self.rms_per_lr_trend = Ring(int(trend_window)) if trend_window else None    # ln(rms_per_lr)
@@ -337,7 +370,8 @@ class UpdateRatio(Detector):
             self._layout = _Layout(key, buffers, index, groups, (norm_dtype, one_device), tuple(exact),
                                    tuple(sketched), tuple(samples),
                                    torch.tensor(scale, device=dev, dtype=dtype) if sketched else None,
-                                   float(sum(p.numel() for _, _, p in measured)), tuple(lr_groups))
+                                   float(sum(p.numel() for _, _, p in measured)), tuple(lr_groups),
+                                   self.width or infer_width([p.shape for _, _, p in measured]))
         return self._layout
 
     @torch.no_grad()
@@ -374,7 +408,7 @@ class UpdateRatio(Detector):
         """Measure the step's change (the copy armed at :meth:`compute` against the weights
         now); ``lrs``: each parameter group's learning rate as the step used it."""
         sources, self._armed = self._armed, None
-        _, buffers, index, groups, how, exact, sketched, _, scale, count, lr_groups = self._layout
+        _, buffers, index, groups, how, exact, sketched, _, scale, count, lr_groups, width = self._layout
         dev = sources[0].device
         wn = _norms(buffers, how, dev)
         if not sketched:
@@ -389,9 +423,11 @@ class UpdateRatio(Detector):
             dn, wn = dn * scale, wn * scale
         per = dn / torch.clamp(wn, min=self.eps)
         ratio, top = _global(dn, wn, self.eps), per.max()
+        rms = torch.sqrt((dn * dn).sum() / count)
+        n = math.nan if width is None else float(width)
         out = {"ratio": ratio, "max": top, "worst": torch.take(index, per.argmax()),
-               "rms": torch.sqrt((dn * dn).sum() / count), "wnorm": torch.sqrt((wn * wn).sum()),
-               "rms_per_lr": _rms_per_lr(dn, lr_groups, lrs)}
+               "rms": rms, "rms_mup": rms * n, "width": torch.full((), n, dtype=rms.dtype, device=dev),
+               "wnorm": torch.sqrt((wn * wn).sum()), "rms_per_lr": _rms_per_lr(dn, lr_groups, lrs)}
         if self.trend is not None:
             out.update(self._trends(ratio, out["wnorm"], out["rms_per_lr"]))
         for i, pos in enumerate(groups):
@@ -445,6 +481,22 @@ class UpdateRatio(Detector):
             self.trend.load_state_dict(state.get("trend", {}))
             self.wnorm_trend.load_state_dict(state.get("wnorm_trend", {}))
             self.rms_per_lr_trend.load_state_dict(state.get("rms_per_lr_trend", {}))   # absent before rms_per_lr
+
+
+def infer_width(shapes) -> Optional[int]:
+    """The width ``n`` of ``rms_mup``: the most frequent size among the last two dims of the
+    shapes of 2 or more dims (ties: the smaller size); ``None`` when there is none. For a
+    transformer, its hidden size: every projection, MLP matrix, embedding and output head has
+    it as one of its two dims (``nn.Linear`` stores ``(out, in)``, HF's ``Conv1D`` ``(in, out)``:
+    both count)."""
+    counts: dict = {}
+    for shape in shapes:
+        if len(shape) >= 2:
+            for size in tuple(shape)[-2:]:
+                counts[int(size)] = counts.get(int(size), 0) + 1
+    if not counts:
+        return None
+    return min(counts, key=lambda size: (-counts[size], size))
 
 
 def _stride_for(n: int, m: int) -> int:

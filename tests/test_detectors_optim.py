@@ -108,6 +108,62 @@ def test_update_ratio_rms_per_lr_divides_each_group_by_its_learning_rate(lr_kind
             assert math.isnan(float(out["rms_per_lr"])) and float(out["ratio"]) == 0.0   # no value
 
 
+def test_update_ratio_rms_mup_is_rms_times_the_width_inferred_or_given():
+    """rms_mup = rms x width; the width is the most frequent size among the measured matrices'
+    last two dims (ties: the smaller), or the ``width`` param; no matrix and no param: NaN."""
+    from lbw_policy.detectors.update_ratio import infer_width
+
+    assert infer_width([(5, 6), (3, 5)]) == 5                     # _net's two matrices
+    assert infer_width([(6, 4), (4, 6)]) == 4                     # a tie: the smaller
+    assert infer_width([(7,), (2, 3, 9, 9)]) == 9                 # 1-d left out; the last two dims
+    assert infer_width([(7,)]) is None and infer_width([]) is None
+    # a transformer's hidden size, whichever way its matrices are stored (HF Conv1D: (in, out))
+    cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=4, n_embd=48)
+    assert infer_width([p.shape for p in GPT(cfg).parameters()]) == 48
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=40,
+                                                                n_layer=2, n_head=4))
+    assert infer_width([p.shape for p in gpt2.parameters()]) == 40
+
+    for width, expect in ((None, 5), (64, 64)):
+        net = _net(2)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        det = UpdateRatio(**({} if width is None else {"width": width}))
+        det.setup(net, opt)
+        tel = Telemetry(0, _backward(net, 0), opt)
+        det.compute(tel)
+        opt.step()
+        det.after_step(tel, True)
+        out = det.compute(Telemetry(1, _backward(net, 1), opt))
+        assert float(out["width"]) == expect
+        assert float(out["rms_mup"]) == pytest.approx(float(out["rms"]) * expect, rel=1e-12)
+        assert float(out["rms"]) > 0
+    for width in (None, 4):                                       # only 1-d tensors measured
+        det = UpdateRatio(matrices_only=False, **({} if width is None else {"width": width}))
+        vec = nn.Parameter(torch.ones(4))
+        opt = torch.optim.SGD([vec], lr=0.1)
+        det.setup(None, opt)
+        vec.grad = torch.ones(4)
+        tel = Telemetry(0, torch.tensor(1.0), opt)
+        det.compute(tel)
+        opt.step()
+        det.after_step(tel, True)
+        out = det.compute(Telemetry(1, torch.tensor(1.0), opt))
+        assert float(out["rms"]) == pytest.approx(0.1)
+        if width is None:                                         # nothing to infer it from
+            assert math.isnan(float(out["rms_mup"])) and math.isnan(float(out["width"]))
+        else:
+            assert float(out["rms_mup"]) == pytest.approx(0.4) and float(out["width"]) == 4
+    for bad in (0, -3, 2.5, True, "128"):
+        with pytest.raises(ValueError, match="width must be an integer >= 1"):
+            UpdateRatio(width=bad)
+    import jsonschema
+
+    jsonschema.validate({"width": 256}, UpdateRatio.params_schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"width": 0}, UpdateRatio.params_schema)
+
+
 def test_update_ratio_skipped_step_is_zero_and_without_after_step_measures_since_the_copy():
     net = _net(1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
