@@ -64,10 +64,12 @@ CELLS = (
     Cell("demo-char", dict(data=SHAKESPEARE)),
     Cell("demo-fanin-char", dict(data=SHAKESPEARE, init="fan-in")),
     Cell("gpt2-bpe", dict(data=WIKITEXT, model="gpt2", tokenizer="bpe")),
+    # held out until 2026-12-05: it missed the LR-sensitivity goal, and the width-scaled update
+    # brake (update_ratio's rms_mup) was chosen after looking at it, so it is a tuning cell now
+    Cell("demo-bpe-wd-d192-l3-b16", dict(data=WIKITEXT_TEST, tokenizer="bpe", weight_decay=0.1, n_embd=192,
+                                         n_layer=3, n_head=6, batch_size=16)),
     Cell("gpt2-fanin-byte-wd-b16", dict(data=SHAKESPEARE, model="gpt2", init="fan-in", tokenizer="byte",
                                         weight_decay=0.1, batch_size=16), held_out=True),
-    Cell("demo-bpe-wd-d192-l3-b16", dict(data=WIKITEXT_TEST, tokenizer="bpe", weight_decay=0.1, n_embd=192,
-                                         n_layer=3, n_head=6, batch_size=16), held_out=True),
     # added 2026-12-05 with the width-scaled update brake (rms_mup), before any run of it: the
     # d 192 cell above had shown the brake's width problem, so a new width is held out
     Cell("gpt2-char-wd-d256-l2-b16", dict(data=WIKITEXT_TEST, model="gpt2", tokenizer="char", weight_decay=0.1,
