@@ -74,6 +74,9 @@ CELLS = (
     # d 192 cell above had shown the brake's width problem, so a new width is held out
     Cell("gpt2-char-wd-d256-l2-b16", dict(data=WIKITEXT_TEST, model="gpt2", tokenizer="char", weight_decay=0.1,
                                           n_embd=256, n_layer=2, n_head=4, batch_size=16), held_out=True),
+    # added 2026-12-05 after the width-scaled brake, before any run of it: the depth of 6
+    Cell("demo-fanin-byte-l6-b16", dict(data=WIKITEXT, init="fan-in", tokenizer="byte", n_layer=6,
+                                        batch_size=16), held_out=True),
     # the top of the shape range: about 50x the compute of a d 128, 2-layer step, out of
     # reach of the 2-core CPU machine (not run yet; `--cells ... --device cuda`)
     Cell("gpt2-bpe-wd-d512-l6", dict(data=WIKITEXT, model="gpt2", tokenizer="bpe", weight_decay=0.1, n_embd=512,
