@@ -36,11 +36,13 @@ model for a larger step than it tolerates (issue 15: at d 192 the update RMS at 
 that stalls training, about 1e-3, stayed below a brake set at 1.5e-3 on d 128 models). GPT-3's
 learning rates (Brown et al., arXiv 2005.14165, Table 2.1) fall about as 1/width: 6e-4 at d
 768, 1.2e-4 at d 4096. The width ``n`` is the ``width`` param, else inferred once from the
-measured tensors' shapes: the most frequent size among the last two dims of the tensors of
+measured tensors' shapes: the most frequent size among the first two dims of the tensors of
 2 or more dims (a transformer's hidden size, which every one of its matrices has; ties go to
-the smaller size); with no such tensor and no ``width``, ``rms_mup`` is NaN. Units: the
-weights' units times elements of width. Embeddings and the output head are in the sum too:
-muP treats them differently, a small part of the parameters of most models.
+the smaller size; for convolutional or recurrent models set ``width``); with no such tensor
+and no ``width``, ``rms_mup`` is NaN (a rule on it does not fire; :meth:`setup` warns).
+Units: the weights' units times elements of width. Embeddings and the output head are in the
+sum too, though muP keeps their Adam learning rate independent of the width (about a third
+of GPT-2 small's parameters, a few percent of a small character model's).
 
 The same RMS per unit of learning rate: each tensor's change divided by the learning rate
 ``lr_g`` of its parameter group as the optimizer step used it (inside a ``Guard``, after
@@ -168,6 +170,7 @@ before its trend is emitted, 3..``trend_window``; default ``trend_window``), ``t
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
@@ -244,7 +247,7 @@ class UpdateRatio(Detector):
                      "description": "seed of the samples' random starts; default 0"},
             "width": {"type": ["integer", "null"], "minimum": 1,
                       "description": "the model's width n of rms_mup = rms * n; default: the most "
-                                     "frequent size among the last two dims of the measured "
+                                     "frequent size among the first two dims of the measured "
                                      "matrices (the hidden size)"},
             "trend_window": {"type": "integer", "minimum": 0, "maximum": 1024,
                              "description": "evaluations kept for the trend signals (Theil-Sen "
@@ -320,7 +323,10 @@ class UpdateRatio(Detector):
         if self.groups > n:
             raise ValueError(f"update_ratio: params.groups is {self.groups} but the optimizer has {n} "
                              "parameter group(s)")
-        self._layout_for(self._measured(optimizer))
+        layout = self._layout_for(self._measured(optimizer))
+        if layout is not None and layout.width is None:
+            warnings.warn("update_ratio: no weight matrix to infer the width from and no `width` param: "
+                          "rms_mup is NaN and a rule on it never fires", stacklevel=2)
 
     def _measured(self, optimizer) -> list:
         """``[(group, index in parameter order, param)]`` of the tensors measured."""
@@ -484,15 +490,17 @@ class UpdateRatio(Detector):
 
 
 def infer_width(shapes) -> Optional[int]:
-    """The width ``n`` of ``rms_mup``: the most frequent size among the last two dims of the
+    """The width ``n`` of ``rms_mup``: the most frequent size among the first two dims of the
     shapes of 2 or more dims (ties: the smaller size); ``None`` when there is none. For a
     transformer, its hidden size: every projection, MLP matrix, embedding and output head has
     it as one of its two dims (``nn.Linear`` stores ``(out, in)``, HF's ``Conv1D`` ``(in, out)``:
-    both count)."""
+    both count). The first two dims of a convolution's ``(out, in, *kernel)`` weight are its
+    channels, not the kernel. Meant for transformers: for other models (convolutional,
+    recurrent: an LSTM's ``(4h, h)`` matrices) set the ``width`` param."""
     counts: dict = {}
     for shape in shapes:
         if len(shape) >= 2:
-            for size in tuple(shape)[-2:]:
+            for size in tuple(shape)[:2]:
                 counts[int(size)] = counts.get(int(size), 0) + 1
     if not counts:
         return None

@@ -115,7 +115,8 @@ def test_update_ratio_rms_mup_is_rms_times_the_width_inferred_or_given():
 
     assert infer_width([(5, 6), (3, 5)]) == 5                     # _net's two matrices
     assert infer_width([(6, 4), (4, 6)]) == 4                     # a tie: the smaller
-    assert infer_width([(7,), (2, 3, 9, 9)]) == 9                 # 1-d left out; the last two dims
+    assert infer_width([(7,), (2, 3, 9, 9)]) == 2                 # 1-d left out; channels, not the kernel
+    assert infer_width([(64, 64, 3, 3), (128, 64, 3, 3), (128, 128, 1, 1)]) == 64   # a small CNN's channels
     assert infer_width([(7,)]) is None and infer_width([]) is None
     # a transformer's hidden size, whichever way its matrices are stored (HF Conv1D: (in, out))
     cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=4, n_embd=48)
@@ -142,7 +143,11 @@ def test_update_ratio_rms_mup_is_rms_times_the_width_inferred_or_given():
         det = UpdateRatio(matrices_only=False, **({} if width is None else {"width": width}))
         vec = nn.Parameter(torch.ones(4))
         opt = torch.optim.SGD([vec], lr=0.1)
-        det.setup(None, opt)
+        if width is None:                                         # nothing to infer it from: said
+            with pytest.warns(UserWarning, match="no weight matrix to infer the width from"):
+                det.setup(None, opt)
+        else:
+            det.setup(None, opt)
         vec.grad = torch.ones(4)
         tel = Telemetry(0, torch.tensor(1.0), opt)
         det.compute(tel)
