@@ -456,11 +456,14 @@ def study(out: Path, data: str, faults: list, rates: list, seeds: list, lr: floa
 def _final_losses(study_dir: Path) -> tuple[dict, dict]:
     """``({(fault, onset rate, lr): [final val loss per seed]}, config)`` of a study directory;
     a final loss that is not finite or above ``ln V`` (worse than the untrained model: a
-    divergence) counts as ``ln V``. Clean runs have fault ``"none"`` and rate ``None``."""
+    divergence) counts as ``ln V``. Clean runs have fault ``"none"`` and rate ``None``. A run that
+    a ``halt`` rule stopped (``halted_step``) has its validation loss at the halt; the steps are
+    in ``config["halted"]``: ``{(fault, onset rate, lr): [halted step per halted seed]}``."""
     results = study_dir / "results.jsonl"
     if not results.exists():
         raise ValueError(f"{results}: no such file (run the study first: --study {study_dir})")
     cells: dict = {}
+    halted: dict = {}
     for n, line in enumerate(results.read_text(encoding="utf-8").splitlines(), 1):
         try:
             r = json.loads(line)
@@ -470,12 +473,15 @@ def _final_losses(study_dir: Path) -> tuple[dict, dict]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{results}:{n}: not a stress-harness result ({exc})") from None
         cells.setdefault(key, []).append(lnv if v is None or not math.isfinite(v) or v > lnv else v)
+        if r.get("halted_step") is not None:
+            halted.setdefault(key, []).append(r["halted_step"])
     try:
         config = json.loads((study_dir / "config.json").read_text())
         float(config["lr"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{study_dir / 'config.json'}: not a study's config ({exc}); the study "
                          "writes it") from None
+    config["halted"] = halted
     return cells, config
 
 
@@ -508,13 +514,15 @@ def compare(dirs: list, labels: Optional[list] = None, gap: float = 0.5, within:
         a = mean(ref[key])
         goal = a - clean[0] > gap
         row = [f"{key[0]} at {key[1]}", f"{a:.3f} ({a - clean[0]:+.3f})"]
-        for lab, (cells, _), c in zip(labels[1:], loaded[1:], clean[1:]):
+        for lab, (cells, cfg), c in zip(labels[1:], loaded[1:], clean[1:]):
             if key not in cells:
                 row += ["-", "-"]
                 continue
             v = mean(cells[key])
             ok = v - c <= within
-            row += [f"{v:.3f} ({v - clean[0]:+.3f})", f"{v - c:+.3f}" + (" **met**" if goal and ok else "")]
+            stops = cfg["halted"].get(key)
+            halt = f", halted at {'/'.join(map(str, stops))}" if stops else ""
+            row += [f"{v:.3f} ({v - clean[0]:+.3f}{halt})", f"{v - c:+.3f}" + (" **met**" if goal and ok else "")]
             if goal:
                 verdicts[lab][0] += ok
                 verdicts[lab][1] += 1
@@ -525,7 +533,8 @@ def compare(dirs: list, labels: Optional[list] = None, gap: float = 0.5, within:
             f"{lab} {mean(c[('none', None, x)]):.3f}" for lab, (c, _) in zip(labels, loaded) if ("none", None, x) in c))
     notes = [f"Mean final validation loss over seeds (nats; a divergence counts as ln V); in brackets, minus "
              f"{labels[0]}'s clean run at lr {lr:g}. Goal cell: {labels[0]} ends more than {gap} above its clean "
-             f"run; there the enforced run should end within {within} of its own clean run."]
+             f"run; there the enforced run should end within {within} of its own clean run. A run a halt "
+             "rule stopped counts with its validation loss at the halt (its step shown)."]
     notes += cleans
     notes += [f"{lab}: within {within} of its own clean run in {ok} of {n} goal cells" for lab, (ok, n) in verdicts.items()]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)

@@ -432,7 +432,7 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(spec, s))
     run_dir = Path(out_dir) / "runs" / spec.key.replace("|", "_")
     if spec.method in GOVERNED:
-        from lbw_policy import Guard
+        from lbw_policy import Guard, TrainingHalted
 
         if run_dir.exists():  # a re-run starts a fresh log
             for f in run_dir.iterdir():
@@ -448,6 +448,7 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
     lrs: list[float] = []
     first_action: Optional[int] = None
     diverged = False
+    halted: Optional[int] = None
     t0 = time.perf_counter()
     for step in range(spec.steps):
         x, y = corpus.get_batch("train", spec.batch_size, spec.block_size, gen)
@@ -464,7 +465,11 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
                 if p.grad is not None:
                     p.grad.mul_(1e3)
         if guard is not None:
-            result = guard.step(loss)
+            try:
+                result = guard.step(loss)
+            except TrainingHalted:   # a halt rule (enforce mode): the run ends here, un-stepped
+                halted = step
+                break
             loss_value, lr_value = result.loss, result.lr
             if first_action is None and any(
                     r.get("enforced") and r["event"] in ("fired", "action")
@@ -495,13 +500,15 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
     elapsed = time.perf_counter() - t0
     if guard is not None:
         guard.close()
+    ran = len(losses)
     val_loss = evaluate(model, [(a.to(spec.device), b.to(spec.device)) for a, b in val])
     diverged = diverged or not math.isfinite(val_loss)
     return {**asdict(spec), "key": spec.key, "vocab_size": corpus.vocab_size,
             "final_val_loss": val_loss if math.isfinite(val_loss) else None,
-            "final_train_loss": losses[-1] if math.isfinite(losses[-1]) else None,
+            "final_train_loss": losses[-1] if losses and math.isfinite(losses[-1]) else None,
             "diverged": diverged, "spikes": count_spikes(losses, start=spec.warmup_steps),
-            "first_action_step": first_action, "steps_per_second": spec.steps / elapsed,
+            "first_action_step": first_action, "halted_step": halted,
+            "steps_per_second": ran / elapsed if ran else None,
             "losses": [round(v, 5) if math.isfinite(v) else None for v in losses],
             "lrs": [float(f"{v:.6g}") for v in lrs],
             "run_dir": str(run_dir) if guard is not None else None}

@@ -40,6 +40,16 @@ Rotary position embeddings and QK-norm (Llama, Mistral, Qwen3, torchtitan) act a
 projections: the logits measured from projection outputs are those of the un-rotated,
 un-normalised queries and keys (the same norms; the position-dependent phase is left out).
 
+**Values and output projection** (for ``attention_logits``' kernel check): the value features
+are the third block of a fused projection, or a sibling of the query projection named as the
+pair's value (:data:`V_NAMES`: ``v_proj``, ``wv``, ``v``, ``value``, ``v_lin``, ``to_v``,
+``value_proj``); the output projection, whose input is the attention's merged heads ``(B, T,
+n_head * hs)``, is a sibling named ``o_proj``, ``out_proj``, ``c_proj``, ``wo``, ``o``,
+``out_lin``, ``proj`` or ``dense`` (:data:`OUT_NAMES`) with ``n_head * hs`` input features.
+For ``nn.MultiheadAttention`` both come from the module (``in_proj_weight`` rows ``[2E, 3E)``,
+``out_proj``). :func:`kernel_check_obstacles` lists what keeps a layer's attention output from
+being recomputed from its projections.
+
 **Output head** (:func:`find_output_head`): HF ``model.get_output_embeddings()`` when the model
 has it; otherwise the first ``nn.Linear`` whose weight is an ``nn.Embedding``'s weight (tied, as
 nanoGPT), else the last ``nn.Linear`` whose ``out_features`` is a vocabulary size (an
@@ -56,11 +66,20 @@ import torch
 from torch import nn
 
 __all__ = ["AttentionSite", "find_attention_sites", "find_output_head", "is_projection", "repeat_heads",
-           "QK_PAIRS", "FUSED_NAMES", "HEAD_ATTRS", "KV_HEAD_ATTRS"]
+           "kernel_check_obstacles", "QK_PAIRS", "FUSED_NAMES", "HEAD_ATTRS", "KV_HEAD_ATTRS", "V_NAMES",
+           "OUT_NAMES"]
 
 #: Sibling (query, key) projection names found without configuration.
 QK_PAIRS = (("q_proj", "k_proj"), ("wq", "wk"), ("q", "k"), ("query", "key"), ("q_lin", "k_lin"),
             ("to_q", "to_k"), ("query_proj", "key_proj"))
+#: Value projections, by the index of their (query, key) pair in :data:`QK_PAIRS`.
+V_NAMES = ("v_proj", "wv", "v", "value", "v_lin", "to_v", "value_proj")
+#: Output projections (merged heads in), siblings of the query projection.
+OUT_NAMES = ("o_proj", "out_proj", "c_proj", "wo", "o", "out_lin", "proj", "dense")
+#: Children that normalise queries or keys after the projection (QK-norm).
+QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
+#: Float attributes of an attention layer that give its attention-weight dropout.
+ATTN_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "attn_pdrop", "dropout_p", "dropout")
 #: Names of fused ``[q | k | v]`` projections found without configuration.
 FUSED_NAMES = ("c_attn", "qkv", "qkv_proj", "Wqkv", "wqkv", "to_qkv")
 #: Attributes giving the number of query heads.
@@ -128,6 +147,12 @@ class AttentionSite:
     :param q_range: ``(start, stop)``: the query features among ``q``'s output features
         (``None``: all of them).
     :param k_range: the same for the key features of ``k``.
+    :param v: the value projection (the same module as ``q`` for a fused projection; ``None``
+        when not found, and for MHA).
+    :param v_range: the value features among ``v``'s output features.
+    :param out: the output projection, input ``(..., n_head * hs)`` (``None`` when not found,
+        and for MHA).
+    :param module: the layer module (the projections' parent, or the MHA module).
     """
 
     name: str
@@ -139,6 +164,10 @@ class AttentionSite:
     mha: Optional[nn.MultiheadAttention] = None
     q_range: Optional[tuple] = None
     k_range: Optional[tuple] = None
+    v: Optional[nn.Module] = None
+    v_range: Optional[tuple] = None
+    out: Optional[nn.Module] = None
+    module: Optional[nn.Module] = None
 
     @property
     def fused(self) -> bool:
@@ -146,9 +175,9 @@ class AttentionSite:
         return self.q is not None and self.q is self.k
 
     def select(self, which: str, output: torch.Tensor) -> torch.Tensor:
-        """The query (``which="q"``) or key (``"k"``) features of a projection's output
-        ``(..., out_features)``: ``(..., n_head * hs)`` or ``(..., n_kv_head * hs)``, a view."""
-        rng = self.q_range if which == "q" else self.k_range
+        """The query (``which="q"``), key (``"k"``) or value (``"v"``) features of a projection's
+        output ``(..., out_features)``: ``(..., n_head * hs)`` or ``(..., n_kv_head * hs)``, a view."""
+        rng = {"q": self.q_range, "k": self.k_range, "v": self.v_range}[which]
         return output if rng is None else output[..., rng[0]:rng[1]]
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +291,7 @@ def find_attention_sites(model: nn.Module, q_pattern: Optional[str] = None, k_pa
         if isinstance(mod, nn.MultiheadAttention):
             if mha_pattern and fnmatch.fnmatchcase(name, mha_pattern):
                 e, h = mod.embed_dim, mod.num_heads
-                found.append((i, AttentionSite(name, h, h, e // h, mha=mod)))
+                found.append((i, AttentionSite(name, h, h, e // h, mha=mod, module=mod)))
             continue
         if auto:
             children = dict(mod.named_children())
@@ -313,8 +342,9 @@ def find_attention_sites(model: nn.Module, q_pattern: Optional[str] = None, k_pa
         if nk % hs or heads % (nk // hs):
             raise ValueError(f"{who}: key projection {kn} has {nk} output features, expected a "
                              f"multiple of the head size {hs} that divides {heads} heads (query {qn}: {nq})")
-        found.append((i, AttentionSite(parent or qn, heads, nk // hs, hs, q=q, k=k, q_range=(0, nq),
-                                       k_range=(0, nk))))
+        site = AttentionSite(parent or qn, heads, nk // hs, hs, q=q, k=k, q_range=(0, nq), k_range=(0, nk))
+        _attach_value_and_output(model, site, parent, qn.rpartition(".")[2])
+        found.append((i, site))
     for i, parent, name, mod in fused:
         out = _out_features(mod)
         heads, kv, hs = heads_of(parent, parent or name, out)
@@ -326,8 +356,11 @@ def find_attention_sites(model: nn.Module, q_pattern: Optional[str] = None, k_pa
                              f"(n_head + 2 n_kv_head) * head size with n_head {heads}, n_kv_head {kv}"
                              f"{'' if not hs else f', head size {hs}'} (a [q | k | v] layout); set `n_head`, "
                              "or q_pattern / k_pattern for separate projections")
-        found.append((i, AttentionSite(parent or name, heads, kv, hs, q=mod, k=mod, q_range=(0, heads * hs),
-                                       k_range=(heads * hs, (heads + kv) * hs))))
+        site = AttentionSite(parent or name, heads, kv, hs, q=mod, k=mod, q_range=(0, heads * hs),
+                             k_range=(heads * hs, (heads + kv) * hs), v=mod,
+                             v_range=((heads + kv) * hs, (heads + 2 * kv) * hs))
+        _attach_value_and_output(model, site, parent, None)
+        found.append((i, site))
     if not found:
         if auto:
             what = (f"no sibling query/key projections named {'/'.join(a + '+' + b for a, b in QK_PAIRS)}, "
@@ -347,6 +380,94 @@ def find_attention_sites(model: nn.Module, q_pattern: Optional[str] = None, k_pa
             raise ValueError(f"{who}: layer {s.name!r} has head size {s.head_dim}; the normalized spectral "
                              "entropy needs at least 2 features per head")
     return sites
+
+
+def _attach_value_and_output(model: nn.Module, site: AttentionSite, parent: str, q_name: Optional[str]) -> None:
+    """Set ``site.module``, and ``site.v`` / ``site.out`` where siblings of the query projection
+    are named as :data:`V_NAMES` / :data:`OUT_NAMES` and have the right number of features."""
+    try:
+        layer = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        return
+    site.module = layer
+    children = dict(layer.named_children())
+    if site.v is None:
+        names = V_NAMES
+        pair = next((j for j, (a, _) in enumerate(QK_PAIRS) if a == q_name), None)
+        if pair is not None:
+            names = (V_NAMES[pair],) + tuple(n for n in V_NAMES if n != V_NAMES[pair])
+        nv = site.n_kv_head * site.head_dim
+        v = next((children[n] for n in names if is_projection(children.get(n)) and _out_features(children[n]) == nv
+                  and children[n] is not site.q and children[n] is not site.k), None)
+        if v is not None:
+            site.v, site.v_range = v, (0, nv)
+    no = site.n_head * site.head_dim
+    site.out = next((children[n] for n in OUT_NAMES if is_projection(children.get(n))
+                     and _in_features(children[n]) == no and children[n] is not site.q), None)
+
+
+def _model_has_position_rotation(model: nn.Module) -> Optional[str]:
+    """Why the model's attention logits are not ``q . k`` of its projections' outputs
+    (rotary or ALiBi position encodings), or ``None``: a module class named ``*Rotary*`` /
+    ``*RoPE*``, a buffer ``inv_freq`` / ``freqs_cis``, or a config with a ``rope_*`` value,
+    ``position_embedding_type`` rotary/alibi or a true ``alibi``."""
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__.lower()
+        if "rotary" in cls or "rope" in cls:
+            return f"rotary position embeddings ({type(mod).__name__} {name!r})"
+        for b, _ in mod.named_buffers(recurse=False):
+            if b in ("inv_freq", "freqs_cis"):
+                return f"rotary position embeddings (buffer {name + '.' if name else ''}{b})"
+        cfg = getattr(mod, "config", None)
+        if cfg is not None:
+            for attr in ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct"):
+                if getattr(cfg, attr, None) is not None:
+                    return f"rotary position embeddings (config.{attr})"
+            pet = getattr(cfg, "position_embedding_type", None)
+            if isinstance(pet, str) and pet.lower() in ("rotary", "alibi"):
+                return f"{pet} position encodings (config.position_embedding_type)"
+            if getattr(cfg, "alibi", False) is True:
+                return "ALiBi position encodings (config.alibi)"
+    return None
+
+
+def kernel_check_obstacles(model: nn.Module, site: AttentionSite) -> list[str]:
+    """What keeps ``site``'s attention output from being recomputed exactly as
+    ``softmax(scale * q k^T + mask) v`` from its projections' outputs (empty: nothing found):
+    no value or output projection found; rotary or ALiBi position encodings in the model; QK-norm
+    children (:data:`QK_NORM_NAMES`); attention dropout above 0 (an ``nn.Dropout`` child whose name
+    contains ``attn`` / ``attention``, or a float attribute of :data:`ATTN_DROPOUT_ATTRS`); for
+    ``nn.MultiheadAttention``, ``dropout``, ``bias_k`` / ``bias_v`` or ``add_zero_attn``."""
+    why = []
+    layer = site.module
+    if site.mha is not None:
+        m = site.mha
+        if m.dropout > 0:
+            why.append(f"attention dropout {m.dropout}")
+        if m.bias_k is not None or m.add_zero_attn:
+            why.append("bias_k / bias_v / add_zero_attn")
+    else:
+        if site.v is None:
+            why.append(f"no value projection found (a sibling named {'/'.join(V_NAMES)})")
+        if site.out is None:
+            why.append(f"no output projection found (a sibling named {'/'.join(OUT_NAMES)} with "
+                       f"{site.n_head * site.head_dim} input features)")
+        if layer is not None:
+            norms = [n for n, _ in layer.named_children() if n in QK_NORM_NAMES]
+            if norms:
+                why.append(f"QK-norm ({', '.join(norms)})")
+            for attr in ATTN_DROPOUT_ATTRS:
+                val = getattr(layer, attr, None)
+                if isinstance(val, float) and val > 0:
+                    why.append(f"attention dropout ({attr} = {val})")
+                    break
+                if isinstance(val, nn.Dropout) and val.p > 0:
+                    why.append(f"attention dropout ({attr}: p = {val.p})")
+                    break
+    rotation = _model_has_position_rotation(model)
+    if rotation:
+        why.append(rotation)
+    return why
 
 
 def find_output_head(model: nn.Module, who: str = "detector") -> str:

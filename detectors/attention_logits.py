@@ -42,10 +42,31 @@ Rotary embeddings and QK-norm applied after the projections (Llama, Mistral, tor
 not in the measured logits: they are those of the projected, un-rotated queries and keys
 (``detectors/_attention.py``).
 
+**Kernel check** (``kernel_check: true``; off by default): one more signal,
+
+- ``kernel_error``: ``max_l ||o_l - o*_l||_F / ||o*_l||_F``, where ``o_l`` is what the layer's
+  attention kernel returned (the input of its output projection, the merged heads ``(B, Tq,
+  n_head * hs)``; for ``nn.MultiheadAttention`` the module's output) and ``o*_l`` the same
+  slice recomputed here in float32 as ``softmax(z) v`` from the captured queries, keys and
+  values (then ``out_proj`` for MHA). Dimensionless; about 1e-7 for a float32 kernel, about 1e-3
+  to 1e-2 for bfloat16 attention; NaN when no layer is checked.
+
+It watches the attention kernel itself, not the learning dynamics: a low-precision attention
+kernel, a wrong softmax scale or a faulty fused kernel (the faults that arXiv 2606.28116
+injects) change ``o`` but not the projections, so the recomputation shows them from the first
+faulted forward. Layers whose output cannot be recomputed from their projections are skipped,
+with a warning at :meth:`setup` naming them and why (:func:`kernel_check_obstacles`): rotary or
+ALiBi position encodings (Llama, Mistral, Qwen, torchtitan), QK-norm, attention dropout above
+0, no value or output projection found. Masks as above; a padding mask the model applies inside
+its attention is not seen, so enable the check on unpadded batches only. Cost when due: one
+more ``(B, nh, Tq, T) x (B, nh, T, hs)`` product per layer, and the hooks copy the values and
+the output projection's input (``3 * layers * max_batch * T * d`` numbers held in all).
+
 Params: ``q_pattern``, ``k_pattern``, ``qkv_pattern``, ``mha_pattern``, ``n_head`` (layer
 discovery and its overrides, as ``spectral_entropy``),
 ``causal`` (default true), ``scale`` (default ``1/sqrt(hs)``), ``max_batch`` (default 4),
-``max_queries`` (default 256). No warm-up: both signals are meaningful from the first step.
+``max_queries`` (default 256), ``kernel_check`` (default false). No warm-up: the signals are
+meaningful from the first step.
 
 :raises ValueError: (in :meth:`setup`) as ``spectral_entropy``'s layer discovery;
     (in :meth:`compute`) a projection output that is not ``(B, T, features)``.
@@ -54,15 +75,47 @@ discovery and its overrides, as ``spectral_entropy``),
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
 
 from lbw_policy.base import Detector
 
-from ._attention import SITE_PARAMS_DEPENDENCIES, SITE_PARAMS_SCHEMA, find_attention_sites, repeat_heads
+from ._attention import (SITE_PARAMS_DEPENDENCIES, SITE_PARAMS_SCHEMA, find_attention_sites, kernel_check_obstacles,
+                         repeat_heads)
 
-__all__ = ["AttentionLogits", "logit_stats"]
+__all__ = ["AttentionLogits", "logit_stats", "masked_logits"]
+
+
+def masked_logits(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q_offset: int,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``scale * q k^T`` with the causal and the additive mask applied (``-inf`` = not allowed).
+
+    :param q: ``(B, nh, Tq, hs)`` queries (the last ``Tq`` positions of the sequence).
+    :param k: ``(B, nh, T, hs)`` keys.
+    :param q_offset: position of ``q``'s first query in the sequence (``T - Tq``).
+    :param mask: optional ``(Tq, T)`` float mask added to the logits.
+    :return: ``(B, nh, Tq, T)`` logits.
+    """
+    z = (q @ k.transpose(-1, -2)) * scale                       # (B, nh, Tq, T)
+    tq, t = z.shape[-2], z.shape[-1]
+    add = torch.zeros(tq, t, dtype=z.dtype, device=z.device)
+    if causal:
+        i = torch.arange(tq, device=z.device).unsqueeze(1) + q_offset
+        j = torch.arange(t, device=z.device).unsqueeze(0)
+        add = add.masked_fill(j > i, -math.inf)
+    if mask is not None:
+        add = add + mask.to(z.dtype)
+    return z + add
+
+
+def _stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mx = z.amax()
+    logp = torch.log_softmax(z, dim=-1)
+    # 0 ln 0 = 0: a masked key has logp = -inf and p = 0; a NaN logit stays NaN (NaN * 0).
+    ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)   # (B, nh, Tq)
+    return mx, ent.mean(dim=(0, 2))
 
 
 def logit_stats(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q_offset: int,
@@ -75,27 +128,14 @@ def logit_stats(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q_
     :param mask: optional ``(Tq, T)`` float mask added to the logits (``-inf`` = not allowed).
     :return: ``(max_logit, entropy)``: 0-dim, and ``(nh,)`` in nats.
     """
-    z = (q @ k.transpose(-1, -2)) * scale                       # (B, nh, Tq, T)
-    tq, t = z.shape[-2], z.shape[-1]
-    add = torch.zeros(tq, t, dtype=z.dtype, device=z.device)
-    if causal:
-        i = torch.arange(tq, device=z.device).unsqueeze(1) + q_offset
-        j = torch.arange(t, device=z.device).unsqueeze(0)
-        add = add.masked_fill(j > i, -math.inf)
-    if mask is not None:
-        add = add + mask.to(z.dtype)
-    z = z + add
-    mx = z.amax()
-    logp = torch.log_softmax(z, dim=-1)
-    # 0 ln 0 = 0: a masked key has logp = -inf and p = 0; a NaN logit stays NaN (NaN * 0).
-    ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)   # (B, nh, Tq)
-    return mx, ent.mean(dim=(0, 2))
+    return _stats(masked_logits(q, k, scale, causal, q_offset, mask))
 
 
 class AttentionLogits(Detector):
     name = "attention_logits"
-    signals = ("max_logit", "min_entropy", "worst_layer", "worst_head")
-    reductions = {"max_logit": "max", "min_entropy": "min", "worst_layer": "same", "worst_head": "same"}
+    signals = ("max_logit", "min_entropy", "worst_layer", "worst_head", "kernel_error")
+    reductions = {"max_logit": "max", "min_entropy": "min", "worst_layer": "same", "worst_head": "same",
+                  "kernel_error": "max"}
     params_schema = {
         "type": "object",
         "additionalProperties": False,
@@ -109,16 +149,21 @@ class AttentionLogits(Detector):
                           "description": "sequences captured per forward; default 4"},
             "max_queries": {"type": "integer", "minimum": 1,
                             "description": "query positions captured (the last ones); default 256"},
+            "kernel_check": {"type": "boolean",
+                             "description": "also emit kernel_error: the attention output against a float32 "
+                                            "recomputation from the captured q, k, v; default false"},
         },
     }
 
     def __init__(self, q_pattern: Optional[str] = None, k_pattern: Optional[str] = None,
                  mha_pattern: str = "*", n_head: Optional[int] = None, causal: bool = True,
                  scale: Optional[float] = None, max_batch: int = 4, max_queries: int = 256,
-                 qkv_pattern: Optional[str] = None) -> None:
+                 qkv_pattern: Optional[str] = None, kernel_check: bool = False) -> None:
         super().__init__(q_pattern=q_pattern, k_pattern=k_pattern, mha_pattern=mha_pattern, n_head=n_head,
                          causal=causal, scale=scale, max_batch=max_batch, max_queries=max_queries,
-                         qkv_pattern=qkv_pattern)
+                         qkv_pattern=qkv_pattern, kernel_check=kernel_check)
+        self.kernel_check = bool(kernel_check)
+        self._checked: list = []   # per site: True when its output is recomputed (kernel_check)
         self.causal = bool(causal)
         self.scale = scale
         self.max_batch = int(max_batch)
@@ -134,14 +179,33 @@ class AttentionLogits(Detector):
         self.sites = find_attention_sites(model, p["q_pattern"], p["k_pattern"], p["mha_pattern"] or None,
                                           p["n_head"], who="attention_logits", qkv_pattern=p["qkv_pattern"])
         self._cap = [dict() for _ in self.sites]
+        self._checked = [False] * len(self.sites)
+        if self.kernel_check:
+            skipped = []
+            for i, site in enumerate(self.sites):
+                why = kernel_check_obstacles(model, site)
+                self._checked[i] = not why
+                if why:
+                    skipped.append(f"{site.name!r} ({'; '.join(why)})")
+            if skipped:
+                warnings.warn(f"attention_logits: kernel_check skips {len(skipped)} of {len(self.sites)} attention "
+                              f"layers, whose output cannot be recomputed from their projections: "
+                              f"{', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}"
+                              + ("; kernel_error will be NaN" if not any(self._checked) else ""), stacklevel=2)
         for i, site in enumerate(self.sites):
+            check = self._checked[i]
             if site.mha is not None:
                 self._handles.append(site.mha.register_forward_hook(self._mha_hook(i), with_kwargs=True))
-            elif site.fused:   # one [q | k | v] projection: one hook takes both slices
-                self._handles.append(site.q.register_forward_hook(self._linear_hook(i, "qk")))
+                continue
+            if site.fused:   # one [q | k | v] projection: one hook takes every slice
+                self._handles.append(site.q.register_forward_hook(self._linear_hook(i, "qkv" if check else "qk")))
             else:
                 self._handles.append(site.q.register_forward_hook(self._linear_hook(i, "q")))
                 self._handles.append(site.k.register_forward_hook(self._linear_hook(i, "k")))
+                if check:
+                    self._handles.append(site.v.register_forward_hook(self._linear_hook(i, "v")))
+            if check:
+                self._handles.append(site.out.register_forward_pre_hook(self._output_hook(i)))
 
     # -- capture (runs inside the model's forward: cheap, no host sync) ----------------------
     def _slice(self, x: torch.Tensor, queries: bool) -> torch.Tensor:
@@ -167,6 +231,16 @@ class AttentionLogits(Detector):
             self._cap[i]["T"] = output.shape[1]
         return hook
 
+    def _output_hook(self, i: int):
+        """Pre-hook of layer ``i``'s output projection: its input is the attention's output."""
+        def hook(module, args):
+            if not self._armed or not module.training or not torch.is_grad_enabled() or not args:
+                return
+            x = args[0]
+            if isinstance(x, torch.Tensor) and x.dim() == 3:
+                self._cap[i]["o"] = self._slice(x, True)
+        return hook
+
     def _mha_hook(self, i: int):
         def hook(module, args, kwargs, output):
             if not self._armed or not module.training or not torch.is_grad_enabled():
@@ -184,12 +258,21 @@ class AttentionLogits(Detector):
             mask = kwargs.get("attn_mask", args[5] if len(args) > 5 else None)
             cap["mask"] = mask.detach().clone() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
             cap["is_causal"] = bool(kwargs.get("is_causal", args[7] if len(args) > 7 else False))
+            if self._checked[i]:
+                value = args[2] if len(args) > 2 else kwargs["value"]
+                padding = kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)
+                bad_mask = isinstance(mask, torch.Tensor) and mask.dim() != 2
+                out = output[0] if isinstance(output, tuple) else output
+                if padding is None and not bad_mask:   # masks the recomputation cannot apply: no check
+                    if not module.batch_first:
+                        value, out = value.transpose(0, 1), out.transpose(0, 1)
+                    cap["v"], cap["o"] = self._slice(value, False), self._slice(out, True)
         return hook
 
     # -- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
     def compute(self, telemetry) -> dict:
-        maxes, ents = [], []
+        maxes, ents, errors = [], [], []
         for i, (site, cap) in enumerate(zip(self.sites, self._cap)):
             if "error" in cap:
                 raise ValueError(cap.pop("error"))
@@ -215,20 +298,50 @@ class AttentionLogits(Detector):
             if nkv != nh:
                 kh = repeat_heads(kh, nh // nkv, dim=1)                # (B, nh, T, hs)
             scale = self.scale if self.scale is not None else 1.0 / math.sqrt(hs)
-            mx, ent = logit_stats(qh, kh, scale, causal, t - tq, mask)
+            z = masked_logits(qh, kh, scale, causal, t - tq, mask)
+            mx, ent = _stats(z)
             maxes.append(mx)
             ents.append(ent)
+            if self._checked[i] and "v" in cap and "o" in cap:
+                errors.append(self._kernel_error(site, z, cap["v"], cap["o"]))
         for cap in self._cap:   # measured: the next evaluation needs a new forward
-            cap.pop("q", None)
-            cap.pop("k", None)
+            for key in ("q", "k", "v", "o"):
+                cap.pop(key, None)
         max_logit = torch.stack(maxes).max().to(torch.float64)
         per_layer = [e.min() for e in ents]
         heads = [e.argmin() for e in ents]
         lay = torch.stack(per_layer)
         worst = lay.argmin()
-        return {"max_logit": max_logit, "min_entropy": lay.min().to(torch.float64),
-                "worst_layer": worst.to(torch.float64),
-                "worst_head": torch.take(torch.stack(heads), worst).to(torch.float64)}  # take: no sync
+        out = {"max_logit": max_logit, "min_entropy": lay.min().to(torch.float64),
+               "worst_layer": worst.to(torch.float64),
+               "worst_head": torch.take(torch.stack(heads), worst).to(torch.float64)}  # take: no sync
+        if self.kernel_check:
+            out["kernel_error"] = (torch.stack(errors).max().to(torch.float64) if errors
+                                   else torch.tensor(math.nan, dtype=torch.float64))
+        return out
+
+    @staticmethod
+    def _kernel_error(site, z: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """``||o - o*|| / ||o*||`` of one layer (module docstring): ``z`` ``(B, nh, Tq, T)``
+        masked logits, ``v`` ``(B, T, d_v)`` captured values (MHA: the value input), ``o``
+        ``(B, Tq, n_head * hs)`` the kernel's output (MHA: the module's output). 0-dim float32."""
+        b, nh, tq, t = z.shape
+        nkv, hs = site.n_kv_head, site.head_dim
+        if site.mha is not None:
+            m = site.mha
+            e = m.embed_dim
+            wv = m.in_proj_weight.detach()[2 * e:] if m.in_proj_weight is not None else m.v_proj_weight.detach()
+            bv = m.in_proj_bias.detach()[2 * e:] if m.in_proj_bias is not None else None
+            v = torch.nn.functional.linear(v.to(wv.dtype), wv, bv)
+        vh = v.float().reshape(b, t, nkv, hs).transpose(1, 2)        # (B, nkv, T, hs)
+        if nkv != nh:
+            vh = repeat_heads(vh, nh // nkv, dim=1)
+        ref = (torch.softmax(z, dim=-1) @ vh).transpose(1, 2).reshape(b, tq, nh * hs)
+        if site.mha is not None:
+            w, bias = site.mha.out_proj.weight.detach(), site.mha.out_proj.bias
+            ref = torch.nn.functional.linear(ref, w.float(), None if bias is None else bias.detach().float())
+        diff = torch.linalg.vector_norm(o.float() - ref)
+        return diff / torch.linalg.vector_norm(ref).clamp_min(torch.finfo(torch.float32).tiny)
 
     def after_step(self, telemetry, stepped: bool) -> None:
         # Arm the hooks for the next step's forwards only if that step is due.

@@ -8,6 +8,7 @@ one of them and emits finite signals."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -473,3 +474,156 @@ rules:
     with pytest.raises(PolicyError, match=r":6: detectors\.qk\.params: 'k_pattern' is a dependency of 'q_pattern'"):
         loads_policy(text)
     assert loads_policy(text.replace('q_pattern: "*.q"', 'q_pattern: "*.q", k_pattern: "*.k"')).name == "t"
+
+
+# ------------------------------------------------------------ the kernel check (kernel_error)
+
+class _WrongScale(torch.overrides.TorchFunctionMode):
+    """Every ``scaled_dot_product_attention`` call with its softmax scale multiplied by ``gain``:
+    a faulty attention kernel, invisible in the projections."""
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain = gain
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is F.scaled_dot_product_attention:
+            kwargs["scale"] = self.gain / math.sqrt(args[0].shape[-1])
+        return func(*args, **kwargs)
+
+
+def _kernel_det(model, **params):
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det = AttentionLogits(max_batch=B, max_queries=T, kernel_check=True, **params)
+        det.setup(model, None)
+    return det, [str(w.message) for w in caught if "kernel_check" in str(w.message)]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_kernel_error_is_rounding_on_a_float32_kernel_and_rotary_models_are_skipped(family):
+    build = FAMILIES[family][0]
+    model = build(seed=2).train()
+    det, warned = _kernel_det(model)
+    _logits(model, torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1)))
+    err = float(det.compute(_tel())["kernel_error"])
+    if family in ("hf-llama", "hf-mistral"):
+        assert math.isnan(err)
+        assert len(warned) == 1 and "rotary" in warned[0] and "model.layers.0.self_attn" in warned[0]
+    else:
+        assert not warned
+        assert 0.0 <= err < 1e-5
+    det.close()
+
+
+def test_kernel_check_is_off_by_default():
+    model = nano(seed=0).train()
+    det = AttentionLogits(max_batch=B, max_queries=T)
+    det.setup(model, None)
+    _logits(model, torch.randint(0, V, (B, T)))
+    assert "kernel_error" not in det.compute(_tel())
+
+
+@pytest.mark.parametrize("family", ["nanogpt", "torchtitan", "independent"])
+def test_kernel_error_of_a_kernel_with_the_wrong_softmax_scale_matches_numpy(family):
+    build, names, nh, nkv, hs, _ = FAMILIES[family]
+    model = build(seed=5).train()
+    with torch.no_grad():   # sharper attention than at init, so the scale error shows
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and n.split(".")[-2] in ("c_attn", "wq", "wk", "q", "k"):
+                p.mul_(3.0)
+    det, _ = _kernel_det(model)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, key=n: inputs.__setitem__(key, a[0].detach()))
+             for n, m in model.named_modules() if n in names]
+    idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
+    with _WrongScale(1.5):
+        _logits(model, idx)
+    err = float(det.compute(_tel())["kernel_error"])
+    for h in hooks:
+        h.remove()
+    mask = np.triu(np.ones((T, T), bool), 1)
+
+    def attend(q, k, v, gain):
+        qh = q.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)
+        kh = np.repeat(k.reshape(B, T, nkv, hs).transpose(0, 2, 1, 3), nh // nkv, axis=1)
+        vh = np.repeat(v.reshape(B, T, nkv, hs).transpose(0, 2, 1, 3), nh // nkv, axis=1)
+        z = np.where(mask, -np.inf, gain * (qh @ kh.transpose(0, 1, 3, 2)) / math.sqrt(hs))
+        a = np.exp(z - z.max(-1, keepdims=True))
+        return (a / a.sum(-1, keepdims=True)) @ vh
+
+    errors = []
+    for i, name in enumerate(names):
+        x = _np(inputs[name])
+        blk = model.blocks[i]
+        if family == "nanogpt":
+            w, b = _np(blk.c_attn.weight), _np(blk.c_attn.bias)
+            qkv = x @ w.T + b
+            q, k, v = qkv[..., :32], qkv[..., 32:64], qkv[..., 64:]
+        elif family == "torchtitan":
+            q, k, v = (x @ _np(p.weight).T for p in (blk.wq, blk.wk, blk.wv))
+        else:
+            q, k, v = (x @ _np(p.weight).T + _np(p.bias) for p in (blk.q, blk.k, blk.v))
+        got, ref = attend(q, k, v, 1.5), attend(q, k, v, 1.0)
+        errors.append(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert max(errors) > 0.01
+    assert err == pytest.approx(max(errors), rel=1e-4)
+    det.close()
+
+
+def test_kernel_error_of_multihead_attention_sees_a_changed_output():
+    model = mha(seed=1).train()
+    # a "kernel" whose output is 10 % too large, hooked before the detector's own hook
+    scale = [1.0]
+    for blk in model.blocks:
+        blk.attn.register_forward_hook(lambda mod, a, out: (out[0] * scale[0],) + tuple(out[1:]))
+    det, warned = _kernel_det(model)
+    assert not warned
+    idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    _logits(model, idx)
+    assert float(det.compute(_tel())["kernel_error"]) < 1e-5
+    scale[0] = 1.1
+    _logits(model, idx)
+    assert float(det.compute(_tel())["kernel_error"]) == pytest.approx(0.1, rel=1e-4)
+
+
+def test_kernel_check_skips_layers_it_cannot_recompute_and_says_why():
+    model = nano(seed=0)
+    model.blocks[0].q_norm = nn.LayerNorm(8)           # QK-norm
+    model.blocks[1].attn_dropout = nn.Dropout(0.1)     # attention dropout
+    det, warned = _kernel_det(model)
+    assert len(warned) == 1
+    assert "skips 2 of 2" in warned[0] and "QK-norm (q_norm)" in warned[0] and "p = 0.1" in warned[0]
+    assert "kernel_error will be NaN" in warned[0]
+    model = indep(seed=0)
+    del model.blocks[1].o                               # no output projection
+    det, warned = _kernel_det(model)
+    assert len(warned) == 1 and "skips 1 of 2" in warned[0] and "'blocks.1'" in warned[0]
+    assert "no output projection found" in warned[0]
+
+
+def test_the_early_warning_policy_halts_on_a_wrong_kernel_in_enforce_mode(tmp_path):
+    import yaml
+
+    from lbw_policy import TrainingHalted
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "policies" / "early-warning.yaml").read_text())
+    doc["mode"] = "enforce"
+    pol = tmp_path / "ew-enforce.yaml"
+    pol.write_text(yaml.safe_dump(doc))
+    model = nano(seed=1).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = Guard(opt, str(pol), model=model, log_dir=tmp_path / "run")
+    idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    with _WrongScale(4.0):
+        logits = _logits(model, idx)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
+    loss.backward()
+    with pytest.raises(TrainingHalted, match="attention-kernel-error"):
+        guard.step(loss)
+    guard.close()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))   # the step never ran
+    assert (tmp_path / "run" / "halt-checkpoint.pt").exists()

@@ -413,3 +413,26 @@ def test_the_default_plus_trend_warnings_policy_is_the_default_plus_the_shipped_
         # the default's own braking step (x0.5 within its [0.01, 1]): x0.9 did worse there
         assert rule.pop("then") == [{"actuator": "lr_scale", "multiply": 0.5}]
         assert rule == {k: v for k, v in ew_rules[rule["name"]].items() if k != "then"}
+
+
+def test_an_enforced_halt_ends_the_run_and_the_comparison_shows_where(tmp_path, capsys):
+    """The enforce copy of the early-warning policy halts a run whose attention kernel is faulty
+    (``attention-kernel-error``): the harness records the step and stops there (the validation
+    loss is the model's at the halt), and ``--compare`` names the step."""
+    ew = _module()
+    audit, enforce = tmp_path / "audit", tmp_path / "enforce"
+    assert ew.main(["--study", str(audit), "--tiny", "--data", str(SHAKESPEARE), "--faults", "attn-lowp"]) == 0
+    assert ew.main(["--study", str(enforce), "--tiny", "--data", str(SHAKESPEARE), "--faults", "attn-lowp",
+                    "--policy", str(ROOT / "benchmarks" / "policies" / "early-warning-enforce.yaml")]) == 0
+    runs = {r["key"]: r for r in map(json.loads, (enforce / "results.jsonl").read_text().splitlines())}
+    faulted = runs["lbw|0.003|0|attn-lowp@20x1.15b3"]
+    step = faulted["halted_step"]
+    assert step is not None and 20 <= step < 60 and len(faulted["losses"]) == step
+    assert runs["lbw|0.003|0|none"]["halted_step"] is None and len(runs["lbw|0.003|0|none"]["losses"]) == 60
+    decisions = (enforce / "runs" / "lbw_0.003_0_attn-lowp@20x1.15b3" / "decisions.jsonl").read_text()
+    assert '"event":"halt"' in decisions and "attention-kernel-error" in decisions
+    audited = {r["key"]: r for r in map(json.loads, (audit / "results.jsonl").read_text().splitlines())}
+    assert audited["lbw|0.003|0|attn-lowp@20x1.15b3"]["halted_step"] is None   # audit mode: logged only
+    capsys.readouterr()
+    assert ew.main(["--compare", str(audit), str(enforce)]) == 0
+    assert f"halted at {step})" in capsys.readouterr().out
