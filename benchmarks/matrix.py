@@ -139,10 +139,13 @@ def write_matrix_report(out: Path, cells=CELLS) -> str:
     """``<out>/matrix.md``, ``matrix.json`` and ``gap.png`` from every cell directory with
     results; returns the markdown."""
     summary = {}
+    halted = []     # runs a halt rule stopped: their loss is the model's at the halt
     for cell in cells:
         f = out / cell.name / "results.jsonl"
         if f.exists() and f.stat().st_size:
             rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+            halted += [f"`{cell.name}` {r['key']} at step {r['halted_step']}" for r in rows
+                       if r.get("halted_step") is not None]
             summary[cell.name] = {"held_out": cell.held_out, "shape": cell.shape,
                                   "seeds": sorted({r["seed"] for r in rows}), **cell_goals(rows)}
     (out / "matrix.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
@@ -181,6 +184,9 @@ def write_matrix_report(out: Path, cells=CELLS) -> str:
                 lines.append(f"| {m} | " + " | ".join(_fmt(v["means"].get(f"{m}|{lr:g}|none")) for lr in v["lrs"])
                              + " |")
             lines.append("")
+    if halted:
+        lines += ["Halted runs (a `halt` rule stopped them; their final loss is the model's at the halt): "
+                  + "; ".join(halted), ""]
     text = "\n".join(lines).lstrip() + "\n"
     (out / "matrix.md").write_text(text, encoding="utf-8")
     if summary:
@@ -240,6 +246,8 @@ def main(argv=None) -> int:
     parser.add_argument("--report", metavar="DIR", default=None, help="only write the summary from DIR")
     args = parser.parse_args(argv)
     if args.report:
+        if not Path(args.report).is_dir():
+            parser.error(f"--report {args.report}: no such directory (a --out directory of an earlier run)")
         print(write_matrix_report(Path(args.report)))
         return 0
     by_name = {c.name: c for c in CELLS}

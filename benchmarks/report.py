@@ -92,15 +92,18 @@ def write_report(out: Path) -> str:
                 rs = cells.get((m, fault_lr, f), [])
                 spikes = _mean([r["spikes"] for r in rs])
                 acts = [r["first_action_step"] for r in rs if r["first_action_step"] is not None]
+                halts = [r["halted_step"] for r in rs if r.get("halted_step") is not None]
                 row.append(f"{_fmt(means.get((m, fault_lr, f)))}; {_fmt(spikes, 1)} spikes"
-                           + (f"; action at {min(acts)}" if acts else ""))
+                           + (f"; action at {min(acts)}" if acts else "")
+                           + (f"; halted at {'/'.join(map(str, halts))}" if halts else ""))
             lines.append(f"| {m} | " + " | ".join(row) + " |")
     speed = defaultdict(list)
     for r in rows:
-        speed[r["method"]].append(r["steps_per_second"])
+        if r.get("steps_per_second") is not None:   # None: a run halted at its first step
+            speed[r["method"]].append(r["steps_per_second"])
     lines += ["", "Steps per second, mean over every run of the method (runs shared the machine; the "
               "overhead benchmark measures the ratio properly): " +
-              ", ".join(f"{m} {statistics.fmean(speed[m]):.1f}" for m in methods)]
+              ", ".join(f"{m} {statistics.fmean(speed[m]):.1f}" for m in methods if speed[m])]
     policy = next((r.get("policy", "default") for r in rows if r["method"] == "lbw"), "default")
     lines += ["", f"Goals (lbw with policy `{policy}`, means over seeds):", ""] + [f"- {g}" for g in goal_checks(s, rows)]
     plot_loss_vs_lr(s, out / "loss_vs_lr.png")
@@ -177,9 +180,10 @@ def plot_timeline(run: dict, rows: list, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
     steps = range(len(run["losses"]))
     if ref:
-        ax1.plot(steps, [v if v is not None else float("nan") for v in ref["losses"]], color="grey",
+        ref_steps = range(len(ref["losses"]))   # a halted run is shorter than its reference
+        ax1.plot(ref_steps, [v if v is not None else float("nan") for v in ref["losses"]], color="grey",
                  linewidth=0.8, label="AdamW, same fault")
-        ax2.plot(steps, ref["lrs"], color="grey", linewidth=0.8, label="AdamW")
+        ax2.plot(ref_steps, ref["lrs"], color="grey", linewidth=0.8, label="AdamW")
     ax1.plot(steps, [v if v is not None else float("nan") for v in run["losses"]], color="C0", linewidth=1,
              label=f"lbw-policy ({Path(run.get('policy', 'default')).stem})")
     ax2.plot(steps, run["lrs"], color="C0", label="lbw-policy effective LR")

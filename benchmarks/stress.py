@@ -27,7 +27,9 @@ that defines them.
 
 Metrics per run: final validation loss (nats), diverged (a non-finite loss), spike count (steps
 after warm-up whose loss exceeds the EMA of the earlier losses, decay 0.9, by more than 0.5
-nats), step of the first governance action that changed training, steps per second. Per method:
+nats), step of the first governance action that changed training, steps per second, and the
+step a ``halt`` rule stopped the run at (``halted_step``; the run's losses stop there and its
+final validation loss is the model's at the halt; ``None`` otherwise). Per method:
 LR sensitivity as defined by Wortsman et al. (arXiv 2309.14322): the mean over the grid of
 min(loss, ln V) minus the method's own best loss on the grid (losses are means over seeds).
 
@@ -469,6 +471,8 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
                 result = guard.step(loss)
             except TrainingHalted:   # a halt rule (enforce mode): the run ends here, un-stepped
                 halted = step
+                if first_action is None:
+                    first_action = step
                 break
             loss_value, lr_value = result.loss, result.lr
             if first_action is None and any(
@@ -500,7 +504,7 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
     elapsed = time.perf_counter() - t0
     if guard is not None:
         guard.close()
-    ran = len(losses)
+    ran = len(losses)   # steps completed (a halted step is not)
     val_loss = evaluate(model, [(a.to(spec.device), b.to(spec.device)) for a, b in val])
     diverged = diverged or not math.isfinite(val_loss)
     return {**asdict(spec), "key": spec.key, "vocab_size": corpus.vocab_size,

@@ -59,6 +59,7 @@ nanoGPT), else the last ``nn.Linear`` whose ``out_features`` is a vocabulary siz
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -66,7 +67,7 @@ import torch
 from torch import nn
 
 __all__ = ["AttentionSite", "find_attention_sites", "find_output_head", "is_projection", "repeat_heads",
-           "kernel_check_obstacles", "QK_PAIRS", "FUSED_NAMES", "HEAD_ATTRS", "KV_HEAD_ATTRS", "V_NAMES",
+           "kernel_check_obstacles", "layer_scale", "position_rotation", "QK_PAIRS", "FUSED_NAMES", "HEAD_ATTRS", "KV_HEAD_ATTRS", "V_NAMES",
            "OUT_NAMES"]
 
 #: Sibling (query, key) projection names found without configuration.
@@ -80,6 +81,8 @@ OUT_NAMES = ("o_proj", "out_proj", "c_proj", "wo", "o", "out_lin", "proj", "dens
 QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
 #: Float attributes of an attention layer that give its attention-weight dropout.
 ATTN_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "attn_pdrop", "dropout_p", "dropout")
+#: Float attributes of an attention layer that give its softmax scale (HF ``scaling``).
+SCALE_ATTRS = ("scaling", "softmax_scale", "scale")
 #: Names of fused ``[q | k | v]`` projections found without configuration.
 FUSED_NAMES = ("c_attn", "qkv", "qkv_proj", "Wqkv", "wqkv", "to_qkv")
 #: Attributes giving the number of query heads.
@@ -406,38 +409,59 @@ def _attach_value_and_output(model: nn.Module, site: AttentionSite, parent: str,
                      and _in_features(children[n]) == no and children[n] is not site.q), None)
 
 
-def _model_has_position_rotation(model: nn.Module) -> Optional[str]:
-    """Why the model's attention logits are not ``q . k`` of its projections' outputs
-    (rotary or ALiBi position encodings), or ``None``: a module class named ``*Rotary*`` /
-    ``*RoPE*``, a buffer ``inv_freq`` / ``freqs_cis``, or a config with a ``rope_*`` value,
-    ``position_embedding_type`` rotary/alibi or a true ``alibi``."""
+_ROPE_CLASS = re.compile(r"rotary|(^|[^a-z])rope([^a-z]|$)|^rope|rope(emb|embedding|scaling)")
+_ROPE_BUFFERS = ("inv_freq", "freqs_cis", "cos_cached", "sin_cached", "cos", "sin")
+_ROPE_CONFIG = ("rope_theta", "rope_scaling", "rope_parameters", "rope_base", "rotary_dim", "rotary_pct",
+                "rotary_percentage", "rotary_emb_base")
+
+
+def position_rotation(model: nn.Module) -> Optional[str]:
+    """Why the model's attention logits are not ``q . k`` of its projections' outputs (rotary or
+    ALiBi position encodings), or ``None``: a module class named ``*Rotary*`` / ``RoPE*``, a
+    buffer ``inv_freq``, ``freqs_cis``, ``cos`` / ``sin`` (``_cached``), or a config with a
+    rotary value (``rope_theta``, ``rope_base``, ``rotary_percentage``, ...),
+    ``position_embedding_type`` rotary/alibi, a true ``alibi`` or ``attn_config["alibi"]``."""
     for name, mod in model.named_modules():
-        cls = type(mod).__name__.lower()
-        if "rotary" in cls or "rope" in cls:
+        if _ROPE_CLASS.search(type(mod).__name__.lower()):
             return f"rotary position embeddings ({type(mod).__name__} {name!r})"
         for b, _ in mod.named_buffers(recurse=False):
-            if b in ("inv_freq", "freqs_cis"):
+            if b in _ROPE_BUFFERS:
                 return f"rotary position embeddings (buffer {name + '.' if name else ''}{b})"
         cfg = getattr(mod, "config", None)
         if cfg is not None:
-            for attr in ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct"):
+            for attr in _ROPE_CONFIG:
                 if getattr(cfg, attr, None) is not None:
                     return f"rotary position embeddings (config.{attr})"
             pet = getattr(cfg, "position_embedding_type", None)
             if isinstance(pet, str) and pet.lower() in ("rotary", "alibi"):
                 return f"{pet} position encodings (config.position_embedding_type)"
-            if getattr(cfg, "alibi", False) is True:
-                return "ALiBi position encodings (config.alibi)"
+            attn_cfg = getattr(cfg, "attn_config", None)
+            if getattr(cfg, "alibi", False) is True or (isinstance(attn_cfg, dict) and attn_cfg.get("alibi")):
+                return "ALiBi position encodings (config alibi)"
     return None
 
 
-def kernel_check_obstacles(model: nn.Module, site: AttentionSite) -> list[str]:
+def layer_scale(site: AttentionSite) -> Optional[float]:
+    """The softmax scale the layer module declares (a float attribute of :data:`SCALE_ATTRS`,
+    e.g. HF GPT-2's ``scaling``, which holds its inverse-layer-index scaling), else ``None``."""
+    layer = site.module if site.mha is None else None
+    for attr in SCALE_ATTRS:
+        val = getattr(layer, attr, None) if layer is not None else None
+        if isinstance(val, float) and not isinstance(val, bool) and val > 0:
+            return val
+    return None
+
+
+def kernel_check_obstacles(model: nn.Module, site: AttentionSite, rotation: Optional[str] = None) -> list[str]:
     """What keeps ``site``'s attention output from being recomputed exactly as
     ``softmax(scale * q k^T + mask) v`` from its projections' outputs (empty: nothing found):
-    no value or output projection found; rotary or ALiBi position encodings in the model; QK-norm
-    children (:data:`QK_NORM_NAMES`); attention dropout above 0 (an ``nn.Dropout`` child whose name
-    contains ``attn`` / ``attention``, or a float attribute of :data:`ATTN_DROPOUT_ATTRS`); for
-    ``nn.MultiheadAttention``, ``dropout``, ``bias_k`` / ``bias_v`` or ``add_zero_attn``."""
+    no value or output projection found; rotary or ALiBi position encodings in the model
+    (``rotation``: :func:`position_rotation`'s answer, computed once per model); QK-norm children
+    (:data:`QK_NORM_NAMES`, ``nn.Identity`` ones aside); attention dropout above 0 (an
+    ``nn.Dropout`` child whose name contains ``drop`` and ``att``, or an attribute of
+    :data:`ATTN_DROPOUT_ATTRS`, float or ``nn.Dropout``); for ``nn.MultiheadAttention``,
+    ``dropout``, ``bias_k`` / ``bias_v`` or ``add_zero_attn``. What it cannot see (a scale,
+    mask or layout of the model's own) the detector's first evaluation catches instead."""
     why = []
     layer = site.module
     if site.mha is not None:
@@ -453,18 +477,21 @@ def kernel_check_obstacles(model: nn.Module, site: AttentionSite) -> list[str]:
             why.append(f"no output projection found (a sibling named {'/'.join(OUT_NAMES)} with "
                        f"{site.n_head * site.head_dim} input features)")
         if layer is not None:
-            norms = [n for n, _ in layer.named_children() if n in QK_NORM_NAMES]
+            norms = [n for n, m in layer.named_children() if n in QK_NORM_NAMES and not isinstance(m, nn.Identity)]
             if norms:
                 why.append(f"QK-norm ({', '.join(norms)})")
-            for attr in ATTN_DROPOUT_ATTRS:
-                val = getattr(layer, attr, None)
+            drops = [(a, getattr(layer, a, None)) for a in ATTN_DROPOUT_ATTRS]
+            drops += [(n, m) for n, m in layer.named_children()
+                      if isinstance(m, nn.Dropout) and "drop" in n.lower() and "att" in n.lower()]
+            for attr, val in drops:
                 if isinstance(val, float) and val > 0:
                     why.append(f"attention dropout ({attr} = {val})")
                     break
                 if isinstance(val, nn.Dropout) and val.p > 0:
                     why.append(f"attention dropout ({attr}: p = {val.p})")
                     break
-    rotation = _model_has_position_rotation(model)
+    if rotation is None:
+        rotation = position_rotation(model)
     if rotation:
         why.append(rotation)
     return why

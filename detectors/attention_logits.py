@@ -4,7 +4,7 @@ attention entropy, from the queries and keys of the latest training forward pass
 For layer ``l``, head ``h``, query position ``i`` and key position ``j`` (``j <= i`` when
 ``causal``), with ``q``, ``k`` the head's projected queries and keys::
 
-    z_{ij}   = scale * q_i . k_j                      # scale = 1/sqrt(hs) unless set
+    z_{ij}   = scale * q_i . k_j                      # scale: see Params
     a_{ij}   = softmax_j(z_{ij})
     E_{l,h}  = mean over sequences b and queries i of  -sum_j a_{ij} ln a_{ij}     # nats
 
@@ -57,14 +57,22 @@ injects) change ``o`` but not the projections, so the recomputation shows them f
 faulted forward. Layers whose output cannot be recomputed from their projections are skipped,
 with a warning at :meth:`setup` naming them and why (:func:`kernel_check_obstacles`): rotary or
 ALiBi position encodings (Llama, Mistral, Qwen, torchtitan), QK-norm, attention dropout above
-0, no value or output projection found. Masks as above; a padding mask the model applies inside
-its attention is not seen, so enable the check on unpadded batches only. Cost when due: one
-more ``(B, nh, Tq, T) x (B, nh, T, hs)`` product per layer, and the hooks copy the values and
-the output projection's input (``3 * layers * max_batch * T * d`` numbers held in all).
+0, no value or output projection found. What that static look cannot see (a scale, mask,
+position bias or layout of the model's own) shows at the layer's first evaluation: a layer
+whose first ``kernel_error`` is above :data:`FIRST_EVALUATION_TOLERANCE` (0.1) is dropped from
+the check, with a warning, so a kernel faulty from step 0 is not caught. A kernel output that
+is not finite while the recomputation is counts as ``inf``. Masks as above; a padding mask the
+model applies inside its attention is not seen, so enable the check on unpadded batches only.
+The recomputation runs in float32 (TF32 where ``torch.backends.cuda.matmul.allow_tf32`` is set:
+about 1e-3, still well under a threshold of 0.02). Cost when due: one more ``(B, nh, Tq, T) x
+(B, nh, T, hs)`` product per layer, and the hooks copy the values and the output projection's
+input (``4 * layers * max_batch * T * d`` numbers held in all, with the queries and keys).
 
 Params: ``q_pattern``, ``k_pattern``, ``qkv_pattern``, ``mha_pattern``, ``n_head`` (layer
 discovery and its overrides, as ``spectral_entropy``),
-``causal`` (default true), ``scale`` (default ``1/sqrt(hs)``), ``max_batch`` (default 4),
+``causal`` (default true), ``scale`` (default: the layer module's own float ``scaling``,
+``softmax_scale`` or ``scale`` attribute, as HF GPT-2 keeps its inverse-layer-index scaling,
+else ``1/sqrt(hs)``), ``max_batch`` (default 4),
 ``max_queries`` (default 256), ``kernel_check`` (default false). No warm-up: the signals are
 meaningful from the first step.
 
@@ -83,7 +91,12 @@ import torch
 from lbw_policy.base import Detector
 
 from ._attention import (SITE_PARAMS_DEPENDENCIES, SITE_PARAMS_SCHEMA, find_attention_sites, kernel_check_obstacles,
-                         repeat_heads)
+                         layer_scale, position_rotation, repeat_heads)
+
+#: A layer whose ``kernel_error`` at its first evaluation is above this is dropped from the
+#: kernel check (with a warning): its kernel differs from ``softmax(z) v`` by design (a scale,
+#: mask, position bias or layout the discovery did not see), not by a fault.
+FIRST_EVALUATION_TOLERANCE = 0.1
 
 __all__ = ["AttentionLogits", "logit_stats", "masked_logits"]
 
@@ -133,9 +146,10 @@ def logit_stats(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q_
 
 class AttentionLogits(Detector):
     name = "attention_logits"
-    signals = ("max_logit", "min_entropy", "worst_layer", "worst_head", "kernel_error")
+    signals = ("max_logit", "min_entropy", "worst_layer", "worst_head")
     reductions = {"max_logit": "max", "min_entropy": "min", "worst_layer": "same", "worst_head": "same",
                   "kernel_error": "max"}
+    optional_signals = {"kernel_error": "kernel_check: true"}
     params_schema = {
         "type": "object",
         "additionalProperties": False,
@@ -155,6 +169,10 @@ class AttentionLogits(Detector):
         },
     }
 
+    @classmethod
+    def signals_for(cls, params) -> tuple[str, ...]:
+        return cls.signals + (("kernel_error",) if params.get("kernel_check") else ())
+
     def __init__(self, q_pattern: Optional[str] = None, k_pattern: Optional[str] = None,
                  mha_pattern: str = "*", n_head: Optional[int] = None, causal: bool = True,
                  scale: Optional[float] = None, max_batch: int = 4, max_queries: int = 256,
@@ -164,6 +182,9 @@ class AttentionLogits(Detector):
                          qkv_pattern=qkv_pattern, kernel_check=kernel_check)
         self.kernel_check = bool(kernel_check)
         self._checked: list = []   # per site: True when its output is recomputed (kernel_check)
+        self._first: list = []     # per site: its first kernel evaluation is still to come
+        self._scales: list = []    # per site: the softmax scale used
+        self._unmeasured_warned = False
         self.causal = bool(causal)
         self.scale = scale
         self.max_batch = int(max_batch)
@@ -180,10 +201,14 @@ class AttentionLogits(Detector):
                                           p["n_head"], who="attention_logits", qkv_pattern=p["qkv_pattern"])
         self._cap = [dict() for _ in self.sites]
         self._checked = [False] * len(self.sites)
+        self._first = [True] * len(self.sites)
+        self._scales = [self.scale if self.scale is not None else (layer_scale(s) or 1.0 / math.sqrt(s.head_dim))
+                        for s in self.sites]
         if self.kernel_check:
             skipped = []
+            rotation = position_rotation(model) or ""
             for i, site in enumerate(self.sites):
-                why = kernel_check_obstacles(model, site)
+                why = kernel_check_obstacles(model, site, rotation)
                 self._checked[i] = not why
                 if why:
                     skipped.append(f"{site.name!r} ({'; '.join(why)})")
@@ -215,8 +240,9 @@ class AttentionLogits(Detector):
         return x.clone()
 
     def _linear_hook(self, i: int, which: str):
-        """Hook of a projection that outputs the features ``which`` (``"q"``, ``"k"`` or ``"qk"``)
-        of layer ``i``; each kind is cut out of the output by :meth:`AttentionSite.select`."""
+        """Hook of a projection that outputs the features ``which`` (``"q"``, ``"k"``, ``"v"``,
+        ``"qk"`` or ``"qkv"``: one letter per kind) of layer ``i``; each kind is cut out of the
+        output by :meth:`AttentionSite.select`."""
         site = self.sites[i]
 
         def hook(module, args, output):
@@ -263,10 +289,13 @@ class AttentionLogits(Detector):
                 padding = kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)
                 bad_mask = isinstance(mask, torch.Tensor) and mask.dim() != 2
                 out = output[0] if isinstance(output, tuple) else output
-                if padding is None and not bad_mask:   # masks the recomputation cannot apply: no check
+                if padding is None and not bad_mask:
                     if not module.batch_first:
                         value, out = value.transpose(0, 1), out.transpose(0, 1)
                     cap["v"], cap["o"] = self._slice(value, False), self._slice(out, True)
+                else:   # a mask the recomputation cannot apply: no check of this forward
+                    cap.pop("v", None)
+                    cap.pop("o", None)
         return hook
 
     # -- evaluation ------------------------------------------------------------------------
@@ -297,13 +326,25 @@ class AttentionLogits(Detector):
             kh = k.float().reshape(b, t, nkv, hs).transpose(1, 2)     # (B, nkv, T, hs)
             if nkv != nh:
                 kh = repeat_heads(kh, nh // nkv, dim=1)                # (B, nh, T, hs)
-            scale = self.scale if self.scale is not None else 1.0 / math.sqrt(hs)
-            z = masked_logits(qh, kh, scale, causal, t - tq, mask)
+            z = masked_logits(qh, kh, self._scales[i], causal, t - tq, mask)
             mx, ent = _stats(z)
             maxes.append(mx)
             ents.append(ent)
-            if self._checked[i] and "v" in cap and "o" in cap:
-                errors.append(self._kernel_error(site, z, cap["v"], cap["o"]))
+            if self._checked[i]:
+                if "v" in cap and "o" in cap:
+                    err = self._kernel_error(site, z, cap["v"], cap["o"])
+                    if self._first[i]:
+                        self._first[i] = False
+                        err = self._first_evaluation(i, err)
+                    if err is not None:
+                        errors.append(err)
+                elif not self._unmeasured_warned:
+                    self._unmeasured_warned = True
+                    warnings.warn(f"attention_logits: kernel_check captured no values or attention output of "
+                                  f"layer {site.name!r} in a forward that had queries and keys (an output "
+                                  "projection fed other than (B, T, features), or an nn.MultiheadAttention "
+                                  "called with key_padding_mask or a 3-D mask): that layer is not checked "
+                                  "in such forwards", stacklevel=2)
         for cap in self._cap:   # measured: the next evaluation needs a new forward
             for key in ("q", "k", "v", "o"):
                 cap.pop(key, None)
@@ -319,6 +360,21 @@ class AttentionLogits(Detector):
             out["kernel_error"] = (torch.stack(errors).max().to(torch.float64) if errors
                                    else torch.tensor(math.nan, dtype=torch.float64))
         return out
+
+    def _first_evaluation(self, i: int, err: torch.Tensor) -> Optional[torch.Tensor]:
+        """Layer ``i``'s first ``kernel_error``: above :data:`FIRST_EVALUATION_TOLERANCE` (and
+        finite) the layer's kernel is not ``softmax(z) v`` by design, so it is dropped from the
+        check with a warning (``None``); else ``err``. One host read, once per layer."""
+        value = float(err)
+        if math.isfinite(value) and value > FIRST_EVALUATION_TOLERANCE:
+            self._checked[i] = False
+            warnings.warn(f"attention_logits: kernel_check drops layer {self.sites[i].name!r}: at its first "
+                          f"evaluation its attention output differs from softmax(scale q k^T + mask) v by "
+                          f"{value:.3g} (relative), more than {FIRST_EVALUATION_TOLERANCE}, so the model computes "
+                          "attention differently (a softmax scale, mask, position bias or layout of its own; "
+                          "set `scale` or `causal` if they differ from the defaults)", stacklevel=3)
+            return None
+        return err
 
     @staticmethod
     def _kernel_error(site, z: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -341,7 +397,10 @@ class AttentionLogits(Detector):
             w, bias = site.mha.out_proj.weight.detach(), site.mha.out_proj.bias
             ref = torch.nn.functional.linear(ref, w.float(), None if bias is None else bias.detach().float())
         diff = torch.linalg.vector_norm(o.float() - ref)
-        return diff / torch.linalg.vector_norm(ref).clamp_min(torch.finfo(torch.float32).tiny)
+        err = diff / torch.linalg.vector_norm(ref).clamp_min(torch.finfo(torch.float32).tiny)
+        # a kernel that overflowed (inf or NaN out of finite inputs) is the worst error, not NaN
+        broken = ~torch.isfinite(o).all() & torch.isfinite(ref).all()
+        return torch.where(broken, torch.full_like(err, math.inf), err)
 
     def after_step(self, telemetry, stepped: bool) -> None:
         # Arm the hooks for the next step's forwards only if that step is due.

@@ -535,10 +535,12 @@ def test_kernel_error_of_a_kernel_with_the_wrong_softmax_scale_matches_numpy(fam
             if p.dim() == 2 and n.split(".")[-2] in ("c_attn", "wq", "wk", "q", "k"):
                 p.mul_(3.0)
     det, _ = _kernel_det(model)
+    idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
+    _logits(model, idx)      # a first, healthy evaluation (a layer wrong at its first is dropped)
+    assert float(det.compute(_tel())["kernel_error"]) < 1e-5
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, key=n: inputs.__setitem__(key, a[0].detach()))
              for n, m in model.named_modules() if n in names]
-    idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
     with _WrongScale(1.5):
         _logits(model, idx)
     err = float(det.compute(_tel())["kernel_error"])
@@ -614,16 +616,141 @@ def test_the_early_warning_policy_halts_on_a_wrong_kernel_in_enforce_mode(tmp_pa
     pol = tmp_path / "ew-enforce.yaml"
     pol.write_text(yaml.safe_dump(doc))
     model = nano(seed=1).train()
-    before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     guard = Guard(opt, str(pol), model=model, log_dir=tmp_path / "run")
-    idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
-    with _WrongScale(4.0):
-        logits = _logits(model, idx)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
-    loss.backward()
+    gen = torch.Generator().manual_seed(0)
+    for step in range(11):   # attn is due every 10 steps: healthy at step 0, faulty at step 10
+        idx = torch.randint(0, V, (B, T), generator=gen)
+        with _WrongScale(4.0 if step == 10 else 1.0):
+            logits = _logits(model, idx)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
+        loss.backward()
+        if step < 10:
+            assert guard.step(loss).signals["attn.kernel_error"] < 1e-5
+            opt.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(TrainingHalted, match="attention-kernel-error"):
         guard.step(loss)
     guard.close()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))   # the step never ran
     assert (tmp_path / "run" / "halt-checkpoint.pt").exists()
+
+
+class FusedGQA(nn.Module):
+    """A fused ``qkv`` projection with fewer key/value heads: ``[q (4 heads) | k (2) | v (2)]``."""
+
+    def __init__(self, d=32, n_head=4, n_kv_head=2):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.hs = n_head, n_kv_head, d // n_head
+        self.qkv = nn.Linear(d, (n_head + 2 * n_kv_head) * self.hs)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], -1)
+        q = q.view(b, t, self.n_head, self.hs).transpose(1, 2)
+        k, v = (z.view(b, t, self.n_kv_head, self.hs).transpose(1, 2) for z in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_kernel_error_on_a_fused_grouped_query_projection_and_on_a_slice_of_the_batch():
+    torch.manual_seed(0)
+    model = TiedLM(32, [FusedGQA(), FusedGQA()]).train()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.qkv.weight[:48].mul_(3.0)      # sharper attention (query and key rows)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det = AttentionLogits(max_batch=1, max_queries=5, kernel_check=True)
+        det.setup(model, None)
+    assert not caught
+    idx = torch.randint(0, V, (3, T), generator=torch.Generator().manual_seed(1))
+    _logits(model, idx)
+    assert float(det.compute(_tel())["kernel_error"]) < 1e-5   # the value block and slices line up
+    with _WrongScale(2.0):
+        _logits(model, idx)
+    assert float(det.compute(_tel())["kernel_error"]) > 0.01
+
+
+def test_a_layer_whose_kernel_differs_at_its_first_evaluation_is_dropped_with_a_warning():
+    model = nano(seed=0).train()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.c_attn.weight[:64].mul_(4.0)
+    det, _ = _kernel_det(model)
+    idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    with _WrongScale(3.0):             # the model's own scale differs from 1/sqrt(hs), from the start
+        _logits(model, idx)
+    with pytest.warns(UserWarning) as caught:
+        out = det.compute(_tel())
+    assert [str(w.message).split(":")[1] for w in caught] == [
+        f" kernel_check drops layer 'blocks.{i}'" for i in (0, 1)]
+    assert math.isnan(float(out["kernel_error"]))
+    with _WrongScale(3.0):
+        _logits(model, idx)
+    assert math.isnan(float(det.compute(_tel())["kernel_error"]))   # dropped for good, no new warning
+
+
+def test_a_kernel_that_overflows_counts_as_an_infinite_error():
+    model = nano(seed=0).train()
+    det, _ = _kernel_det(model)
+    idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    _logits(model, idx)
+    det.compute(_tel())
+    # an attention output that overflowed, ahead of the detector's own pre-hook
+    model.blocks[1].c_proj.register_forward_pre_hook(lambda mod, a: (a[0] * float("inf"),), prepend=True)
+    _logits(model, idx)
+    assert float(det.compute(_tel())["kernel_error"]) == math.inf
+
+
+def test_multihead_attention_sequence_first_and_a_padding_mask():
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(32, 4)      # batch_first=False: (T, B, E)
+    model = nn.Module()
+    model.attn = attn
+    det, warned = _kernel_det(model.train())
+    assert not warned
+    x = torch.randn(T, B, 32)
+    mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+    attn(x, x, x, attn_mask=mask, need_weights=False)
+    assert float(det.compute(_tel())["kernel_error"]) < 1e-5
+    # with a key padding mask the forward is not checked (queries and keys still are)
+    attn(x, x, x, attn_mask=mask, key_padding_mask=torch.zeros(B, T, dtype=torch.bool), need_weights=False)
+    with pytest.warns(UserWarning, match="captured no values"):
+        out = det.compute(_tel())
+    assert math.isnan(float(out["kernel_error"])) and math.isfinite(float(out["max_logit"]))
+
+
+def test_kernel_check_sees_a_rotary_buffer_and_ignores_an_identity_qk_norm():
+    model = titan(seed=0)
+    model.register_buffer("freqs_cis", torch.zeros(T, 4))
+    _, warned = _kernel_det(model)
+    assert len(warned) == 1 and "buffer freqs_cis" in warned[0]
+    model = nano(seed=0)
+    for blk in model.blocks:
+        blk.q_norm, blk.k_norm = nn.Identity(), nn.Identity()     # timm's QK-norm when off
+    _, warned = _kernel_det(model)
+    assert not warned
+
+
+def test_a_rule_on_kernel_error_needs_kernel_check():
+    from lbw_policy.errors import PolicyError
+    from lbw_policy.policy import loads_policy
+
+    text = """apiVersion: lbw-policy/v1
+kind: Policy
+metadata: {name: t}
+detectors:
+  attn: {type: attention_logits}
+actuators:
+  halt: {}
+rules:
+  - name: r
+    when: {signal: attn.kernel_error, op: ">", value: 0.02}
+    then: [{actuator: halt}]
+"""
+    with pytest.raises(PolicyError, match="kernel_check: true"):
+        loads_policy(text)
+    loads_policy(text.replace("{type: attention_logits}", "{type: attention_logits, params: {kernel_check: true}}"))

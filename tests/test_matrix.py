@@ -113,3 +113,23 @@ def test_tiny_matrix_runs_every_cell_kind_and_writes_the_summary(tmp_path, monke
     saved.write_text(json.dumps(config))
     with pytest.raises(SystemExit):
         mx.main(["--tiny", "--out", str(tmp_path), "--cells", "gpt2-bpe", "--faults", "", "--jobs", "1"])
+
+
+def test_the_report_lists_halted_runs(tmp_path, capsys):
+    """A run that a halt rule stopped (``halted_step``, recorded by the stress harness) is named
+    under the tables; a missing report directory is a clear error."""
+    cell = mx.CELLS[0]
+    rows = [_row(m, lr, v) for m in ("adamw", "clip", "lbw") for lr, v in ((1e-3, 2.3), (1e-2, 2.5))]
+    for r in rows:
+        r["halted_step"] = None
+    rows[-1]["halted_step"] = 42
+    (tmp_path / cell.name).mkdir()
+    (tmp_path / cell.name / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md = mx.write_matrix_report(tmp_path, cells=[cell])
+    assert f"`{cell.name}` lbw|0.01|0|none at step 42" in md
+    rows[-1]["halted_step"] = None
+    (tmp_path / cell.name / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert "Halted runs" not in mx.write_matrix_report(tmp_path, cells=[cell])
+    with pytest.raises(SystemExit):
+        mx.main(["--report", str(tmp_path / "missing")])
+    assert "no such directory" in capsys.readouterr().err
