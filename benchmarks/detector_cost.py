@@ -59,6 +59,7 @@ CASES = [
     ("spectral_entropy", "spectral_entropy", {}),
     ("spectral_entropy (update: false)", "spectral_entropy", {"update": False}),
     ("attention_logits", "attention_logits", {"max_batch": 4}),
+    ("attention_logits (kernel_check)", "attention_logits", {"max_batch": 4, "kernel_check": True}),
     ("logit_divergence", "logit_divergence", {}),
 ]
 #: detectors whose forward hooks, under a guard, capture only the forwards of due steps
