@@ -77,8 +77,8 @@ CELLS = (
     # added 2026-12-05 after the width-scaled brake, before any run of it: the depth of 6
     Cell("demo-fanin-byte-l6-b16", dict(data=WIKITEXT, init="fan-in", tokenizer="byte", n_layer=6,
                                         batch_size=16), held_out=True),
-    # added 2026-12-05 before any run of it: the top width on the CPU, one seed only
-    # (`--cells demo-char-d512-l2-b16 --seeds 0`: about 27 minutes on 2 cores with the faults)
+    # added 2026-12-05 before any run of it: the top width on the CPU; seed 0 first as a
+    # probe (`--seeds 0`: about 27 minutes on 2 cores with the faults), then seeds 1 and 2 (~50 more)
     Cell("demo-char-d512-l2-b16", dict(data=SHAKESPEARE, n_embd=512, n_layer=2, n_head=8, batch_size=16),
          held_out=True, large=True),
     # the top of the shape range: about 50x the compute of a d 128, 2-layer step, out of
