@@ -436,3 +436,21 @@ def test_an_enforced_halt_ends_the_run_and_the_comparison_shows_where(tmp_path, 
     capsys.readouterr()
     assert ew.main(["--compare", str(audit), str(enforce)]) == 0
     assert f"halted at {step})" in capsys.readouterr().out
+
+
+def test_kernel_error_floor_script_separates_working_kernels_from_the_fault(capsys):
+    """``benchmarks/kernel_error_floor.py``: float32 SDPA reads float rounding, bfloat16 SDPA
+    stays under the early-warning threshold (0.02) and the 3-bit ``attn-lowp`` kernel is above
+    it once the logits are large; bad arguments are clear errors."""
+    spec = importlib.util.spec_from_file_location("kernel_error_floor", ROOT / "benchmarks" / "kernel_error_floor.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--scales", "100"]) == 0
+    rows = {line.split(" | ")[1]: float(line.rstrip(" |").split(" | ")[-1])
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| 100 |")}
+    assert rows["float32 SDPA"] < 1e-5
+    assert 1e-4 < rows["bfloat16 SDPA (autocast)"] < 0.02
+    assert rows["3-bit logits"] > 0.02 and rows["3-bit logits x2"] > rows["3-bit logits"]
+    for bad in (["--scales", "x"], ["--bits", "0"]):
+        with pytest.raises(SystemExit):
+            mod.main(bad)
