@@ -49,7 +49,8 @@ not in the measured logits: they are those of the projected, un-rotated queries 
   n_head * hs)``; for ``nn.MultiheadAttention`` the module's output) and ``o*_l`` the same
   slice recomputed here in float32 as ``softmax(z) v`` from the captured queries, keys and
   values (then ``out_proj`` for MHA). Dimensionless; about 1e-7 for a float32 kernel, about 1e-3
-  to 1e-2 for bfloat16 attention; NaN when no layer is checked.
+  for bfloat16 SDPA on the CPU (``benchmarks/kernel_error_floor.py``); NaN when no layer is
+  checked.
 
 It watches the attention kernel itself, not the learning dynamics: a low-precision attention
 kernel, a wrong softmax scale or a faulty fused kernel (the faults that arXiv 2606.28116
