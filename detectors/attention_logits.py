@@ -61,7 +61,8 @@ ALiBi position encodings (Llama, Mistral, Qwen, torchtitan), QK-norm, attention 
 0, no value or output projection found. What that static look cannot see (a scale, mask,
 position bias or layout of the model's own) shows at the layer's first evaluation: a layer
 whose first ``kernel_error`` is above :data:`FIRST_EVALUATION_TOLERANCE` (0.1) is dropped from
-the check, with a warning, so a kernel faulty from step 0 is not caught. A kernel output that
+the check, with a warning (at once on the CPU; on an accelerator at :meth:`close`, as reading the
+value would make the step wait), so a kernel faulty from step 0 is not caught. A kernel output that
 is not finite while the recomputation is counts as ``inf``. Masks as above; a padding mask the
 model applies inside its attention is not seen, so enable the check on unpadded batches only.
 The recomputation runs in float32 (TF32 where ``torch.backends.cuda.matmul.allow_tf32`` is set:
@@ -184,6 +185,8 @@ class AttentionLogits(Detector):
         self.kernel_check = bool(kernel_check)
         self._checked: list = []   # per site: True when its output is recomputed (kernel_check)
         self._first: list = []     # per site: its first kernel evaluation is still to come
+        self._keep: list = []      # per site: 0-dim bool, false when dropped at its first evaluation
+        self._first_error: list = []
         self._scales: list = []    # per site: the softmax scale used
         self._unmeasured_warned = False
         self.causal = bool(causal)
@@ -203,6 +206,8 @@ class AttentionLogits(Detector):
         self._cap = [dict() for _ in self.sites]
         self._checked = [False] * len(self.sites)
         self._first = [True] * len(self.sites)
+        self._keep = [None] * len(self.sites)          # per site: 0-dim bool, set at its first evaluation
+        self._first_error = [None] * len(self.sites)   # per site: that evaluation's error, until warned
         self._scales = [self.scale if self.scale is not None else (layer_scale(s) or 1.0 / math.sqrt(s.head_dim))
                         for s in self.sites]
         if self.kernel_check:
@@ -336,9 +341,9 @@ class AttentionLogits(Detector):
                     err = self._kernel_error(site, z, cap["v"], cap["o"])
                     if self._first[i]:
                         self._first[i] = False
-                        err = self._first_evaluation(i, err)
-                    if err is not None:
-                        errors.append(err)
+                        self._first_evaluation(i, err)
+                    # a layer dropped at its first evaluation counts as -inf (below any other)
+                    errors.append(torch.where(self._keep[i], err, torch.full_like(err, -math.inf)))
                 elif not self._unmeasured_warned:
                     self._unmeasured_warned = True
                     warnings.warn(f"attention_logits: kernel_check captured no values or attention output of "
@@ -358,24 +363,36 @@ class AttentionLogits(Detector):
                "worst_layer": worst.to(torch.float64),
                "worst_head": torch.take(torch.stack(heads), worst).to(torch.float64)}  # take: no sync
         if self.kernel_check:
-            out["kernel_error"] = (torch.stack(errors).max().to(torch.float64) if errors
-                                   else torch.tensor(math.nan, dtype=torch.float64))
+            if errors:
+                worst_err = torch.stack(errors).max()
+                worst_err = torch.where(torch.isneginf(worst_err), torch.full_like(worst_err, math.nan), worst_err)
+                out["kernel_error"] = worst_err.to(torch.float64)
+            else:
+                out["kernel_error"] = torch.tensor(math.nan, dtype=torch.float64)
         return out
 
-    def _first_evaluation(self, i: int, err: torch.Tensor) -> Optional[torch.Tensor]:
+    def _first_evaluation(self, i: int, err: torch.Tensor) -> None:
         """Layer ``i``'s first ``kernel_error``: above :data:`FIRST_EVALUATION_TOLERANCE` (and
-        finite) the layer's kernel is not ``softmax(z) v`` by design, so it is dropped from the
-        check with a warning (``None``); else ``err``. One host read, once per layer."""
-        value = float(err)
-        if math.isfinite(value) and value > FIRST_EVALUATION_TOLERANCE:
-            self._checked[i] = False
+        finite) the layer's kernel is not ``softmax(z) v`` by design, so the layer is dropped from
+        the check (``self._keep[i]``, a 0-dim bool on the error's device: no host read). The
+        warning reads the value: at once on the CPU; on an accelerator at :meth:`close`, so the
+        step never waits for it."""
+        self._keep[i] = ~(torch.isfinite(err) & (err > FIRST_EVALUATION_TOLERANCE))
+        self._first_error[i] = err
+        if err.device.type == "cpu":
+            self._warn_dropped(stacklevel=4)
+
+    def _warn_dropped(self, stacklevel: int = 2) -> None:
+        """Warn once for each layer dropped at its first evaluation (host reads)."""
+        for i, (keep, err) in enumerate(zip(self._keep, self._first_error)):
+            if err is None or bool(keep):
+                continue
+            self._first_error[i] = None
             warnings.warn(f"attention_logits: kernel_check drops layer {self.sites[i].name!r}: at its first "
                           f"evaluation its attention output differs from softmax(scale q k^T + mask) v by "
-                          f"{value:.3g} (relative), more than {FIRST_EVALUATION_TOLERANCE}, so the model computes "
-                          "attention differently (a softmax scale, mask, position bias or layout of its own; "
-                          "set `scale` or `causal` if they differ from the defaults)", stacklevel=3)
-            return None
-        return err
+                          f"{float(err):.3g} (relative), more than {FIRST_EVALUATION_TOLERANCE}, so the model "
+                          "computes attention differently (a softmax scale, mask, position bias or layout of its "
+                          "own; set `scale` or `causal` if they differ from the defaults)", stacklevel=stacklevel)
 
     @staticmethod
     def _kernel_error(site, z: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -411,6 +428,8 @@ class AttentionLogits(Detector):
         self._armed = True   # the guard's step may have moved: capture until the next after_step
 
     def close(self) -> None:
+        if self.kernel_check and self._keep:
+            self._warn_dropped()     # layers dropped on an accelerator: warned here, not mid-step
         for h in self._handles:
             h.remove()
         self._handles = []
