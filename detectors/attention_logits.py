@@ -16,6 +16,10 @@ Signals (0-dim tensors):
 - ``min_entropy``: ``min_{l,h} E_{l,h}`` in nats. Entropy collapse precedes instability
   (Zhai et al. 2303.06296). With ``causal``, query ``i`` sees ``i + 1`` keys, so the largest
   possible value is the mean of ``ln(i + 1)``, not ``ln T``.
+- ``min_layer_entropy``: ``min_l mean_h E_{l,h}`` in nats: the lowest over layers of the mean
+  entropy of a layer's heads, the layer-level attention entropy whose collapse Zhai et al.
+  (2303.06296) track. One head can be sharp by design (a previous-token head is) while its
+  layer's other heads still spread their attention; a collapse brings the layer's mean down.
 - ``worst_layer`` / ``worst_head``: where ``min_entropy`` is attained (layer index in module
   order, from 0).
 
@@ -148,8 +152,9 @@ def logit_stats(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, q_
 
 class AttentionLogits(Detector):
     name = "attention_logits"
-    signals = ("max_logit", "min_entropy", "worst_layer", "worst_head")
-    reductions = {"max_logit": "max", "min_entropy": "min", "worst_layer": "same", "worst_head": "same",
+    signals = ("max_logit", "min_entropy", "min_layer_entropy", "worst_layer", "worst_head")
+    reductions = {"max_logit": "max", "min_entropy": "min", "min_layer_entropy": "min",
+                  "worst_layer": "same", "worst_head": "same",
                   "kernel_error": "max"}
     optional_signals = {"kernel_error": "kernel_check: true"}
     params_schema = {
@@ -360,6 +365,7 @@ class AttentionLogits(Detector):
         lay = torch.stack(per_layer)
         worst = lay.argmin()
         out = {"max_logit": max_logit, "min_entropy": lay.min().to(torch.float64),
+               "min_layer_entropy": torch.stack([e.mean() for e in ents]).min().to(torch.float64),
                "worst_layer": worst.to(torch.float64),
                "worst_head": torch.take(torch.stack(heads), worst).to(torch.float64)}  # take: no sync
         if self.kernel_check:

@@ -427,6 +427,8 @@ def test_attention_logits_matches_numpy_on_the_captured_slice():
     ents = np.array(ents)
     assert float(out["max_logit"]) == pytest.approx(max(maxes), rel=1e-5)
     assert float(out["min_entropy"]) == pytest.approx(ents.min(), rel=1e-5)
+    assert float(out["min_layer_entropy"]) == pytest.approx(ents.mean(axis=1).min(), rel=1e-5)
+    assert float(out["min_layer_entropy"]) > float(out["min_entropy"])   # the heads differ
     layer, head = np.unravel_index(ents.argmin(), ents.shape)
     assert (float(out["worst_layer"]), float(out["worst_head"])) == (layer, head)
     # measured once: without a new training forward the next evaluation emits nothing
