@@ -458,12 +458,15 @@ def _final_losses(study_dir: Path) -> tuple[dict, dict]:
     a final loss that is not finite or above ``ln V`` (worse than the untrained model: a
     divergence) counts as ``ln V``. Clean runs have fault ``"none"`` and rate ``None``. A run that
     a ``halt`` rule stopped (``halted_step``) has its validation loss at the halt; the steps are
-    in ``config["halted"]``: ``{(fault, onset rate, lr): [halted step per halted seed]}``."""
+    in ``config["halted"]``: ``{(fault, onset rate, lr): [halted step per halted seed]}``. A run
+    resumed after its halt (``repair_at_halt``) has its final loss; its halt steps are in
+    ``config["resumed"]``, of the same form."""
     results = study_dir / "results.jsonl"
     if not results.exists():
         raise ValueError(f"{results}: no such file (run the study first: --study {study_dir})")
     cells: dict = {}
     halted: dict = {}
+    resumed: dict = {}
     for n, line in enumerate(results.read_text(encoding="utf-8").splitlines(), 1):
         try:
             r = json.loads(line)
@@ -474,7 +477,7 @@ def _final_losses(study_dir: Path) -> tuple[dict, dict]:
             raise ValueError(f"{results}:{n}: not a stress-harness result ({exc})") from None
         cells.setdefault(key, []).append(lnv if v is None or not math.isfinite(v) or v > lnv else v)
         if r.get("halted_step") is not None:
-            halted.setdefault(key, []).append(r["halted_step"])
+            (resumed if r.get("repair_at_halt") else halted).setdefault(key, []).append(r["halted_step"])
     try:
         config = json.loads((study_dir / "config.json").read_text())
         float(config["lr"])
@@ -482,6 +485,7 @@ def _final_losses(study_dir: Path) -> tuple[dict, dict]:
         raise ValueError(f"{study_dir / 'config.json'}: not a study's config ({exc}); the study "
                          "writes it") from None
     config["halted"] = halted
+    config["resumed"] = resumed
     return cells, config
 
 
@@ -520,8 +524,9 @@ def compare(dirs: list, labels: Optional[list] = None, gap: float = 0.5, within:
                 continue
             v = mean(cells[key])
             ok = v - c <= within
-            stops = cfg["halted"].get(key)
+            stops, resumes = cfg["halted"].get(key), cfg["resumed"].get(key)
             halt = f", halted at {'/'.join(map(str, stops))}" if stops else ""
+            halt += f", halted at {'/'.join(map(str, resumes))} and resumed repaired" if resumes else ""
             row += [f"{v:.3f} ({v - clean[0]:+.3f}{halt})", f"{v - c:+.3f}" + (" **met**" if goal and ok else "")]
             if goal:
                 verdicts[lab][0] += ok
@@ -534,7 +539,8 @@ def compare(dirs: list, labels: Optional[list] = None, gap: float = 0.5, within:
     notes = [f"Mean final validation loss over seeds (nats; a divergence counts as ln V); in brackets, minus "
              f"{labels[0]}'s clean run at lr {lr:g}. Goal cell: {labels[0]} ends more than {gap} above its clean "
              f"run; there the enforced run should end within {within} of its own clean run. A run a halt "
-             "rule stopped counts with its validation loss at the halt (its step shown)."]
+             "rule stopped counts with its validation loss at the halt (its step shown); one resumed after the "
+             "halt with the attention kernel repaired (--repair-at-halt), with its final loss."]
     notes += cleans
     notes += [f"{lab}: within {within} of its own clean run in {ok} of {n} goal cells" for lab, (ok, n) in verdicts.items()]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
@@ -560,6 +566,9 @@ def main(argv: Optional[list] = None) -> int:
     st.add_argument("--fault-start", type=int, default=100)
     st.add_argument("--jobs", type=int, default=2)
     st.add_argument("--threads", type=int, default=1)
+    st.add_argument("--repair-at-halt", action="store_true",
+                    help="enforce mode: at a halt (attention-kernel-error), remove the attention fault (the "
+                         "kernel fixed) and resume from the halt checkpoint; the other faults go on")
     st.add_argument("--cell", metavar="NAME",
                     help="train a cell of the generalization matrix (benchmarks/matrix.py: its model, "
                          "init, tokenizer, corpus, shape, batch and weight decay) instead of the demo "
@@ -593,6 +602,8 @@ def main(argv: Optional[list] = None) -> int:
             args.data = shape.pop("data")
         if args.data is None:
             args.data = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
+        if args.repair_at_halt:
+            shape["repair_at_halt"] = True
         if args.tiny:
             opts.update({k: v for k, v in TINY.items() if k in opts})
             shape.update({k: v for k, v in TINY.items() if k not in opts})

@@ -29,7 +29,9 @@ Metrics per run: final validation loss (nats), diverged (a non-finite loss), spi
 after warm-up whose loss exceeds the EMA of the earlier losses, decay 0.9, by more than 0.5
 nats), step of the first governance action that changed training, steps per second, and the
 step a ``halt`` rule stopped the run at (``halted_step``; the run's losses stop there and its
-final validation loss is the model's at the halt; ``None`` otherwise). Per method:
+final validation loss is the model's at the halt; ``None`` otherwise). With ``repair_at_halt``
+the run does not end at a halt: the attention fault is removed (the kernel fixed) and training
+resumes from the halt checkpoint (``halted_step`` is still the halt's step). Per method:
 LR sensitivity as defined by Wortsman et al. (arXiv 2309.14322): the mean over the grid of
 min(loss, ln V) minus the method's own best loss on the grid (losses are means over seeds).
 
@@ -95,6 +97,10 @@ class RunSpec:
     tokenizer: str = "char"           # "char", "byte" or "bpe"
     bpe_vocab: int = 512              # vocabulary size of the BPE trained on the train split
     weight_decay: float = 0.0         # AdamW's decoupled weight decay
+    # issue 16, enforce mode: at a halt, repair the attention fault and resume from the halt
+    # checkpoint (what an operator does after attention-kernel-error: fix the kernel, resume);
+    # a learning-rate or weight-decay fault goes on
+    repair_at_halt: bool = False
 
     @property
     def key(self) -> str:
@@ -302,15 +308,16 @@ def _lowp_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     return torch.softmax(z, dim=-1) @ v
 
 
-def attention_fault(spec: RunSpec, step: int):
+def attention_fault(spec: RunSpec, step: int, repaired: bool = False):
     """A context manager for step ``step``'s forward: the ``attn-lowp`` / ``combo`` fault from
-    ``fault_start`` on (every SDPA call replaced, see above), else nothing."""
+    ``fault_start`` on (every SDPA call replaced, see above), else nothing; nothing once
+    ``repaired`` (``RunSpec.repair_at_halt``)."""
     import contextlib
 
     import torch
     from torch.overrides import TorchFunctionMode
 
-    if spec.fault not in ("attn-lowp", "combo") or step < spec.fault_start:
+    if spec.fault not in ("attn-lowp", "combo") or step < spec.fault_start or repaired:
         return contextlib.nullcontext()
     sdpa = torch.nn.functional.scaled_dot_product_attention
     gain, bits = fault_severity(spec, step), spec.fault_bits
@@ -350,6 +357,23 @@ def _lr_factor(spec: RunSpec, step: int) -> float:
     if spec.fault in ("lr-ramp", "combo"):
         f *= fault_severity(spec, step)
     return f
+
+
+def _resume_from_halt(guard, model, optimizer, policy, run_dir: Path, spec: RunSpec):
+    """Close the halted ``guard``, load ``run_dir/halt-checkpoint.pt`` (model, optimizer, guard
+    state: ``actuators/_checkpoint.py``) and return a guard resumed on the same decision log."""
+    import torch
+
+    from lbw_policy import Guard
+
+    guard.close()
+    ckpt = torch.load(run_dir / "halt-checkpoint.pt", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    resumed = Guard(optimizer, policy, model=model, log_dir=run_dir, run_id=spec.key.replace("|", "_"),
+                    resume=True)
+    resumed.load_state_dict(ckpt["guard"])
+    return resumed
 
 
 class LBWGuardEval:
@@ -451,6 +475,7 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
     first_action: Optional[int] = None
     diverged = False
     halted: Optional[int] = None
+    repaired = False
     t0 = time.perf_counter()
     for step in range(spec.steps):
         x, y = corpus.get_batch("train", spec.batch_size, spec.block_size, gen)
@@ -459,7 +484,7 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
             y = torch.randint(corpus.vocab_size, y.shape, generator=fault_gen)
         x, y = x.to(spec.device), y.to(spec.device)
         optimizer_fault(spec, step, optimizer, common["eps"])
-        with attention_fault(spec, step):
+        with attention_fault(spec, step, repaired):
             _, loss = model(x, y)
         loss.backward()
         if spec.fault == "grad1e3" and step == FAULT_START:
@@ -470,10 +495,24 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
             try:
                 result = guard.step(loss)
             except TrainingHalted:   # a halt rule (enforce mode): the run ends here, un-stepped
-                halted = step
+                if halted is None:
+                    halted = step
                 if first_action is None:
                     first_action = step
-                break
+                if not spec.repair_at_halt or repaired:
+                    break
+                # the operator's response: fix the kernel, resume from the halt checkpoint, and
+                # redo the halted step (same batch) with the repaired kernel
+                repaired = True
+                guard = _resume_from_halt(guard, model, optimizer, policy, run_dir, spec)
+                optimizer.zero_grad(set_to_none=True)
+                with attention_fault(spec, step, repaired):
+                    _, loss = model(x, y)
+                loss.backward()
+                try:
+                    result = guard.step(loss)
+                except TrainingHalted:   # halted again, for another reason: the run ends
+                    break
             loss_value, lr_value = result.loss, result.lr
             if first_action is None and any(
                     r.get("enforced") and r["event"] in ("fired", "action")

@@ -437,6 +437,34 @@ def test_an_enforced_halt_ends_the_run_and_the_comparison_shows_where(tmp_path, 
     assert ew.main(["--compare", str(audit), str(enforce)]) == 0
     assert f"halted at {step})" in capsys.readouterr().out
 
+    # --repair-at-halt: the same halt, then the kernel is fixed and the run resumes from the halt
+    # checkpoint on the same (verifiable) decision log, to the end
+    from lbw_policy.decision_log import verify_log
+
+    repaired = tmp_path / "repaired"
+    assert ew.main(["--study", str(repaired), "--tiny", "--data", str(SHAKESPEARE), "--faults", "attn-lowp",
+                    "--policy", str(ROOT / "benchmarks" / "policies" / "early-warning-enforce.yaml"),
+                    "--repair-at-halt"]) == 0
+    rruns = {r["key"]: r for r in map(json.loads, (repaired / "results.jsonl").read_text().splitlines())}
+    resumed = rruns["lbw|0.003|0|attn-lowp@20x1.15b3"]
+    assert resumed["repair_at_halt"] and resumed["halted_step"] == step and len(resumed["losses"]) == 60
+    assert resumed["losses"][:step] == faulted["losses"]        # the same run up to the halt
+    assert resumed["final_val_loss"] != faulted["final_val_loss"]
+    assert rruns["lbw|0.003|0|none"]["losses"] == runs["lbw|0.003|0|none"]["losses"]   # nothing halts
+    run_dir = repaired / "runs" / "lbw_0.003_0_attn-lowp@20x1.15b3"
+    recs = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
+    events = [r["event"] for r in recs]
+    assert events.index("halt") < events.index("resume")
+    assert [r["step"] for r in recs if r["event"] == "fired" and r["rule"] == "attention-kernel-error"] == [step]
+    assert verify_log(run_dir / "decisions.jsonl").ok
+    tel = [json.loads(line) for line in (run_dir / "telemetry.jsonl").read_text().splitlines()]
+    after = [t["signals"]["attn.kernel_error"] for t in tel
+             if t["step"] > step and "attn.kernel_error" in t["signals"]]
+    assert after and max(after) < 1e-5                         # the repaired kernel reads rounding
+    capsys.readouterr()
+    assert ew.main(["--compare", str(audit), str(repaired)]) == 0
+    assert f"halted at {step} and resumed repaired" in capsys.readouterr().out
+
 
 def test_kernel_error_floor_script_separates_working_kernels_from_the_fault(capsys):
     """``benchmarks/kernel_error_floor.py``: float32 SDPA reads float rounding, bfloat16 SDPA
