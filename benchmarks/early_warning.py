@@ -460,7 +460,8 @@ def _final_losses(study_dir: Path) -> tuple[dict, dict]:
     a ``halt`` rule stopped (``halted_step``) has its validation loss at the halt; the steps are
     in ``config["halted"]``: ``{(fault, onset rate, lr): [halted step per halted seed]}``. A run
     resumed after its halt (``repair_at_halt``) has its final loss; its halt steps are in
-    ``config["resumed"]``, of the same form."""
+    ``config["resumed"]``, of the same form (one halted again after its resume is a halted run,
+    at that second step)."""
     results = study_dir / "results.jsonl"
     if not results.exists():
         raise ValueError(f"{results}: no such file (run the study first: --study {study_dir})")
@@ -476,7 +477,9 @@ def _final_losses(study_dir: Path) -> tuple[dict, dict]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{results}:{n}: not a stress-harness result ({exc})") from None
         cells.setdefault(key, []).append(lnv if v is None or not math.isfinite(v) or v > lnv else v)
-        if r.get("halted_step") is not None:
+        if r.get("halted_again_step") is not None:    # resumed, then halted again: it ended there
+            halted.setdefault(key, []).append(r["halted_again_step"])
+        elif r.get("halted_step") is not None:
             (resumed if r.get("repair_at_halt") else halted).setdefault(key, []).append(r["halted_step"])
     try:
         config = json.loads((study_dir / "config.json").read_text())
@@ -567,8 +570,9 @@ def main(argv: Optional[list] = None) -> int:
     st.add_argument("--jobs", type=int, default=2)
     st.add_argument("--threads", type=int, default=1)
     st.add_argument("--repair-at-halt", action="store_true",
-                    help="enforce mode: at a halt (attention-kernel-error), remove the attention fault (the "
-                         "kernel fixed) and resume from the halt checkpoint; the other faults go on")
+                    help="enforce mode: at the first halt (of any rule; in the shipped enforce policy only "
+                         "attention-kernel-error halts), remove the attention fault (the kernel fixed) and "
+                         "resume from the halt checkpoint; the other faults go on, a second halt ends the run")
     st.add_argument("--cell", metavar="NAME",
                     help="train a cell of the generalization matrix (benchmarks/matrix.py: its model, "
                          "init, tokenizer, corpus, shape, batch and weight decay) instead of the demo "

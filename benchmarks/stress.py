@@ -30,8 +30,9 @@ after warm-up whose loss exceeds the EMA of the earlier losses, decay 0.9, by mo
 nats), step of the first governance action that changed training, steps per second, and the
 step a ``halt`` rule stopped the run at (``halted_step``; the run's losses stop there and its
 final validation loss is the model's at the halt; ``None`` otherwise). With ``repair_at_halt``
-the run does not end at a halt: the attention fault is removed (the kernel fixed) and training
-resumes from the halt checkpoint (``halted_step`` is still the halt's step). Per method:
+the run does not end at its first halt: the attention fault is removed (the kernel fixed) and
+training resumes from the halt checkpoint (``halted_step`` is still that halt's step); a second
+halt ends it (``halted_again_step``; ``None`` otherwise). Per method:
 LR sensitivity as defined by Wortsman et al. (arXiv 2309.14322): the mean over the grid of
 min(loss, ln V) minus the method's own best loss on the grid (losses are means over seeds).
 
@@ -475,6 +476,7 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
     first_action: Optional[int] = None
     diverged = False
     halted: Optional[int] = None
+    halted_again: Optional[int] = None   # repair_at_halt: a halt after the repair ends the run
     repaired = False
     t0 = time.perf_counter()
     for step in range(spec.steps):
@@ -495,11 +497,13 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
             try:
                 result = guard.step(loss)
             except TrainingHalted:   # a halt rule (enforce mode): the run ends here, un-stepped
-                if halted is None:
-                    halted = step
                 if first_action is None:
                     first_action = step
-                if not spec.repair_at_halt or repaired:
+                if repaired:         # halted again after the repair: the run ends here
+                    halted_again = step
+                    break
+                halted = step
+                if not spec.repair_at_halt:
                     break
                 # the operator's response: fix the kernel, resume from the halt checkpoint, and
                 # redo the halted step (same batch) with the repaired kernel
@@ -512,6 +516,7 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
                 try:
                     result = guard.step(loss)
                 except TrainingHalted:   # halted again, for another reason: the run ends
+                    halted_again = step
                     break
             loss_value, lr_value = result.loss, result.lr
             if first_action is None and any(
@@ -551,6 +556,7 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
             "final_train_loss": losses[-1] if losses and math.isfinite(losses[-1]) else None,
             "diverged": diverged, "spikes": count_spikes(losses, start=spec.warmup_steps),
             "first_action_step": first_action, "halted_step": halted,
+            "halted_again_step": halted_again,
             "steps_per_second": ran / elapsed if ran else None,
             "losses": [round(v, 5) if math.isfinite(v) else None for v in losses],
             "lrs": [float(f"{v:.6g}") for v in lrs],

@@ -1,5 +1,6 @@
-"""``attention_logits``: the largest pre-softmax attention logit and the lowest per-head
-attention entropy, from the queries and keys of the latest training forward pass.
+"""``attention_logits``: the largest pre-softmax attention logit and the lowest attention
+entropy of a head and of a layer (the mean over its heads), from the queries and keys of the
+latest training forward pass.
 
 For layer ``l``, head ``h``, query position ``i`` and key position ``j`` (``j <= i`` when
 ``causal``), with ``q``, ``k`` the head's projected queries and keys::
@@ -17,9 +18,9 @@ Signals (0-dim tensors):
   (Zhai et al. 2303.06296). With ``causal``, query ``i`` sees ``i + 1`` keys, so the largest
   possible value is the mean of ``ln(i + 1)``, not ``ln T``.
 - ``min_layer_entropy``: ``min_l mean_h E_{l,h}`` in nats: the lowest over layers of the mean
-  entropy of a layer's heads, the layer-level attention entropy whose collapse Zhai et al.
-  (2303.06296) track. One head can be sharp by design (a previous-token head is) while its
-  layer's other heads still spread their attention; a collapse brings the layer's mean down.
+  entropy of a layer's heads (Zhai et al. 2303.06296 track entropy per head and averaged over
+  heads). One head can be sharp by design (a previous-token head is) while its layer's other
+  heads still spread their attention; a collapse brings the layer's mean down.
 - ``worst_layer`` / ``worst_head``: where ``min_entropy`` is attained (layer index in module
   order, from 0).
 

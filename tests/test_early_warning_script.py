@@ -482,3 +482,22 @@ def test_kernel_error_floor_script_separates_working_kernels_from_the_fault(caps
     for bad in (["--scales", "x"], ["--bits", "0"]):
         with pytest.raises(SystemExit):
             mod.main(bad)
+
+
+def test_final_losses_tell_a_resumed_run_from_one_halted_again(tmp_path):
+    """``--compare``'s reading of a ``--repair-at-halt`` study: a run resumed after its halt
+    counts as resumed (its final loss), one halted again after the resume as halted, at the
+    second step."""
+    ew = _module()
+    study = tmp_path / "repaired"
+    study.mkdir()
+    (study / "config.json").write_text(json.dumps({"lr": 0.003}))
+    row = dict(lr=0.003, onset_rate=1.05, vocab_size=65, final_val_loss=2.2, repair_at_halt=True)
+    rows = [dict(row, fault="combo@100x1.05b3", seed=0, halted_step=100, halted_again_step=None),
+            dict(row, fault="combo@100x1.05b3", seed=1, halted_step=100, halted_again_step=140),
+            dict(row, fault="none", seed=0, halted_step=None, halted_again_step=None)]
+    (study / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cells, config = ew._final_losses(study)
+    key = ("combo", 1.05, 0.003)
+    assert cells[key] == [2.2, 2.2]
+    assert config["resumed"] == {key: [100]} and config["halted"] == {key: [140]}
