@@ -365,16 +365,21 @@ def _resume_from_halt(guard, model, optimizer, policy, run_dir: Path, spec: RunS
     state: ``actuators/_checkpoint.py``) and return a guard resumed on the same decision log."""
     import torch
 
-    from lbw_policy import Guard
-
     guard.close()
     ckpt = torch.load(run_dir / "halt-checkpoint.pt", weights_only=True)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    resumed = Guard(optimizer, policy, model=model, log_dir=run_dir, run_id=spec.key.replace("|", "_"),
-                    resume=True)
+    resumed = _guard(optimizer, policy, model, run_dir, spec, resume=True)
     resumed.load_state_dict(ckpt["guard"])
     return resumed
+
+
+def _guard(optimizer, policy, model, run_dir: Path, spec: RunSpec, resume: bool = False):
+    """The run's guard on ``run_dir`` (``resume``: continue its decision log)."""
+    from lbw_policy import Guard
+
+    return Guard(optimizer, policy, model=model, log_dir=run_dir, run_id=spec.key.replace("|", "_"),
+                 resume=resume)
 
 
 class LBWGuardEval:
@@ -459,14 +464,14 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(spec, s))
     run_dir = Path(out_dir) / "runs" / spec.key.replace("|", "_")
     if spec.method in GOVERNED:
-        from lbw_policy import Guard, TrainingHalted
+        from lbw_policy import TrainingHalted
 
         if run_dir.exists():  # a re-run starts a fresh log
             for f in run_dir.iterdir():
                 f.unlink()
         policy = {"lbw": spec.policy, "lbw-audit": spec.audit_policy}.get(spec.method) \
             or GOVERNED[spec.method]
-        guard = Guard(optimizer, policy, model=model, log_dir=run_dir, run_id=spec.key.replace("|", "_"))
+        guard = _guard(optimizer, policy, model, run_dir, spec)
 
     gen = torch.Generator().manual_seed(spec.seed)
     fault_gen = torch.Generator().manual_seed(10_000 + spec.seed)
@@ -486,14 +491,17 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
             y = torch.randint(corpus.vocab_size, y.shape, generator=fault_gen)
         x, y = x.to(spec.device), y.to(spec.device)
         optimizer_fault(spec, step, optimizer, common["eps"])
-        with attention_fault(spec, step, repaired):
-            _, loss = model(x, y)
-        loss.backward()
-        if spec.fault == "grad1e3" and step == FAULT_START:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(1e3)
-        if guard is not None:
+        stop = False
+        while True:   # once; again after a repaired halt (repair_at_halt), on the same batch
+            with attention_fault(spec, step, repaired):
+                _, loss = model(x, y)
+            loss.backward()
+            if spec.fault == "grad1e3" and step == FAULT_START:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(1e3)
+            if guard is None:
+                break
             try:
                 result = guard.step(loss)
             except TrainingHalted:   # a halt rule (enforce mode): the run ends here, un-stepped
@@ -501,23 +509,20 @@ def run_one(spec: RunSpec, out_dir: str, threads: int = 1) -> dict:
                     first_action = step
                 if repaired:         # halted again after the repair: the run ends here
                     halted_again = step
-                    break
-                halted = step
-                if not spec.repair_at_halt:
-                    break
-                # the operator's response: fix the kernel, resume from the halt checkpoint, and
-                # redo the halted step (same batch) with the repaired kernel
-                repaired = True
-                guard = _resume_from_halt(guard, model, optimizer, policy, run_dir, spec)
-                optimizer.zero_grad(set_to_none=True)
-                with attention_fault(spec, step, repaired):
-                    _, loss = model(x, y)
-                loss.backward()
-                try:
-                    result = guard.step(loss)
-                except TrainingHalted:   # halted again, for another reason: the run ends
-                    halted_again = step
-                    break
+                elif spec.repair_at_halt:
+                    # the operator's response: fix the kernel, resume from the halt checkpoint,
+                    # redo the halted step with the repaired kernel
+                    halted, repaired = step, True
+                    guard = _resume_from_halt(guard, model, optimizer, policy, run_dir, spec)
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                else:
+                    halted = step
+                stop = True
+            break
+        if stop:
+            break
+        if guard is not None:
             loss_value, lr_value = result.loss, result.lr
             if first_action is None and any(
                     r.get("enforced") and r["event"] in ("fired", "action")
