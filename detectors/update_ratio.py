@@ -136,8 +136,9 @@ the device)::
     trend_growth = exp(trend_slope * (max x - min x)) - 1              # relative growth over the window
     trend_p      = the Mann-Kendall two-sided p-value
 
-and the same of ``ln(wnorm)``: ``wnorm_trend_slope``, ``wnorm_trend_growth``, ``wnorm_trend_p``,
-and of ``ln(rms_per_lr)``: ``rms_per_lr_trend_slope``, ``rms_per_lr_trend_growth``,
+and the same of ``ln(wnorm)``: ``wnorm_trend_slope``, ``wnorm_trend_growth``, ``wnorm_trend_p``
+(over the last ``wnorm_trend_window`` weight norms when that is set, else ``trend_window``;
+emitted from ``min(trend_min_points, wnorm_trend_window)`` values on), and of ``ln(rms_per_lr)``: ``rms_per_lr_trend_slope``, ``rms_per_lr_trend_growth``,
 ``rms_per_lr_trend_p`` (``policies/early-warning.yaml``'s ``update-growth`` holds off while
 it rises too).
 
@@ -147,9 +148,12 @@ decaying or constant schedule makes the ratio flat or falling, so a significant,
 says the effective step is growing (a learning rate or weight decay that creeps up, or
 curvature that grows under it): issue 16's slow-onset faults, measured in
 ``docs/results.md``. The weight norm's slope is the other side: decoupled weight decay shrinks
-every weight by ``lr * wd`` a step (3e-4 at lr 3e-3 and wd 0.1), so a norm falling by much more
-than that (a ln slope below -2e-3, say) says the decay, or something else, is eating the
-weights. During a learning-rate warm-up the ratio rises by design: start the
+every weight by ``lr * wd`` a step (3e-4 at lr 3e-3 and wd 0.1), so a norm falling faster
+than that says the decay, or something else, is eating the weights. The weight norm moves
+smoothly from step to step (Adam's momentum averages the update, and the norm sums every
+weight), so its trend needs a far shorter window than the ratio's to be significant: a steady
+fall over 8 values has a Mann-Kendall p of 8e-4, and a short window sees a turn within a few
+steps (``policies/early-warning.yaml``: 8 values, against 48 for the ratio; issue 16). During a learning-rate warm-up the ratio rises by design: start the
 window after it (``trend_start``). Until ``trend_min_points`` ratios are in the window (and
 before ``trend_start``) ``trend_slope = trend_growth = 0`` and ``trend_p = 1`` (never fires).
 A skipped step's ratio (0) is not entered. Sources: Theil (1950), Sen (1968), Mann (1945),
@@ -159,7 +163,8 @@ Params: ``groups`` (per-group signals for the first ``groups`` parameter groups,
 ``matrices_only`` (default true), ``eps`` (floor on a weight norm, default 1e-12), ``sketch``
 (most elements sampled from a tensor larger than it, default 65536; 0 or null: every tensor
 exactly), ``seed`` (of the samples' starts, default 0), ``trend_window`` (evaluations kept for
-the trends, 4..1024; default 0: no trend signals), ``trend_min_points`` (values in a window
+the trends, 4..1024; default 0: no trend signals), ``wnorm_trend_window`` (evaluations kept for
+the weight norm's trend, 4..1024; default ``trend_window``; needs it), ``trend_min_points`` (values in a window
 before its trend is emitted, 3..``trend_window``; default ``trend_window``), ``trend_start``
 (first step whose values enter the windows, default 0), ``width`` (the model's width ``n`` of
 ``rms_mup``, an integer >= 1; default: inferred from the shapes, above).
@@ -253,6 +258,11 @@ class UpdateRatio(Detector):
                              "description": "evaluations kept for the trend signals (Theil-Sen "
                                             "slope and Mann-Kendall p of ln ratio, ln wnorm "
                                             "and ln rms_per_lr); 0: no trend; default 0"},
+            "wnorm_trend_window": {"type": "integer", "minimum": 4, "maximum": 1024,
+                                   "description": "evaluations kept for the weight norm's trend "
+                                                  "(wnorm_trend_*), when it should be shorter or "
+                                                  "longer than the others'; needs trend_window; "
+                                                  "default trend_window"},
             "trend_min_points": {"type": "integer", "minimum": 3,
                                  "description": "values in a trend window before its slope and "
                                                 "growth stop reading 0 (and p 1); default "
@@ -271,7 +281,8 @@ class UpdateRatio(Detector):
         window = int(params.get("trend_window", 0) or 0)
         if not 0 <= window <= 1024 or 0 < window < 4:
             raise ValueError(f"trend_window must be 0 (off) or 4..1024, not {window}")
-        given = {k: params[k] for k in ("trend_min_points", "trend_start") if params.get(k) is not None}
+        given = {k: params[k] for k in ("trend_min_points", "trend_start", "wnorm_trend_window")
+                 if params.get(k) is not None}
         if given and not window:
             raise ValueError(f"{' and '.join(given)} need trend_window > 0")
         mp = int(given.get("trend_min_points", window))
@@ -279,6 +290,9 @@ class UpdateRatio(Detector):
             raise ValueError(f"trend_min_points ({mp}) must be in 3..trend_window ({window})")
         if int(given.get("trend_start", 0)) < 0:
             raise ValueError(f"trend_start must be >= 0, not {given['trend_start']}")
+        ww = int(given.get("wnorm_trend_window", window or 4))
+        if not 4 <= ww <= 1024:
+            raise ValueError(f"wnorm_trend_window must be in 4..1024, not {ww}")
 
     @classmethod
     def signals_for(cls, params: Mapping[str, Any]) -> tuple[str, ...]:
@@ -292,20 +306,23 @@ class UpdateRatio(Detector):
     def __init__(self, groups: int = 1, matrices_only: bool = True, eps: float = 1e-12,
                  sketch: Optional[int] = DEFAULT_SKETCH, seed: int = 0, trend_window: int = 0,
                  trend_min_points: Optional[int] = None, trend_start: int = 0,
-                 width: Optional[int] = None) -> None:
+                 width: Optional[int] = None, wnorm_trend_window: Optional[int] = None) -> None:
         self.validate_params({"trend_window": trend_window, "trend_min_points": trend_min_points,
-                              "trend_start": trend_start or None})
+                              "trend_start": trend_start or None, "wnorm_trend_window": wnorm_trend_window})
         trend = {} if not trend_window else {"trend_window": trend_window, "trend_start": trend_start,
-                                             "trend_min_points": trend_min_points or trend_window}
+                                             "trend_min_points": trend_min_points or trend_window,
+                                             "wnorm_trend_window": wnorm_trend_window or trend_window}
         if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
             raise ValueError(f"width must be an integer >= 1 (or omitted), not {width!r}")
         super().__init__(groups=groups, matrices_only=matrices_only, eps=eps, sketch=sketch, seed=seed,
                          **trend, **({} if width is None else {"width": width}))
         self.width = width                    # None: inferred from the shapes
         self.trend = Ring(int(trend_window)) if trend_window else None        # ln(ratio)
-        self.wnorm_trend = Ring(int(trend_window)) if trend_window else None  # ln(wnorm)
+        self.wnorm_trend = Ring(int(wnorm_trend_window or trend_window)) if trend_window else None  # ln(wnorm)
         self.rms_per_lr_trend = Ring(int(trend_window)) if trend_window else None    # ln(rms_per_lr)
         self.trend_min_points = int(trend_min_points or trend_window or 0)
+        # the weight norm's window may be shorter than the points the others wait for
+        self.wnorm_min_points = min(self.trend_min_points, int(wnorm_trend_window or trend_window or 0))
         self.trend_start = int(trend_start)
         self._armed_step = 0                # the step whose copy is armed
         self.groups = int(groups)
@@ -457,9 +474,14 @@ class UpdateRatio(Detector):
             ring.ensure(value.device)       # (a ring restored on the CPU moves to the device)
             if self._armed_step >= self.trend_start:
                 ring.push(torch.log(value), self._armed_step)
-        st = theil_sen_mann_kendall(torch.stack([r.values for r in rings]), torch.stack([r.steps for r in rings]),
-                                    torch.stack([r.valid for r in rings]))
-        warm = st["n"] >= self.trend_min_points
+        size = max(r.size for r in rings)     # a shorter weight-norm window: padded with invalid slots
+        pad = lambda t, r: t if r.size == size else torch.cat((t, t.new_zeros(size - r.size)))  # noqa: E731
+        st = theil_sen_mann_kendall(torch.stack([pad(r.values, r) for r in rings]),
+                                    torch.stack([pad(r.steps, r) for r in rings]),
+                                    torch.stack([pad(r.valid, r) for r in rings]))
+        need = torch.tensor([self.trend_min_points, self.wnorm_min_points, self.trend_min_points],
+                            device=st["n"].device)
+        warm = st["n"] >= need
         slope = torch.where(warm, torch.nan_to_num(st["slope"], nan=0.0), 0.0)
         growth = torch.where(warm, torch.expm1(slope * st["span"]), 0.0)
         p = torch.where(warm, st["p"], 1.0)

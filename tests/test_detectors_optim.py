@@ -333,6 +333,53 @@ def test_update_ratio_trend_is_theil_sen_and_mann_kendall_of_ln_ratio_and_ln_wno
         UpdateRatio(trend_window=2000)
 
 
+def test_update_ratio_weight_norm_trend_can_have_its_own_shorter_window():
+    """``wnorm_trend_window``: the weight norm's trend over its own (here shorter) window, equal to
+    scipy's Theil-Sen over the last 4 weight norms, emitted from its 4th value while the ratio's
+    trend still waits for its 6; the ratio's and rms_per_lr's trends are those of a detector
+    without it; a weight norm shrinking by decoupled weight decay gives a negative slope; the
+    param needs trend_window and is range-checked; the window survives a state_dict round trip."""
+    stats = pytest.importorskip("scipy.stats")
+    torch.manual_seed(0)
+    net = _net(2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=0.0)
+    short = UpdateRatio(trend_window=6, wnorm_trend_window=4)
+    same = UpdateRatio(trend_window=6)
+    short.setup(net, opt)
+    same.setup(net, opt)
+    norms = []
+    for step in range(12):
+        if step == 5:                           # from step 5 the decay outweighs the updates
+            for g in opt.param_groups:
+                g["weight_decay"] = 20.0
+        tel = Telemetry(step, _backward(net, step), opt)
+        a, b = short.compute(tel), same.compute(tel)
+        norms.append(math.sqrt(sum(float(p.detach().double().norm()) ** 2
+                                   for p in net.parameters() if p.dim() >= 2)))
+        opt.step()
+        short.after_step(tel, True)
+        same.after_step(tel, True)
+        if step == 4:                           # 4 weight norms in: its trend is on, the ratio's is not
+            assert float(a["wnorm_trend_p"]) < 1.0 and float(a["trend_p"]) == 1.0
+            assert float(b["wnorm_trend_p"]) == 1.0
+        for k in ("trend_slope", "trend_p", "rms_per_lr_trend_slope"):
+            if k in a:
+                assert float(a[k]) == float(b[k]), k
+    xs = np.arange(7.0, 11.0)                   # emitted at step 11: the norms before steps 7-10
+    ys = np.log(np.array(norms[7:11]))
+    # the window holds the last 4 (the after_step of step 11 entered its norm)
+    assert sorted(short.wnorm_trend.steps[short.wnorm_trend.valid].tolist()) == (xs + 1).tolist()
+    assert float(a["wnorm_trend_slope"]) == pytest.approx(stats.theilslopes(ys, xs)[0], rel=1e-6)
+    assert float(a["wnorm_trend_slope"]) < -0.05 and float(a["wnorm_trend_slope"]) != float(b["wnorm_trend_slope"])
+    fresh = UpdateRatio(trend_window=6, wnorm_trend_window=4)
+    fresh.load_state_dict(short.state_dict())
+    assert fresh.wnorm_trend.state_dict() == short.wnorm_trend.state_dict()
+    with pytest.raises(ValueError, match="need trend_window > 0"):
+        UpdateRatio(wnorm_trend_window=8)
+    with pytest.raises(ValueError, match="wnorm_trend_window must be in 4..1024, not 2"):
+        UpdateRatio(trend_window=6, wnorm_trend_window=2)
+
+
 def test_update_ratio_trend_params_and_signals_are_checked_with_the_yaml_path(tmp_path):
     """A bad trend param is an error at load naming the file, line and YAML path; a rule that
     reads a trend signal the detector was not asked for is told which param turns it on."""
