@@ -75,7 +75,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from lbw_policy.engine import evaluate_condition
-from lbw_policy.policy import load_policy
+from lbw_policy.errors import PolicyError
+from lbw_policy.policy import load_policy, resolve_policy_path
 from lbw_policy.telemetry_log import read_telemetry as _read_telemetry
 
 def read_telemetry(path: Path) -> list[dict]:
@@ -476,6 +477,10 @@ def study(out: Path, data: str, faults: list, rates: list, seeds: list, lr: floa
     specs += [stress.RunSpec(lr=x, seed=s, **common) for x in (lr, 3 * lr) for s in seeds]
     config = {"data": common["data"], "policy": policy, "lr": lr, "steps": steps, "fault_start": fault_start,
               "faults": faults, "rates": rates, "seeds": seeds, "margin": margin, **shape}
+    try:   # the policy's revision: an edited file under the same name is another study
+        config["policy_revision"] = load_policy(resolve_policy_path(policy)).revision[:12]
+    except (FileNotFoundError, PolicyError) as exc:
+        raise ValueError(f"--policy {policy}: {exc}") from None
     _check_resume(out, config)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     results = stress._run_all(specs, out, jobs, threads, out / "results.jsonl")
@@ -493,8 +498,11 @@ def _check_resume(out: Path, config: dict) -> None:
 
     The harness resumes from ``results.jsonl`` by run key (method, learning rate, seed, fault and
     onset), which does not hold the policy, the model's shape or ``repair_at_halt``: a study under
-    another policy into the same directory would silently reuse the old runs. The corpus is
-    compared by file name (a clone elsewhere has another absolute path).
+    another policy into the same directory would silently reuse the old runs. The policy is
+    compared by name and by revision (an edited file is another study; a ``config.json`` written
+    before revisions were recorded is compared by name only); the corpus by its last two path
+    parts (a clone elsewhere has another absolute path; ``wikitext-2/test.txt`` is not another
+    ``test.txt``).
 
     :raises ValueError: ``out`` holds runs (a non-empty ``results.jsonl``) and its ``config.json``
         differs from ``config`` in a setting outside :data:`EXTENDABLE`."""
@@ -503,7 +511,9 @@ def _check_resume(out: Path, config: dict) -> None:
         return
     old = json.loads(recorded.read_text())
     keys = (set(old) | set(config)) - set(EXTENDABLE)
-    norm = lambda c, k: Path(c[k]).name if k == "data" and c.get(k) else c.get(k)  # noqa: E731
+    if "policy_revision" not in old:
+        keys.discard("policy_revision")
+    norm = lambda c, k: "/".join(Path(c[k]).parts[-2:]) if k == "data" and c.get(k) else c.get(k)  # noqa: E731
     diff = sorted(k for k in keys if norm(old, k) != norm(config, k))
     if diff:
         what = ", ".join(f"{k}: {norm(old, k)!r} there, {norm(config, k)!r} now" for k in diff)

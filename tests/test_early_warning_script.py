@@ -254,7 +254,7 @@ def test_a_study_refuses_to_resume_a_directory_of_runs_trained_otherwise(tmp_pat
     ew = _module()
     out = tmp_path / "study"
     out.mkdir()
-    config = {"data": "/elsewhere/tinyshakespeare.txt", "policy": "early-warning", "lr": 3e-3, "steps": 300,
+    config = {"data": "/elsewhere/data/tinyshakespeare.txt", "policy": "early-warning", "lr": 3e-3, "steps": 300,
               "fault_start": 100, "faults": ["lr-ramp"], "rates": [1.05], "seeds": [0], "margin": 0.3}
     (out / "config.json").write_text(json.dumps(config))
     ew._check_resume(out, {**config, "policy": "other"})            # no results.jsonl: nothing to mix
@@ -265,11 +265,20 @@ def test_a_study_refuses_to_resume_a_directory_of_runs_trained_otherwise(tmp_pat
         ew._check_resume(out, {**config, "policy": "other"})
     with pytest.raises(ValueError, match="repair_at_halt: None there, True now"):
         ew._check_resume(out, {**config, "repair_at_halt": True})
+    with pytest.raises(ValueError, match="data: 'data/tinyshakespeare.txt' there, 'wikitext-2/tinyshakespeare.txt' now"):
+        ew._check_resume(out, {**config, "data": "/x/wikitext-2/tinyshakespeare.txt"})
+    ew._check_resume(out, {**config, "policy_revision": "b97cde27c06b"})   # none recorded: by name
+    (out / "config.json").write_text(json.dumps({**config, "policy_revision": "b97cde27c06b"}))
+    with pytest.raises(ValueError, match="policy_revision: 'b97cde27c06b' there, '0123456789ab' now"):
+        ew._check_resume(out, {**config, "policy_revision": "0123456789ab"})   # the file was edited
     before = (out / "results.jsonl").read_text()
     with pytest.raises(SystemExit):
         ew.main(["--study", str(out), "--tiny", "--data", str(SHAKESPEARE), "--policy", "default"])
     assert "holds runs of another study" in capsys.readouterr().err
     assert (out / "results.jsonl").read_text() == before and not (out / "runs").exists()
+    with pytest.raises(SystemExit):             # a policy that does not load: refused before training
+        ew.main(["--study", str(tmp_path / "z"), "--tiny", "--data", str(SHAKESPEARE), "--policy", "no-such"])
+    assert "--policy no-such" in capsys.readouterr().err and not (tmp_path / "z" / "results.jsonl").exists()
 
 
 def test_tiny_study_end_to_end(tmp_path):
