@@ -527,9 +527,10 @@ def write_reports(out: Path, rows: list, config: dict) -> dict:
     again from a study's ``lead_times.json`` (after a change to the summary, without the runs'
     telemetry)."""
     summary = summarise(rows)
+    md = study_markdown(rows, summary, config)      # both before any file is written
     (out / "lead_times.json").write_text(json.dumps({"config": config, "summary": summary, "runs": rows},
                                                     indent=2) + "\n")
-    (out / "lead_times.md").write_text(study_markdown(rows, summary, config) + "\n")
+    (out / "lead_times.md").write_text(md + "\n")
     plot_leads(rows, out / "lead_times.png")
     return {"rows": rows, "summary": summary}
 
@@ -543,9 +544,10 @@ def report(out: Path) -> dict:
     try:
         rep = json.loads(path.read_text())
         rows, config = rep["runs"], rep["config"]
+        study_markdown(rows, summarise(rows), config)   # records of the right shape
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file (run the study first: --study {out})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a lead-time study's report ({type(exc).__name__}: {exc})") from None
     return write_reports(out, rows, config)
 

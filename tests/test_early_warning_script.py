@@ -236,7 +236,7 @@ def test_report_rewrites_a_studys_tables_from_its_lead_times_json(tmp_path, caps
     md = (out / "lead_times.md").read_text()
     assert "| met | missed |" in md and capsys.readouterr().out == md + "\n"
     assert (out / "lead_times.png").stat().st_size > 10_000
-    for bad in (None, "{not json", json.dumps({"runs": []})):
+    for bad in (None, "{not json", json.dumps({"runs": []}), json.dumps({"config": {}, "runs": [{"fault": "x"}]})):
         d = tmp_path / f"bad{len(str(bad))}"
         d.mkdir()
         if bad is not None:
